@@ -382,6 +382,30 @@ def smoke_setup() -> None:
     torch.backends.mkldnn.enabled = False
 
 
+def speed_only(models: Path, batch: int, cfg_scale: float, device, smoke: bool, out: str | None) -> int:
+    """images/s (sampling + decoding) of every family present, nothing else: the results table's CPU column."""
+    from pipelines.loading import pick_device
+    device = pick_device(device)
+    facts = device_facts()
+    where = facts["device"] if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    res = {"smoke": smoke, "facts": facts, "device": where, "dtype": dtype_note(device), "batch": batch,
+           "cfg_scale": cfg_scale, "families": {}}
+    print(f"| family | images/s ({where}, batch {batch}, {res['dtype']}, cfg {cfg_scale}) | median s / batch |")
+    print("|---|---|---|")
+    for fam in present(models):
+        try:
+            r = throughput(models, fam, batch, cfg_scale, device, smoke)
+            print(f"| {fam.name} | {r['images_per_s']:.1f} | {r['median_s']:.3f} |", flush=True)
+        except Exception as e:          # noqa: BLE001 - report the family, keep the others
+            r = {"error": _error(e)}
+            print(f"| {fam.name} | ERROR {r['error']} | - |", flush=True)
+        res["families"][fam.name] = r
+    if out:
+        write_json(out, res)
+        print(f"wrote {out}")
+    return 1 if any("error" in r for r in res["families"].values()) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=Path, help="checkpoints/train_all.sh's OUT (tokenizer, msvq, classifier, masked, "
@@ -395,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny untrained models on the CPU (built in a temp dir)")
     p.add_argument("--rows-out", help="append result rows here as JSON lines (benchmarks.run_all)")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only images/s of each family (e.g. --device cpu --batch 8 for the CPU column)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     if not os.environ.get("TESSERA_CACHE") and (repo_root() / "cache" / "emoji").is_dir():
@@ -407,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             a.device, a.num_samples, a.batch = "cpu", SMOKE["num_samples"], SMOKE["batch"]
         elif a.models is None:
             p.error("--models DIR is required (or --smoke)")
+        if a.speed_only:
+            return speed_only(a.models, a.batch, a.cfg_scale, a.device, a.smoke, a.out)
         print(f"quality: {a.models} on {a.device or 'auto'}; {a.num_samples} samples per family", flush=True)
         sink = RowSink(a.rows_out, "quality", a.smoke) if a.rows_out else None
         res = run(a.models, a.data, a.num_samples, a.batch, a.cfg_scale, a.seed, a.device, a.smoke, sink)
