@@ -44,26 +44,26 @@ class Job:
 EMOJI_SECONDS = 90
 JOBS = [
     # call 1: sampling throughput + batch-1 latency, with the peers of the same run (every ratio)
-    Job("peers", "benchmarks.peers", ["--batch", "64"], 150, ["--batch", "2"]),   # smoke: our smoke batch
-    Job("sample-masked", "benchmarks.generators", ["--part", "sample-masked"], 150),
-    Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 140),
+    Job("peers", "benchmarks.peers", ["--batch", "64"], 75, ["--batch", "2"]),   # smoke: our smoke batch
+    Job("sample-masked", "benchmarks.generators", ["--part", "sample-masked"], 240),
+    Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 50),
-    Job("peers-b1", "benchmarks.peers", ["--batch", "1"], 120),      # last: the latency ratios are the extra
+    Job("peers-b1", "benchmarks.peers", ["--batch", "1"], 75),      # last: the latency ratios are the extra
     # call 2: training MFU, the tokenizer (its decode ratio needs the VQ-16 decoder of the same run)
-    Job("train-masked-L", "benchmarks.gen_train", ["--part", "masked-L"], 130),
-    Job("train-ar-L", "benchmarks.gen_train", ["--part", "ar-L"], 130),
-    Job("train-var-d16", "benchmarks.gen_train", ["--part", "var-d16"], 120),
+    Job("train-masked-L", "benchmarks.gen_train", ["--part", "masked-L"], 120),
+    Job("train-ar-L", "benchmarks.gen_train", ["--part", "ar-L"], 115),
+    Job("train-var-d16", "benchmarks.gen_train", ["--part", "var-d16"], 180),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
-    Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 70),
+    Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
     Job("tok-train", "benchmarks.tokenizer", ["--part", "train"], 50),
     Job("maxbatch", "benchmarks.generators", ["--part", "maxbatch"], 100),
     Job("tok-encode", "benchmarks.tokenizer", ["--part", "encode"], 60),
     Job("tok-emoji", "benchmarks.tokenizer", ["--emoji-train", str(EMOJI_SECONDS)], EMOJI_SECONDS + 60,
         ["--emoji-train", "60"]),
     # quality of the trained demo models (--models DIR): not in "all"; AR's decode compile dominates est_s
-    Job("quality", "benchmarks.quality", ["--num-samples", "1000"], 200, needs_models=True),
-    Job("inpainting", "benchmarks.inpainting", ["--num-images", "180"], 90, needs_models=True),
+    Job("quality", "benchmarks.quality", ["--num-samples", "1000"], 75, needs_models=True),
+    Job("inpainting", "benchmarks.inpainting", ["--num-images", "180"], 40, needs_models=True),
 ]
 CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b1"],
          "call2": ["train-masked-L", "train-ar-L", "train-var-d16", "peers-dec", "tok-decode", "tok-train",
