@@ -12,6 +12,7 @@ memory; MFU; the two floors (benchmarks/roofline.py); gap = measured / max(floor
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -102,6 +103,40 @@ def uncompile_forward(b: Bench) -> None:
     torch._dynamo.reset()
 
 
+class _Warnings(logging.Handler):
+    """Collects a generator module's warnings: its built-in compile falls back to eager with a warning."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def builtin_compile(smoke: bool):
+    """Smoke runs: the torch.compile calls a generator makes itself (``sample(compile=True)``) trace
+    with the 'eager' backend, as ``compiled`` does for ours (no code generation on the CPU)."""
+    if not smoke:
+        yield
+        return
+    real = torch.compile
+    torch.compile = lambda fn, **kw: real(fn, backend="eager", fullgraph=kw.get("fullgraph", False),
+                                          dynamic=kw.get("dynamic"))
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
+def fullgraph(fn, smoke: bool):
+    """torch.compile(fn, fullgraph=True), default mode, static shapes ('eager' backend in smoke runs)."""
+    if smoke:
+        return torch.compile(fn, backend="eager", fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
 # ---- masked ------------------------------------------------------------------------------------
 def sample_masked(args, sink: RowSink) -> None:
     b = Bench(args, sink, "masked-B")
@@ -115,7 +150,7 @@ def sample_masked(args, sink: RowSink) -> None:
     if args.compile_mode == "none":
         return
     # the forward compiled (static shapes: batch 64 and batch 1 each compile once); the sampler step
-    # between forwards stays eager, as masked.py runs it
+    # between forwards stays eager, as sample() runs it by default
     status = compile_forward(b, args.compile_mode, lambda: b.sample(B, num_steps=16))
     for steps in (16, 8):
         for decode in (False, True):
@@ -124,50 +159,93 @@ def sample_masked(args, sink: RowSink) -> None:
     b.guarded("@16 compiled b1", lambda: b.sample(1, num_steps=16), batch=1, decode=False, slow=True,
               compile=status["compile"])   # its warm-up call compiles the batch-1 shapes
     uncompile_forward(b)
+    sample_masked_fused(b)
+
+
+def sample_masked_fused(b: Bench) -> None:
+    """``sample(compile=True)``: the model's own compiled path, the forward through torch.compile
+    (reduce-overhead on CUDA) and the fused CFG combine + MaskGIT confidence update through
+    torch.compile(fullgraph=True); only the noise is drawn eagerly. A compile failure falls back to
+    eager inside the model with a warning, which the rows' compile status reports."""
+    B = b.batch
+    warn = _Warnings()
+    log = logging.getLogger("generator.masked")
+    log.addHandler(warn)
+    mode = "reduce-overhead" if b.dev.type == "cuda" else "default"
+    label = f"forward: {mode} + update: fullgraph" + (" (smoke: eager backend)" if b.smoke else "")
+
+    def status() -> str:
+        failed = [m for m in warn.messages if "compile" in m]
+        return f"failed -> eager ({failed[-1][:160]})" if failed else label
+
+    def sample(n: int, steps: int):
+        return b.sample(n, num_steps=steps, compile=True)
+
+    try:
+        with builtin_compile(b.smoke):
+            first = {"compile": label}
+            first_call_or_eager(lambda: sample(B, 16), None, first)     # compiles the batch-64 shapes
+            rows = [("@16 fused-compiled", lambda: sample(B, 16), B, 16, False),
+                    ("@8 fused-compiled", lambda: sample(B, 8), B, 8, False),
+                    ("@16 fused-compiled", lambda: b.decode(sample(B, 16)), B, 16, True),   # name gets " +decode"
+                    ("@16 fused-compiled b1", lambda: sample(1, 16), 1, 16, False)]        # warm-up compiles b1
+            for i, (name, fn, batch, steps, decode) in enumerate(rows):
+                b.guarded(name, fn, batch=batch, compile=status(), decode=decode, steps=steps, slow=batch == 1,
+                          compile_s=first.get("compile_s") if i == 0 else None)
+    finally:
+        log.removeHandler(warn)
 
 
 def sampler_step(b: Bench) -> None:
     """One masked sampling step alone (CFG combine + MaskGIT confidence step) on random logits of the
-    batch-64 shape, eager and compiled: the sampler's share of each of the 16 steps (NOTES.md)."""
-    from generator.masked import MaskedSampler
+    batch-64 shape: eager; compiled whole (graph break at the host-side schedule); and fused as
+    ``sample(compile=True)`` runs it (noise drawn eagerly + ``confidence_update`` compiled fullgraph),
+    also the compiled update alone. The sampler's share of each of the 16 steps (NOTES.md)."""
+    from generator.masked import MaskedSampler, confidence_noise, confidence_update, scheduled_masked_count
     from generator.sampling import cfg_combine
     m, B = b.model, b.batch
     L, V = m.config.num_tokens, m.config.codebook_size
+    t_, s_ = 0.5, 0.4375
     try:
         dtype = torch.bfloat16 if b.dev.type == "cuda" else torch.float32
         logits = torch.randn(2 * B, L, V, device=b.dev, dtype=dtype)
         ids = torch.full((B, L), m.mask_id, dtype=torch.long, device=b.dev)
         n0 = (ids == m.mask_id).sum(1)
         sampler = MaskedSampler(m.schedule, m.mask_id, 16)
+        exp_BLV, choice_BL = confidence_noise((B, L, V), s_, b.dev)        # the update alone: noise drawn once
+        remain_B = scheduled_masked_count(n0, m.schedule, s_)
+        update = fullgraph(confidence_update, b.smoke)
 
         def step():
-            return sampler.step(cfg_combine(logits[:B], logits[B:], 2.0), ids, 0.5, 0.4375, None, num_masked_start_B=n0)
+            return sampler.step(cfg_combine(logits[:B], logits[B:], 2.0), ids, t_, s_, None, num_masked_start_B=n0)
+
+        def fused_step(fn=update):
+            return sampler.step(logits, ids, t_, s_, None, num_masked_start_B=n0, cfg_scale=2.0, update=fn)
+
+        def fused_update(fn=update):
+            return fn(logits, ids, remain_B, exp_BLV, choice_BL, mask_id=m.mask_id, cfg_scale=2.0)
 
         impl = B * L * V * roofline.MASKED_SAMPLER_BYTES_PER_LOGIT
-        for label in ("eager", "compiled"):
-            status = {"compile": "eager" if label == "eager" else "default"}
-            fn = step if label == "eager" else first_call_or_eager(compiled(step, "default", b.smoke), step, status)
+        variants = [("eager", step, None, "eager"),
+                    ("compiled", compiled(step, "default", b.smoke), step, "default"),
+                    ("fused-compiled", fused_step, lambda: fused_step(confidence_update),
+                     "update: fullgraph (noise eager)"),
+                    ("fused-compiled update only", fused_update, lambda: fused_update(confidence_update),
+                     "update: fullgraph (noise pre-drawn)")]
+        for label, fn, eager, mode in variants:
+            status = {"compile": mode}
+            if eager is not None:
+                fn = first_call_or_eager(fn, eager, status)
             t = time_fn(fn, **timing(b.smoke))
             b.sink.add(name=f"masked-B sampler step {label}", bench="sampler-step", model="masked-B", batch=B, **status,
                        **t, **floors(0.0, logits.numel() * logits.element_size(), H100 if b.smoke else None, impl),
-                       note="1 of the 16 steps; floor: read the guided logits once")
+                       note="1 of the 16 steps; floor: read the guided logits once; impl bytes: the eager step's")
     except Exception as e:      # noqa: BLE001
         b.sink.error("masked-B sampler step", e, batch=B)
     free_memory()
 
 
 # ---- autoregressive ----------------------------------------------------------------------------
-class _Warnings(logging.Handler):
-    """Collects the AR module's warnings: its built-in compile falls back to eager with a warning."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def sample_ar(args, sink: RowSink) -> None:
     b = Bench(args, sink, "ar-B")
     B, on_gpu = b.batch, b.dev.type == "cuda"

@@ -10,8 +10,11 @@ input at position i >= 1 is token t_{i-1} and carries *its own* grid position (r
 order; attention to the class token (angle 0, like cell (0, 0)) exposes the absolute position.
 
 Sampling lives outside the network, gpt-fast style: ``prefill`` writes the class token into a
-static KV cache of N slots, ``decode_one_token`` runs one cached step (compiled and graph-captured on
-CUDA), and ``decode_n_tokens`` is the loop that guides, filters, draws and forces known tokens.
+static KV cache of N slots, ``decode_one_token`` runs one cached forward, ``pick_token`` guides,
+filters, draws (from Exp(1) noise drawn beforehand) and forces known tokens, ``decode_step`` is the
+two together (compiled and graph-captured on CUDA: one graph replay per token), and
+``decode_n_tokens`` is the loop, which only draws the noise from the ``torch.Generator`` and moves
+ids and position along.
 
 Letters: B batch (2B with CFG), N = h*w tokens, V codebook size, D width, F rotary frequencies.
 """
@@ -27,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from generator.base import Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine, cfg_scale_at, keep_known, sample_logits
+from generator.sampling import cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise, keep_known
 from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,31 @@ logger = logging.getLogger(__name__)
 # cached decoding avoids cuDNN attention: on an H100 (torch 2.11) it gave run-to-run different last bits,
 # so the same seed drew different tokens; flash / memory-efficient / math attention are reproducible
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def pick_token(logits_BV: torch.Tensor, pos_1: torch.Tensor, scales_N: torch.Tensor | None,
+               noise_BV: torch.Tensor | None, known_BN: torch.Tensor | None, known_mask_BN: torch.Tensor | None,
+               temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Token p = ``pos_1`` (LongTensor (1,)) from its logits -> ids (B,) long. A pure tensor function: no
+    generator, no host sync, traceable by ``torch.compile(fullgraph=True)``.
+
+    - guidance: with ``scales_N`` (N,) float32 (the scale of every token), the logits are the doubled
+      [cond; uncond] (2B, V) and become uncond + s (cond - uncond), s = scales_N[p]; where s == 1 they
+      are the conditional half exactly (no rounding through the combine).
+    - draw: argmax(p / E) with p = softmax(top-k/top-p(logits / temperature)) and E = ``noise_BV``
+      (B, V) float32 ~ Exp(1) (``exponential_noise``), as ``sample_logits`` draws; ``noise_BV`` None
+      is greedy (argmax of the logits: temperature 0, and nothing drawn).
+    - inpainting: where ``known_mask_BN[:, p]``, the id is ``known_BN[:, p]`` (``keep_known``).
+    """
+    if scales_N is not None:
+        B = logits_BV.shape[0] // 2
+        cond_BV, uncond_BV = logits_BV[:B].float(), logits_BV[B:].float()
+        scale_1 = scales_N[pos_1]
+        logits_BV = torch.where(scale_1 == 1.0, cond_BV, cfg_combine(cond_BV, uncond_BV, scale_1))
+    ids_B, _ = draw_with_noise(logits_BV, noise_BV, temperature, top_k, top_p)
+    if known_mask_BN is None:
+        return ids_B
+    return keep_known(ids_B, known_BN.index_select(1, pos_1)[:, 0], known_mask_BN.index_select(1, pos_1)[:, 0])
 
 
 class ARGenerator(Generator):
@@ -121,30 +149,45 @@ class ARGenerator(Generator):
                           self._cond(cls_BD), mask_LS=self.causal[pos_1], cache_pos=pos_1)
         return self.head(h[:, 0])
 
+    def decode_step(self, prev_B: torch.Tensor, pos_1: torch.Tensor, classes_B: torch.Tensor,
+                    scales_N: torch.Tensor | None, noise_BV: torch.Tensor | None, known_BN: torch.Tensor | None,
+                    known_mask_BN: torch.Tensor | None, temperature: float, top_k: int, top_p: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One whole decode step, the function that is compiled: ``decode_one_token`` (feed t_{p-1} at
+        p = ``pos_1``) then ``pick_token`` (guide, filter, draw with the given noise, force known) ->
+        (ids (B,) of t_p, the next step's input: ids doubled [ids; ids] with guidance, else ids).
+        ``scales_N`` is None without guidance, ``noise_BV`` None at temperature 0."""
+        logits_BV = self.decode_one_token(prev_B, pos_1, classes_B)
+        ids_B = pick_token(logits_BV, pos_1, scales_N, noise_BV, known_BN, known_mask_BN, temperature, top_k, top_p)
+        return ids_B, (torch.cat([ids_B, ids_B]) if scales_N is not None else ids_B)
+
     def _decode_step(self, compile: bool):
-        """The decode step to call: torch.compile'd (reduce-overhead = CUDA graphs) and cached on the
-        module, or eager. Compile errors only surface at the first call; ``_decode`` guards that."""
+        """The decode step to call: ``decode_step`` torch.compile'd (reduce-overhead = CUDA graphs,
+        fullgraph) and cached on the module, or eager. Compile errors mostly surface at the first
+        call; ``_decode`` guards that."""
         if not compile:
-            return self.decode_one_token
+            return self.decode_step
         if self._decode_fn is None or self._decode_owner != id(self):
             try:
-                self._decode_fn = torch.compile(self.decode_one_token, mode="reduce-overhead", fullgraph=True)
+                self._decode_fn = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
             except Exception as e:     # noqa: BLE001 - any compile failure -> eager
                 logger.warning("torch.compile of the AR decode step failed (%s); decoding eagerly", e)
-                self._decode_fn = self.decode_one_token
+                self._decode_fn = self.decode_step
             self._decode_owner = id(self)
         return self._decode_fn
 
-    def _decode(self, compile: bool, *args) -> torch.Tensor:
+    def _decode(self, compile: bool, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode_step(*args)`` through ``_decode_step(compile)``; a failing compiled step falls back to
+        eager for good, with a warning. Arguments are positional (a compiled callable gets them as is)."""
         step = self._decode_step(compile)
-        if step == self.decode_one_token:     # eager (bound methods compare equal, never identical)
+        if step == self.decode_step:          # eager (bound methods compare equal, never identical)
             return step(*args)
         try:
             return step(*args)
         except Exception as e:         # noqa: BLE001 - e.g. an op this torch version cannot capture
             logger.warning("compiled AR decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self._decode_fn = self.decode_one_token
-            return self.decode_one_token(*args)   # rewrites the same cache slot: nothing is lost
+            self._decode_fn = self.decode_step
+            return self.decode_step(*args)    # same inputs and noise, rewrites the same cache slot: nothing is lost
 
     def decode_n_tokens(self, logits_BV: torch.Tensor, classes_B: torch.Tensor, scales: list[float], guided: bool,
                         temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
@@ -153,30 +196,36 @@ class ARGenerator(Generator):
         """From the prefill logits, draw t_0 .. t_{N-1} one token per step -> ids (B, N) long.
 
         ``classes_B`` is doubled [cond; null] when ``guided``; ``scales[i]`` is the guidance scale of
-        token i (1 = the conditional half as it is). No host syncs in the loop: only Python numbers
-        branch, and the position is a device tensor stepped on the device.
+        token i (1 = the conditional half as it is), copied to the device once as a table the step
+        indexes by position. Per token the loop only draws E ~ Exp(1) (B, V) from ``generator`` (the
+        draw ``sample_logits`` makes, in the same order; none at temperature 0), steps the position,
+        calls ``decode_step`` and copies its outputs out (CUDA-graph outputs are overwritten by the
+        next replay). Token 0 is picked eagerly from the prefill logits by the same ``pick_token``.
+        No host syncs in the loop: only Python numbers branch, the position is a device tensor.
         """
         N = self.config.num_tokens
         B = classes_B.shape[0] // 2 if guided else classes_B.shape[0]
+        V, device = self.config.codebook_size, classes_B.device
         cache = self.backbone.blocks[0].attn.kv_cache
         if cache is None or cache.max_len < N or cache.k.shape[0] != classes_B.shape[0]:
             # the bounds check the graph-captured step cannot do: slots 1..N-1 exist for this batch
             raise ValueError(f"decoding needs KV caches of batch {classes_B.shape[0]} and >= {N} slots: "
                              "call backbone.setup_caches first")
-        ids_BN = torch.empty(B, N, dtype=torch.long, device=classes_B.device)
-        pos_1 = torch.zeros(1, dtype=torch.long, device=classes_B.device)
-        for i in range(N):
-            if i > 0:
-                pos_1 = pos_1 + 1                      # fresh aligned tensor each step; no sync
-                prev_B = torch.cat([ids_B, ids_B]) if guided else ids_B
-                logits_BV = self._decode(compile, prev_B, pos_1, classes_B)
-            if guided:   # the batch stays doubled to the end (static shapes); scale 1 = cond exactly
-                cond_BV, uncond_BV = logits_BV[:B].float(), logits_BV[B:].float()
-                logits_BV = cond_BV if scales[i] == 1.0 else cfg_combine(cond_BV, uncond_BV, scales[i])
-            ids_B, _ = sample_logits(logits_BV, temperature, top_k, top_p, generator)
-            if known_mask_BN is not None:
-                ids_B = keep_known(ids_B, known_BN[:, i], known_mask_BN[:, i])
+        if (known_BN is None) != (known_mask_BN is None):
+            raise ValueError("inpainting needs both known_BN and known_mask_BN")
+        scales_N = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None   # one copy
+        draw = (lambda: exponential_noise((B, V), generator, device)) if temperature > 0 else (lambda: None)
+        pos_1 = torch.zeros(1, dtype=torch.long, device=device)
+        ids_BN = torch.empty(B, N, dtype=torch.long, device=device)
+        ids_B = pick_token(logits_BV, pos_1, scales_N, draw(), known_BN, known_mask_BN, temperature, top_k, top_p)
+        ids_BN[:, 0] = ids_B
+        prev_B = torch.cat([ids_B, ids_B]) if guided else ids_B     # the step's input, refilled in place
+        for i in range(1, N):
+            pos_1 = pos_1 + 1                      # fresh aligned tensor each step; no sync
+            ids_B, next_B = self._decode(compile, prev_B, pos_1, classes_B, scales_N, draw(), known_BN,
+                                         known_mask_BN, temperature, top_k, top_p)
             ids_BN[:, i] = ids_B
+            prev_B.copy_(next_B)
         return ids_BN
 
     @torch.no_grad()
@@ -198,11 +247,14 @@ class ARGenerator(Generator):
         only the context *before* a token in raster order: known tokens after a hole do not inform
         the hole (use the masked generator when that matters).
 
-        ``compile`` (default: True on CUDA) runs the decode step through torch.compile
-        (reduce-overhead, fullgraph) and falls back to eager with a warning if that fails. Same seed,
-        same ids holds on CPU and with ``compile=False`` on CUDA; with the CUDA-graph step, last-bit
-        run-to-run differences (H100, torch 2.11) changed a few late draws. Runs in the caller's
-        autocast context. The KV caches are removed afterwards.
+        ``compile`` (default: True on CUDA) runs the whole decode step (``decode_step``: forward, guidance,
+        top-k / top-p, softmax, the draw and the inpainting rule) through torch.compile (reduce-overhead,
+        fullgraph) and falls back to eager with a warning if that fails. The Exp(1) noise of each draw
+        is taken from ``generator`` outside the step, in the same order either way. Same seed, same ids
+        holds on CPU and with ``compile=False`` on CUDA; the compiled step's fused kernels may round
+        differently from eager ones, and with the CUDA-graph step last-bit run-to-run differences (H100,
+        torch 2.11) changed a few late draws. Runs in the caller's autocast context. The KV caches are
+        removed afterwards.
         """
         if ignored:
             logger.debug("ARGenerator.sample ignores %s", sorted(ignored))

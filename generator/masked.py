@@ -10,6 +10,7 @@ The maths, from the seed lectures (002: absorbing diffusion / MDLM; 004: posteri
 - NELBO             E_q int_0^1 alpha'_t / (1 - alpha_t) sum_l log <x_theta^l(z_t), x^l> dt -> nll_bits_per_token
 - posterior         q(x_s = x_0 | x_t = m, x_0) = (alpha_s - alpha_t) / (1 - alpha_t), s < t -> ancestral_step
 - MaskGIT decoding  keep the most confident predictions (Chang et al. 2022)              -> confidence_step
+                    = confidence_noise (eager draws) + confidence_update (pure, compilable)
 
 The network sees [class] + x_t (2D RoPE over the grid, the class token carries no position), full
 bidirectional attention, and no time input (MDLM: time conditioning is unnecessary for absorbing
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 
 from generator.base import Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import CFG_SCHEDULES, cfg_combine, cfg_scale_at, gumbel_noise, keep_known, sample_logits
+from generator.sampling import (CFG_SCHEDULES, cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise,
+                                gumbel_noise, keep_known, sample_logits)
 from generator.schedules import Schedule, alpha_at, as_time, get_schedule, loss_weight
 from generator.transformer import rope_tables
 
@@ -46,14 +48,20 @@ def unmask_probability(schedule: Schedule, t: float, s: float) -> float:
     return min(max((a_s - a_t) / max(1.0 - a_t, 1e-12), 0.0), 1.0)
 
 
+def scheduled_masked_fraction(schedule: Schedule, s: float) -> float:
+    """(1 - alpha(s)) / (1 - alpha(1)): the fraction of the start's masked tokens still masked at
+    time s (MaskGIT's gamma(1 - s), normalised to 1 at s = 1 and 0 at s = 0). A host-side float."""
+    return (1.0 - alpha_at(schedule, s)) / (1.0 - alpha_at(schedule, 1.0))
+
+
 def scheduled_masked_count(num_masked_start_B: torch.Tensor, schedule: Schedule, s: float) -> torch.Tensor:
     """Tokens the confidence sampler leaves masked at time s: round(N0 (1 - alpha(s)) / (1 - alpha(1))).
 
     N0 (B,) long is the number masked at the start (t = 1); 1 - alpha(s) is MaskGIT's gamma(1 - s).
     The normalisation by 1 - alpha(1) (= 1 except loglinear) makes the count N0 at s = 1; it is 0 at s = 0.
+    The fraction is a host float, so this launches one device op and never syncs.
     """
-    frac = (1.0 - alpha_at(schedule, s)) / (1.0 - alpha_at(schedule, 1.0))
-    return torch.round(num_masked_start_B.double() * frac).long()
+    return torch.round(num_masked_start_B.double() * scheduled_masked_fraction(schedule, s)).long()
 
 
 def ancestral_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, t: float, s: float, schedule: Schedule,
@@ -68,29 +76,79 @@ def ancestral_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, t: float, s: 
     return torch.where(unmask_BL, cand_BL, ids_BL)
 
 
+def confidence_noise(shape_BLV: tuple[int, int, int], s: float, device, *, temperature: float = 1.0,
+                     choice_temperature: float = 4.5, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of one MaskGIT step ending at time s, from ``generator`` in the order the
+    step has always drawn them (same seed, same ids):
+
+    1. E (B, L, V) float32 ~ Exp(1) for the candidates argmax(p / E) (``sample_logits``); None when
+       temperature = 0 (greedy: nothing drawn).
+    2. choice_temperature * s * G, G (B, L) ~ Gumbel(0, 1): the annealed confidence noise; None when
+       choice_temperature * s = 0 (the last step, s = 0).
+    """
+    B, L, _ = shape_BLV
+    exp_BLV = exponential_noise(shape_BLV, generator, device) if temperature > 0 else None
+    choice_BL = None
+    if choice_temperature * s > 0:
+        choice_BL = choice_temperature * s * gumbel_noise((B, L), generator, device)
+    return exp_BLV, choice_BL
+
+
+def confidence_update(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, remain_B: torch.Tensor,
+                      exp_noise_BLV: torch.Tensor | None, choice_noise_BL: torch.Tensor | None, *,
+                      mask_id: int, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """The MaskGIT confidence step as a pure tensor function (no generator, no host sync: traceable
+    by ``torch.compile(fullgraph=True)``); its noise comes from ``confidence_noise``.
+
+    - guidance: with ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V) and
+      logits = uncond + cfg_scale (cond - uncond) (``cfg_combine``), fused here.
+    - candidates: c = argmax(p / E) with p = softmax(top-k/top-p(logits / temperature)) (the
+      Gumbel-max draw of ``sample_logits``), or argmax(logits) at temperature 0 (E is None).
+    - confidence: log softmax(logits)[c] + choice_noise (the annealed Gumbel term, or None), on the
+      guided but unfiltered probabilities, so greedy decoding still ranks by confidence.
+    - unmask: the least confident R = max(min(remain_B, M - 1), 0) masked tokens stay masked
+      (M = masked now: at least one unmasks while any remain), every other masked token takes c.
+
+    remain_B (B,) long is the scheduled count (``scheduled_masked_count``). Returns ids (B, L) long.
+    """
+    if cfg_scale is not None:
+        B = ids_BL.shape[0]
+        logits_BLV = cfg_combine(logits_BLV[:B], logits_BLV[B:], cfg_scale)
+    masked_BL = ids_BL == mask_id
+    logits_BLV = logits_BLV.float()
+    cand_BL, _ = draw_with_noise(logits_BLV, exp_noise_BLV, temperature, top_k, top_p)   # None: greedy
+    conf_BL = logits_BLV.gather(-1, cand_BL[..., None]).squeeze(-1) - logits_BLV.logsumexp(-1)
+    if choice_noise_BL is not None:
+        conf_BL = conf_BL + choice_noise_BL
+    conf_BL = conf_BL.masked_fill(~masked_BL, float("inf"))        # clean tokens rank last: never "kept masked"
+    remain_B = torch.minimum(remain_B, masked_BL.sum(1) - 1)
+    rank_BL = conf_BL.argsort(dim=1, stable=True).argsort(dim=1)   # 0 = least confident
+    stay_BL = rank_BL < remain_B.clamp(min=0)[:, None]
+    return torch.where(masked_BL & ~stay_BL, cand_BL, ids_BL)
+
+
 def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, schedule: Schedule, mask_id: int,
                     num_masked_start_B: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, choice_temperature: float = 4.5,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, cfg_scale: float | None = None,
+                    update=confidence_update) -> torch.Tensor:
     """One MaskGIT step ending at time s: draw a candidate for every masked token, score it by
     log p(candidate) + choice_temperature * s * Gumbel (noise annealed to 0 as progress 1 - s -> 1),
     and unmask the most confident so that exactly R = min(scheduled_masked_count(s), M - 1) tokens
     stay masked (M = masked now: at least one unmasks while any remain; R = 0 at s = 0).
 
-    The confidence uses the model's (guided) probabilities, not the temperature/top-k filtered ones,
-    so greedy decoding (temperature 0) still ranks by confidence. Static shapes, no host sync.
+    Eager part: the noise (``confidence_noise``) and the scheduled count; then ``update`` (default
+    ``confidence_update``; ``MaskedGenerator.sample(compile=True)`` passes its compiled one). With
+    ``cfg_scale``, logits are the doubled [cond; uncond] batch. Static shapes, no host sync.
     """
-    masked_BL = ids_BL == mask_id
-    cand_BL, _ = sample_logits(logits_BLV, temperature, top_k, top_p, generator)
-    logits_BLV = logits_BLV.float()
-    conf_BL = logits_BLV.gather(-1, cand_BL[..., None]).squeeze(-1) - logits_BLV.logsumexp(-1)
-    if choice_temperature * s > 0:
-        conf_BL = conf_BL + choice_temperature * s * gumbel_noise(conf_BL.shape, generator, conf_BL.device)
-    conf_BL = conf_BL.masked_fill(~masked_BL, float("inf"))        # clean tokens rank last: never "kept masked"
-    remain_B = torch.minimum(scheduled_masked_count(num_masked_start_B, schedule, s), masked_BL.sum(1) - 1)
-    rank_BL = conf_BL.argsort(dim=1, stable=True).argsort(dim=1)   # 0 = least confident
-    stay_BL = rank_BL < remain_B.clamp(min=0)[:, None]
-    return torch.where(masked_BL & ~stay_BL, cand_BL, ids_BL)
+    B, L = ids_BL.shape
+    exp_BLV, choice_BL = confidence_noise((B, L, logits_BLV.shape[-1]), s, logits_BLV.device, temperature=temperature,
+                                          choice_temperature=choice_temperature, generator=generator)
+    remain_B = scheduled_masked_count(num_masked_start_B, schedule, s)
+    return update(logits_BLV, ids_BL, remain_B, exp_BLV, choice_BL, mask_id=mask_id, cfg_scale=cfg_scale,
+                  temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 @dataclass
@@ -116,11 +174,17 @@ class MaskedSampler:
         return [(1.0 - i / n, 1.0 - (i + 1) / n) for i in range(n)]
 
     def step(self, logits_BLV, ids_BL, t: float, s: float, generator=None, *, num_masked_start_B=None,
-             known_ids_BL=None, known_mask_BL=None) -> torch.Tensor:
+             known_ids_BL=None, known_mask_BL=None, cfg_scale: float | None = None,
+             update=confidence_update) -> torch.Tensor:
         """logits (B, L, V) of p(x_0 | x_t) (guided already), ids (B, L) at t -> ids (B, L) at s.
-        num_masked_start_B (B,) long: tokens masked at t = 1 (confidence; may be omitted at t = 1)."""
+        num_masked_start_B (B,) long: tokens masked at t = 1 (confidence; may be omitted at t = 1).
+        With ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V), combined here (the
+        confidence sampler fuses that into ``update``, a ``confidence_update`` or a compiled one)."""
         opts = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator)
         if self.method == "ancestral":
+            if cfg_scale is not None:
+                B = ids_BL.shape[0]
+                logits_BLV = cfg_combine(logits_BLV[:B], logits_BLV[B:], cfg_scale)
             ids_BL = ancestral_step(logits_BLV, ids_BL, t, s, self.schedule, self.mask_id, **opts)
         else:
             if num_masked_start_B is None:
@@ -128,8 +192,40 @@ class MaskedSampler:
                     raise ValueError("the confidence sampler needs num_masked_start_B after its first step")
                 num_masked_start_B = (ids_BL == self.mask_id).sum(1)
             ids_BL = confidence_step(logits_BLV, ids_BL, s, self.schedule, self.mask_id, num_masked_start_B,
-                                     choice_temperature=self.choice_temperature, **opts)
+                                     choice_temperature=self.choice_temperature, cfg_scale=cfg_scale, update=update,
+                                     **opts)
         return keep_known(ids_BL, known_ids_BL, known_mask_BL)
+
+
+class _CompiledOrEager:
+    """``torch.compile(target, **options)`` that falls back to ``eager`` for good, with a warning, when
+    compiling fails: at build, at its first call (where most compile errors surface) or later (e.g. a
+    CUDA graph capture). A failed call is redone eagerly on the same inputs, so nothing is lost."""
+
+    def __init__(self, target, eager, what: str, **options):
+        self.eager, self.what = eager, what
+        try:
+            self.fn = torch.compile(target, **options)
+        except Exception as e:     # noqa: BLE001 - any compile failure -> eager
+            self._fall_back(e)
+
+    @property
+    def compiled(self) -> bool:
+        return self.fn is not self.eager
+
+    def _fall_back(self, e: Exception) -> None:
+        logger.warning("torch.compile of the masked sampler's %s failed (%s: %s); running it eagerly",
+                       self.what, type(e).__name__, e)
+        self.fn = self.eager
+
+    def __call__(self, *args, **kw):
+        if not self.compiled:
+            return self.eager(*args, **kw)
+        try:
+            return self.fn(*args, **kw)
+        except Exception as e:     # noqa: BLE001 - e.g. an op this torch version cannot compile or capture
+            self._fall_back(e)
+            return self.eager(*args, **kw)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -144,6 +240,8 @@ class MaskedGenerator(Generator):
         cos, sin = rope_tables(self.grid_positions(), config.head_dim, config.rope_base, num_prefix=1)
         self.register_buffer("rope_cos", cos, persistent=False)             # (1 + L, K/2); row 0: class token
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._compiled = None            # (forward, confidence update) for sample(compile=True), built on first use
+        self._compiled_owner = None      # (id(self), device type) they were built for: a deepcopy (EMA) rebuilds
         self._init_weights()
 
     def forward(self, ids_BL: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
@@ -260,18 +358,44 @@ class MaskedGenerator(Generator):
         known_ids = self.check_ids(torch.where(known_mask, known_ids.to(dev).reshape(B, g * g), 0))
         return known_ids, known_mask
 
+    def _sampling_fns(self, compile: bool):
+        """(forward, confidence update) that ``sample`` calls: the eager module and ``confidence_update``,
+        or their torch.compile'd versions, cached on the module (``_CompiledOrEager``: a failure falls
+        back to eager with a warning). The forward compiles with mode reduce-overhead (CUDA graphs) on
+        CUDA, the default mode elsewhere; the update with fullgraph=True (default mode). The update
+        traces one graph per set of static options (greedy or not, top-k, top-p, guided or not) and
+        one for the last step (no Gumbel term); past dynamo's recompile limit it falls back to eager."""
+        if not compile:
+            return self, confidence_update
+        owner = (id(self), self.head.weight.device.type)
+        if self._compiled is None or self._compiled_owner != owner:
+            forward_options = dict(mode="reduce-overhead") if owner[1] == "cuda" else {}
+            self._compiled = (_CompiledOrEager(self.forward, self, "forward", **forward_options),
+                              _CompiledOrEager(confidence_update, confidence_update, "confidence update",
+                                               fullgraph=True))
+            self._compiled_owner = owner
+        return self._compiled
+
     @torch.no_grad()
     def sample(self, classes, *, num_steps: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                cfg_scale: float = 1.0, cfg_schedule: str = "constant", sampler: str = "confidence",
                choice_temperature: float = 4.5, generator: torch.Generator | None = None,
                known_ids: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-               batch_size: int | None = None, **ignored) -> torch.Tensor:
+               batch_size: int | None = None, compile: bool = False, **ignored) -> torch.Tensor:
         """Class ids (B,) (None: unconditional, batch from ``batch_size`` or ``known_ids``) -> ids
         (B, h, w) long with no [MASK] left, in ``num_steps`` forwards (doubled batch under CFG).
 
         known_ids / known_mask (B, h, w) long / bool: inpainting; known tokens start unmasked and
         never change. cfg_scale 1 runs the conditional pass only; cfg_schedule "linear" ramps the
-        scale from 1 at the first step to cfg_scale at the last. Call ``eval()`` first."""
+        scale from 1 at the first step to cfg_scale at the last. Call ``eval()`` first.
+
+        ``compile``: run the forward through torch.compile (reduce-overhead on CUDA) and the
+        confidence update (CFG combine, candidate draw, confidence ranking: ``confidence_update``)
+        through torch.compile(fullgraph=True); the noise is still drawn eagerly from ``generator``
+        in the same order, so the compiled path consumes the same random numbers. Both are built
+        once per module and fall back to eager with a warning if compiling fails. The ancestral
+        sampler's update stays eager (only its forward is compiled). Compiled kernels may round
+        differently from eager ones, so a compiled run can pick a few different late tokens."""
         self.check_sampling_args(num_steps, temperature, top_k, top_p, cfg_scale)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler '{sampler}' is not one of {list(SAMPLERS)}")
@@ -292,15 +416,16 @@ class MaskedGenerator(Generator):
                               choice_temperature)
         guided = cfg_scale != 1.0 and classes is not None
         both_B = torch.cat([classes_B, torch.full_like(classes_B, self.config.null_class)]) if guided else None
+        forward, update = self._sampling_fns(compile)
         for i, (t, s) in enumerate(steps.timesteps()):
-            if guided:      # one forward on [cond; uncond]
-                logits_2BLV = self(torch.cat([ids_BL, ids_BL]), both_B)
+            if guided:      # one forward on [cond; uncond] (2B, L, V); the sampler step combines the halves
+                logits = forward(torch.cat([ids_BL, ids_BL]), both_B)
                 scale = cfg_scale_at(cfg_scale, i / max(num_steps - 1, 1), cfg_schedule)
-                logits_BLV = cfg_combine(logits_2BLV[:B], logits_2BLV[B:], scale)
-            else:
-                logits_BLV = self(ids_BL, classes_B)
-            ids_BL = steps.step(logits_BLV, ids_BL, t, s, generator, num_masked_start_B=num_masked_start_B,
-                                known_ids_BL=known_ids_BL, known_mask_BL=known_mask_BL)
+            else:           # (B, L, V)
+                logits, scale = forward(ids_BL, classes_B), None
+            ids_BL = steps.step(logits, ids_BL, t, s, generator, num_masked_start_B=num_masked_start_B,
+                                known_ids_BL=known_ids_BL, known_mask_BL=known_mask_BL, cfg_scale=scale,
+                                update=update)
         g = self.config.grid_size
         return ids_BL.view(B, g, g)
 

@@ -54,21 +54,32 @@ def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tens
     return -exponential_noise(shape, generator, device).log()
 
 
+def draw_with_noise(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The draw of ``sample_logits`` given its Exp(1) ``noise`` (same shape as ``logits``; None = greedy):
+    ids = argmax(p / E) with p = softmax(top-k/top-p(logits / temperature)). A pure tensor function (no
+    generator, no host sync), so compiled sampling steps (``torch.compile(fullgraph=True)``) use it with
+    noise drawn outside. Returns (ids (...,) long, p (..., V) float32; None when greedy)."""
+    logits = logits.float()
+    if noise is None:
+        return logits.argmax(dim=-1), None
+    probs = top_k_top_p_filter(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return (probs / noise).argmax(dim=-1), probs
+
+
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ids from softmax(logits / temperature) restricted to top-k / top-p.
 
     Returns (ids (...,) long, probs (..., V) float32 of the filtered distribution).
     ``temperature == 0`` is greedy (argmax). The draw is argmax(p / E) with E ~ Exp(1), which has
-    no host sync and is deterministic under ``generator``.
+    no host sync and is deterministic under ``generator`` (``draw_with_noise``).
     """
-    logits = logits.float()
     if temperature == 0:
-        ids = logits.argmax(dim=-1)
+        ids, _ = draw_with_noise(logits, None)
         return ids, torch.nn.functional.one_hot(ids, logits.shape[-1]).float()
-    probs = top_k_top_p_filter(logits / temperature, top_k, top_p).softmax(dim=-1)
-    ids = (probs / exponential_noise(probs.shape, generator, probs.device)).argmax(dim=-1)
-    return ids, probs
+    noise = exponential_noise(logits.shape, generator, logits.device)
+    return draw_with_noise(logits, noise, temperature, top_k, top_p)
 
 
 def keep_known(ids: torch.Tensor, known_ids: torch.Tensor | None, known_mask: torch.Tensor | None) -> torch.Tensor:

@@ -8,10 +8,12 @@ import pytest
 import torch
 import yaml
 
-from generator.autoregressive import ARGenerator
+from torch.nn.attention import sdpa_kernel
+
+from generator.autoregressive import DECODE_ATTENTION, ARGenerator
 from generator.base import load_generator
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine, keep_known, make_generator, sample_logits
+from generator.sampling import cfg_combine, cfg_scale_at, exponential_noise, keep_known, make_generator, sample_logits
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "generator"
 TRAIN_KEYS = {"batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "betas",
@@ -241,6 +243,106 @@ def test_configs_load(name):
     run = yaml.safe_load(text)
     assert set(run) == {"model", "train"} and set(run["train"]) <= TRAIN_KEYS
     assert GeneratorConfig(**run["model"]).kind == "ar"
+
+
+def old_loop_sample(model, classes, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, cfg_schedule="constant",
+                    seed=0, known_ids=None, known_mask=None):
+    """The decode loop as it was before the sampling moved into the compiled step: prefill, then per
+    token an eager cached forward, CFG combine, ``sample_logits`` and ``keep_known``."""
+    N, g, B = model.config.num_tokens, model.config.grid_size, len(classes)
+    gen = make_generator(seed, "cpu")
+    scales = [cfg_scale_at(cfg_scale, i / (N - 1), cfg_schedule) for i in range(N)]
+    guided = any(s != 1.0 for s in scales)
+    cls = torch.cat([classes, torch.full_like(classes, model.config.null_class)]) if guided else classes
+    ids = torch.empty(B, N, dtype=torch.long)
+    model.backbone.setup_caches(len(cls), N, torch.float32, "cpu")
+    try:
+        with torch.no_grad(), sdpa_kernel(DECODE_ATTENTION):
+            logits = model.prefill(cls)
+            for i in range(N):
+                if i > 0:
+                    prev = torch.cat([ids[:, i - 1], ids[:, i - 1]]) if guided else ids[:, i - 1]
+                    logits = model.decode_one_token(prev, torch.tensor([i]), cls)
+                if guided:
+                    cond, uncond = logits[:B].float(), logits[B:].float()
+                    logits = cond if scales[i] == 1.0 else cfg_combine(cond, uncond, scales[i])
+                ids_B, _ = sample_logits(logits, temperature, top_k, top_p, gen)
+                if known_mask is not None:
+                    ids_B = keep_known(ids_B, known_ids.reshape(B, N)[:, i], known_mask.reshape(B, N)[:, i])
+                ids[:, i] = ids_B
+    finally:
+        model.backbone.remove_caches()
+    return ids.reshape(B, g, g)
+
+
+def _inpaint_case():
+    known = torch.randint(0, 32, (3, 4, 4), generator=torch.Generator().manual_seed(11))
+    mask = torch.zeros(3, 4, 4, dtype=torch.bool)
+    mask[:, 1, 1:] = True
+    mask[2, 3, 3] = True
+    return dict(known_ids=known, known_mask=mask, cfg_scale=2.0, top_k=6)
+
+
+FUSED_CASES = {"constant-cfg-top-k": dict(cfg_scale=2.5, top_k=5),
+               "linear-cfg-top-p": dict(cfg_scale=3.0, cfg_schedule="linear", top_p=0.7, temperature=0.8),
+               "inpaint": _inpaint_case(),
+               "greedy": dict(temperature=0.0, cfg_scale=2.0)}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_decode_step_matches_the_old_eager_loop(case, monkeypatch, caplog):
+    """The step that fuses forward + guidance + filter + draw + inpainting gives the old loop's ids under
+    the same seed, eagerly and through torch.compile(fullgraph=True) (backend eager on CPU: tracing must
+    not break the graph, or the step would fall back with a warning)."""
+    kw = FUSED_CASES[case]
+    model = tiny(adaln=True)
+    classes = torch.tensor([0, 1, 2])
+    ref = old_loop_sample(model, classes, seed=4, **kw)
+    gen = make_generator(4, "cpu")
+    assert torch.equal(model.sample(classes, generator=gen, compile=False, **kw), ref)
+    if kw.get("temperature") == 0.0:          # greedy draws no noise: the generator is untouched
+        assert torch.equal(gen.get_state(), make_generator(4, "cpu").get_state())
+    if "known_mask" in kw:
+        assert torch.equal(ref[kw["known_mask"]], kw["known_ids"][kw["known_mask"]])
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **opts: real_compile(fn, backend="eager", fullgraph=True))
+    torch._dynamo.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="generator.autoregressive"):
+            ids = model.sample(classes, generator=make_generator(4, "cpu"), compile=True, **kw)
+        assert "eagerly" not in caplog.text
+        assert torch.equal(ids, ref)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_decode_step_traces_as_one_graph():
+    """torch.compile(fullgraph=True) of the whole step (forward, CFG, top-k, top-p, softmax, noise divide,
+    argmax, known tokens) raises on any graph break; its outputs equal the eager step's."""
+    model = tiny(adaln=True)
+    B, N = 2, model.config.num_tokens
+    classes = torch.tensor([0, 2, 3, 3])                              # doubled [cond; null]
+    scales_N = torch.linspace(1.0, 3.0, N)
+    known_BN = torch.randint(0, 32, (B, N))
+    mask_BN = torch.rand(B, N) < 0.5
+    torch._dynamo.reset()
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=True)
+    try:
+        for args in [(scales_N, exponential_noise((B, 32), make_generator(0, "cpu"), "cpu"), known_BN, mask_BN,
+                      0.9, 5, 0.8),
+                     (scales_N, None, None, None, 0.0, 0, 1.0)]:
+            outs = []
+            for fn in (model.decode_step, step):
+                model.backbone.setup_caches(2 * B, N, torch.float32, "cpu")
+                with torch.no_grad():
+                    model.prefill(classes)
+                    outs.append(fn(torch.tensor([1, 4, 1, 4]), torch.tensor([1]), classes, *args))
+                model.backbone.remove_caches()
+            (ids, nxt), (ids_c, nxt_c) = outs
+            assert ids.shape == (B,) and torch.equal(nxt, torch.cat([ids, ids]))
+            assert torch.equal(ids_c, ids) and torch.equal(nxt_c, nxt)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.gpu

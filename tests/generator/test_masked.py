@@ -5,8 +5,9 @@ import torch
 
 from generator.base import Generator
 from generator.config import GeneratorConfig
-from generator.masked import (MaskedGenerator, MaskedSampler, ancestral_step, scheduled_masked_count,
-                              unmask_probability)
+from generator.masked import (MaskedGenerator, MaskedSampler, ancestral_step, confidence_noise, confidence_update,
+                              scheduled_masked_count, unmask_probability)
+from generator.sampling import cfg_combine, gumbel_noise, sample_logits
 from generator.schedules import SCHEDULES, alpha_at, get_schedule
 
 V, G, C = 16, 4, 3          # codebook, grid side, classes
@@ -87,6 +88,55 @@ def test_confidence_unmasks_exactly_the_scheduled_count(name):
         assert torch.equal(ids[known_mask], known_ids[known_mask])
     assert (ids != V).all()
     assert scheduled_masked_count(n0, sched, 1.0).tolist() == n0.tolist()
+
+
+def old_confidence_step(logits, ids, s, sched, n0, temperature, top_k, top_p, choice_temperature, generator):
+    """The MaskGIT step as it was written before the noise / update split (the reference)."""
+    masked = ids == V
+    cand, _ = sample_logits(logits, temperature, top_k, top_p, generator)
+    logits = logits.float()
+    conf = logits.gather(-1, cand[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    if choice_temperature * s > 0:
+        conf = conf + choice_temperature * s * gumbel_noise(conf.shape, generator, conf.device)
+    conf = conf.masked_fill(~masked, float("inf"))
+    frac = (1.0 - alpha_at(sched, s)) / (1.0 - alpha_at(sched, 1.0))
+    remain = torch.minimum(torch.round(n0.double() * frac).long(), masked.sum(1) - 1)
+    rank = conf.argsort(dim=1, stable=True).argsort(dim=1)
+    return torch.where(masked & ~(rank < remain.clamp(min=0)[:, None]), cand, ids)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9), (0.0, 0, 1.0)])
+@pytest.mark.parametrize("cfg", [None, 2.5])
+def test_split_confidence_step_is_the_old_formula(temperature, top_k, top_p, cfg):
+    """confidence_noise + confidence_update (via MaskedSampler.step, CFG fused or not) give the same
+    ids as the old single-function step on random logits, and leave the generator in the same state."""
+    sched, B, n = get_schedule("cosine"), 4, 64
+    sampler = MaskedSampler(sched, V, num_steps=8, temperature=temperature, top_k=top_k, top_p=top_p)
+    ids = torch.where(torch.rand(B, n) < 0.3, torch.randint(0, V, (B, n)), V)
+    n0 = torch.full((B,), n)
+    for t, s in sampler.timesteps():
+        logits = torch.randn(2 * B if cfg else B, n, V) * 3
+        guided = cfg_combine(logits[:B], logits[B:], cfg) if cfg else logits
+        g_old, g_new = gen(5), gen(5)
+        want = old_confidence_step(guided, ids, s, sched, n0, temperature, top_k, top_p, 4.5, g_old)
+        got = sampler.step(logits, ids, t, s, g_new, num_masked_start_B=n0, cfg_scale=cfg)
+        assert torch.equal(got, want)
+        assert torch.equal(g_old.get_state(), g_new.get_state())    # the same random numbers consumed
+        ids = got
+    assert (ids != V).all()
+
+
+def test_confidence_noise_draw_order():
+    """Exp(1) noise (B, L, V) first (only when temperature > 0), then the scaled Gumbel (B, L) (only when
+    choice_temperature * s > 0): the order sample_logits and the old step drew them."""
+    exp, choice = confidence_noise((2, 3, V), 0.5, "cpu", temperature=1.0, choice_temperature=4.0, generator=gen(0))
+    g = gen(0)
+    assert torch.equal(exp, torch.empty(2, 3, V).exponential_(1.0, generator=g))
+    assert torch.equal(choice, 4.0 * 0.5 * gumbel_noise((2, 3), g, "cpu"))
+    assert confidence_noise((2, 3, V), 0.0, "cpu", temperature=0.0, generator=gen(0)) == (None, None)
+    ids = torch.full((2, 3), V)
+    out = confidence_update(torch.randn(2, 3, V), ids, torch.tensor([1, 0]), None, None, mask_id=V, temperature=0.0)
+    assert (out == V).sum(1).tolist() == [1, 0]
 
 
 def test_scheduled_count_follows_maskgit_cosine():

@@ -251,7 +251,7 @@ CASES = [
     ("option-of-the-wrong-type", lambda a, b: generate(a, "--classes", "0", "--option", "choice_temperature=hot"),
      "option 'choice_temperature': expected a number, got 'hot'"),
     ("option-unknown", lambda a, b: generate(a, "--classes", "0", "--option", "bogus=1"),
-     "unknown option 'bogus' for the masked generator; valid options: cfg_schedule, choice_temperature, sampler"),
+     "unknown option 'bogus' for the masked generator; valid options: cfg_schedule, choice_temperature, compile, sampler"),
     # devices and outputs
     ("device-unknown", lambda a, b: generate(a, "--classes", "0", "--device", "gpu"),
      "unknown device 'gpu'; e.g. cpu, cuda, cuda:1"),

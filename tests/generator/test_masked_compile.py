@@ -1,0 +1,124 @@
+"""MaskedGenerator.sample(compile=True) on the CPU: the confidence update traces with fullgraph=True
+(no graph break), the compiled path gives the eager ids under the same seed, failures fall back to
+eager with a warning, and the compiled functions are cached per module. The 'eager' dynamo backend
+traces exactly as a real compile would but runs the captured graph with eager kernels (seconds)."""
+import copy
+import logging
+
+import pytest
+import torch
+
+from generator.masked import confidence_noise, confidence_update
+from tests.generator.test_masked import G, V, gen, randomised, tiny
+
+FALLBACK = "running it eagerly"
+REAL_COMPILE = torch.compile
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts and ends with empty dynamo caches (recompile limits count per code object)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def eager_backend(fn, **kw):
+    """A torch.compile stand-in: the real dynamo trace (fullgraph as asked) with the 'eager' backend."""
+    return REAL_COMPILE(fn, backend="eager", fullgraph=kw.get("fullgraph", False))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(cfg_scale=2.5, temperature=0.8, top_k=6, top_p=0.9),
+                                  dict(cfg_scale=2.0, temperature=0.0)])
+def test_confidence_update_traces_without_graph_breaks(opts):
+    """fullgraph=True raises at any graph break: this call is the proof that the update has none."""
+    B, L = 3, 12
+    cfg = opts.pop("cfg_scale", None)
+    logits = torch.randn(2 * B if cfg else B, L, V)
+    ids = torch.where(torch.rand(B, L) < 0.3, torch.randint(0, V, (B, L)), V)
+    remain = torch.tensor([5, 0, 11])
+    exp, choice = confidence_noise((B, L, V), 0.5, "cpu", temperature=opts.get("temperature", 1.0), generator=gen(0))
+    args = (logits, ids, remain, exp, choice)
+    kw = dict(mask_id=V, cfg_scale=cfg, **opts)
+    compiled = REAL_COMPILE(confidence_update, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(*args, **kw), confidence_update(*args, **kw))
+    assert torch.equal(compiled(*args[:4], None, **kw), confidence_update(*args[:4], None, **kw))   # last step
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(cfg_scale=2.0, cfg_schedule="linear"),
+                                dict(cfg_scale=3.0, temperature=0.0, top_k=4), dict(top_p=0.8, schedule="arccos"),
+                                dict(cfg_scale=2.0, inpaint=True), dict(cfg_scale=2.0, sampler="ancestral")])
+def test_compiled_sample_gives_the_eager_ids(kw, monkeypatch, caplog):
+    kw = dict(kw)
+    model = randomised(tiny(schedule=kw.pop("schedule", "cosine")))
+    if kw.pop("inpaint", False):
+        kw.update(known_ids=torch.randint(0, V, (3, G, G)), known_mask=torch.rand(3, G, G) < 0.5)
+    eager = model.sample([0, 1, 2], num_steps=5, generator=gen(1), **kw)
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    with caplog.at_level(logging.WARNING, logger="generator.masked"):
+        compiled = model.sample([0, 1, 2], num_steps=5, generator=gen(1), compile=True, **kw)
+    assert torch.equal(compiled, eager)
+    assert FALLBACK not in caplog.text
+    forward, update = model._compiled
+    assert forward.compiled and update.compiled                    # still compiled after every step
+    if "known_mask" in kw:
+        assert torch.equal(compiled[kw["known_mask"]], kw["known_ids"][kw["known_mask"]])
+
+
+@pytest.mark.parametrize("where", ["build", "first call"])
+def test_compile_failure_falls_back_to_eager(where, monkeypatch, caplog):
+    model = randomised(tiny())
+
+    def broken(fn, **kw):
+        if where == "build":
+            raise RuntimeError("no compiler here")
+
+        def call(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+        return call
+
+    eager = model.sample([0, 1], num_steps=4, cfg_scale=2.0, generator=gen(5))
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="generator.masked"):
+        ids = model.sample([0, 1], num_steps=4, cfg_scale=2.0, generator=gen(5), compile=True)
+    assert torch.equal(ids, eager)
+    assert "forward failed" in caplog.text and "confidence update failed" in caplog.text
+    assert caplog.text.count(FALLBACK) == 2                        # once each, then eager for good
+    assert not any(fn.compiled for fn in model._compiled)
+
+
+def test_compiled_fns_are_cached_per_module_and_not_shared_by_a_copy(monkeypatch):
+    calls = []
+
+    def fake_compile(fn, **kw):                                    # records the options, compiles nothing
+        calls.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = randomised(tiny())
+    keys, modules = list(model.state_dict()), len(list(model.modules()))
+    model.sample([0], num_steps=3, compile=True)
+    model.sample([1, 2], num_steps=3, compile=True, cfg_scale=2.0)
+    assert calls == [{}, dict(fullgraph=True)]                     # CPU: default mode forward; update fullgraph
+    assert list(model.state_dict()) == keys and len(list(model.modules())) == modules   # plain Python state
+    assert model.sample([0], num_steps=3).shape == (1, G, G) and len(calls) == 2   # compile=False builds nothing
+    ema = copy.deepcopy(model)                                     # an EMA copy must not run the original's weights
+    for p in ema.parameters():
+        p.data.mul_(-1.0)
+    assert torch.equal(ema.sample([0, 1], num_steps=3, compile=True, generator=gen(0)),
+                       ema.sample([0, 1], num_steps=3, generator=gen(0)))
+    assert len(calls) == 4 and ema._compiled is not model._compiled
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_sampling_runs(caplog):
+    """Real inductor + CUDA graphs: valid ids, no fallback (kernels may round differently from eager)."""
+    model = randomised(tiny()).cuda()
+    with caplog.at_level(logging.WARNING, logger="generator.masked"), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(2):                                         # second call: cached, CUDA graphs replayed
+            ids = model.sample([0, 1], num_steps=4, cfg_scale=2.0, compile=True,
+                               generator=torch.Generator("cuda").manual_seed(0))
+    assert ((ids >= 0) & (ids < V)).all()
+    assert FALLBACK not in caplog.text
+    assert all(fn.compiled for fn in model._compiled)
+
