@@ -12,7 +12,10 @@ F = K/2 rotary frequencies, A position axes.
 Masks: ``mask=None`` is full attention; ``is_causal=True`` is causal over the inputs themselves;
 a bool tensor (L, S) says which keys each query sees (True = visible). With a KV cache the keys are
 all ``max_len`` slots, so the caller passes the rows of its (causal or block-causal) mask for the
-query positions — one mechanism for AR decoding and VAR's scale-by-scale sampling.
+query positions (AR decoding: the slot is a device tensor, so the step can be graph-captured). When
+a block is written at an int start with no mask, the queries attend to every filled slot
+[0, start + L): VAR's scale-by-scale sampling, where scale k sees all coarser scales and itself,
+without a mask (flash attention) and without reading the empty slots.
 """
 from __future__ import annotations
 
@@ -119,6 +122,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos_LF, sin_LF), apply_rope(k, cos_LF, sin_LF)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(k, v, cache_pos)            # (B, H, S, K), all slots
+            if isinstance(cache_pos, int) and mask_LS is None:     # a block written at a known start, no mask:
+                k, v = k[:, :, :cache_pos + L], v[:, :, :cache_pos + L]   # attend to every filled slot (flash-able)
             k, v = k.to(q.dtype), v.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))

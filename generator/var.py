@@ -272,8 +272,8 @@ class VARGenerator(Generator):
                 else:
                     x_BlD = self.word_embed(next_BlC.to(self.word_embed.weight))
                 x_BlD = x_BlD + self.lvl_embed.weight[k]
-                h_BlD = self.backbone(x_BlD, self.rope_cos[a:b], self.rope_sin[a:b], cond_BD,
-                                      mask_LS=self.mask_LL[a:b], cache_pos=a)
+                # block-causal = scale k sees slots [0, b), all filled: no mask (flash attention), no empty slots
+                h_BlD = self.backbone(x_BlD, self.rope_cos[a:b], self.rope_sin[a:b], cond_BD, cache_pos=a)
                 logits_BlV = self.head(h_BlD).float()
                 if guided:
                     w = cfg_scale_at(cfg_scale, k / max(K - 1, 1), cfg_schedule)

@@ -47,6 +47,25 @@ def test_cached_decoding_matches_full_causal_forward(adaln):
     assert torch.allclose(torch.cat(out, 1), full, atol=1e-5)
 
 
+def test_unmasked_block_fill_attends_to_the_filled_slots_only():
+    """Blocks written at int starts with no mask (VAR's scale-by-scale sampling) = the full forward under
+    the block-causal mask; the empty slots beyond are never read (NaN there would poison the output)."""
+    config = tiny()
+    net = Transformer(config).eval()
+    init_weights(net, config.depth)
+    B, blocks = 2, [(0, 1), (1, 3), (3, 7)]        # block i = positions [a, b)
+    L = blocks[-1][1]
+    level = torch.tensor([i for i, (a, b) in enumerate(blocks) for _ in range(a, b)])
+    x, cos, sin = torch.randn(B, L, config.dim), *rope_tables(torch.arange(L).float(), config.head_dim)
+    full = net(x, cos, sin, mask_LS=level[None, :] <= level[:, None])
+    net.setup_caches(B, L + 5, torch.float32, "cpu")
+    for block in net.blocks:
+        block.attn.kv_cache.k.fill_(float("nan"))
+        block.attn.kv_cache.v.fill_(float("nan"))
+    out = torch.cat([net(x[:, a:b], cos[a:b], sin[a:b], cache_pos=a) for a, b in blocks], 1)
+    assert torch.allclose(out, full, atol=1e-5)
+
+
 def test_kv_cache_overflow_is_a_clear_error():
     cache = KVCache(1, 2, 4, 8, torch.float32)
     with pytest.raises(ValueError, match="KV cache overflow"):
