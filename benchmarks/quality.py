@@ -84,7 +84,7 @@ def throughput(models: Path, fam: Family, batch: int, cfg_scale: float, device, 
     t = time_fn(run, warmup=max(timing(smoke)["warmup"] - 1, 0), iters=timing(smoke)["iters"])
     compile_note = "eager"
     if fam.dir == "ar" and pipe.device.type == "cuda":       # AR compiles its decode step by default on CUDA
-        fell_back = getattr(pipe.generator, "_decode_fn", None) == pipe.generator.decode_step
+        fell_back = not getattr(pipe.generator._decode_fn, "compiled", False)
         compile_note = ("AR decode step: torch.compile failed -> eager (see the log)" if fell_back else
                         "AR decode step: torch.compile reduce-overhead (the default on CUDA)")
     return {"batch": batch, "median_s": t["median_s"], "images_per_s": batch / t["median_s"], "first_call_s": first_s,

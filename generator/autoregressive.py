@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from generator.base import Generator, LossOutput
+from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise, keep_known
 from generator.transformer import rope_tables
@@ -162,32 +162,16 @@ class ARGenerator(Generator):
         return ids_B, (torch.cat([ids_B, ids_B]) if scales_N is not None else ids_B)
 
     def _decode_step(self, compile: bool):
-        """The decode step to call: ``decode_step`` torch.compile'd (reduce-overhead = CUDA graphs,
-        fullgraph) and cached on the module, or eager. Compile errors mostly surface at the first
-        call; ``_decode`` guards that."""
+        """The decode step to call: ``decode_step``, or with ``compile`` its torch.compile'd version
+        (reduce-overhead = CUDA graphs, fullgraph), built once per module; a compile failure (at build,
+        first call or later) falls back to eager for good with a warning (``CompiledOrEager``)."""
         if not compile:
             return self.decode_step
         if self._decode_fn is None or self._decode_owner != id(self):
-            try:
-                self._decode_fn = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
-            except Exception as e:     # noqa: BLE001 - any compile failure -> eager
-                logger.warning("torch.compile of the AR decode step failed (%s); decoding eagerly", e)
-                self._decode_fn = self.decode_step
+            self._decode_fn = CompiledOrEager(self.decode_step, self.decode_step, "AR decode step", logger,
+                                              "decoding eagerly", mode="reduce-overhead", fullgraph=True)
             self._decode_owner = id(self)
         return self._decode_fn
-
-    def _decode(self, compile: bool, *args) -> tuple[torch.Tensor, torch.Tensor]:
-        """``decode_step(*args)`` through ``_decode_step(compile)``; a failing compiled step falls back to
-        eager for good, with a warning. Arguments are positional (a compiled callable gets them as is)."""
-        step = self._decode_step(compile)
-        if step == self.decode_step:          # eager (bound methods compare equal, never identical)
-            return step(*args)
-        try:
-            return step(*args)
-        except Exception as e:         # noqa: BLE001 - e.g. an op this torch version cannot capture
-            logger.warning("compiled AR decode step failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self._decode_fn = self.decode_step
-            return self.decode_step(*args)    # same inputs and noise, rewrites the same cache slot: nothing is lost
 
     def decode_n_tokens(self, logits_BV: torch.Tensor, classes_B: torch.Tensor, scales: list[float], guided: bool,
                         temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
@@ -220,10 +204,11 @@ class ARGenerator(Generator):
         ids_B = pick_token(logits_BV, pos_1, scales_N, draw(), known_BN, known_mask_BN, temperature, top_k, top_p)
         ids_BN[:, 0] = ids_B
         prev_B = torch.cat([ids_B, ids_B]) if guided else ids_B     # the step's input, refilled in place
+        step = self._decode_step(compile)
         for i in range(1, N):
             pos_1 = pos_1 + 1                      # fresh aligned tensor each step; no sync
-            ids_B, next_B = self._decode(compile, prev_B, pos_1, classes_B, scales_N, draw(), known_BN,
-                                         known_mask_BN, temperature, top_k, top_p)
+            ids_B, next_B = step(prev_B, pos_1, classes_B, scales_N, draw(), known_BN, known_mask_BN, temperature,
+                                 top_k, top_p)
             ids_BN[:, i] = ids_B
             prev_B.copy_(next_B)
         return ids_BN

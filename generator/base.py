@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +24,38 @@ from generator.transformer import Transformer, flops_per_token, init_weights
 FAMILIES = {"masked": "generator.masked:MaskedGenerator",
             "ar": "generator.autoregressive:ARGenerator",
             "var": "generator.var:VARGenerator"}
+
+
+class CompiledOrEager:
+    """``torch.compile(target, **options)`` that falls back to ``eager`` for good, with a warning on ``log``,
+    when compiling fails: at build, at its first call (where most compile errors surface) or later (e.g. a
+    CUDA graph capture). A failed call is redone eagerly on the same inputs, so nothing is lost. The
+    samplers keep one per module (keyed on the module: a deepcopy such as an EMA builds its own)."""
+
+    def __init__(self, target, eager, what: str, log: logging.Logger, fallback: str = "running it eagerly",
+                 **options):
+        self.eager, self.what, self.log, self.fallback = eager, what, log, fallback
+        try:
+            self.fn = torch.compile(target, **options)
+        except Exception as e:     # noqa: BLE001 - any compile failure -> eager
+            self._fall_back(e)
+
+    @property
+    def compiled(self) -> bool:
+        return self.fn is not self.eager
+
+    def _fall_back(self, e: Exception) -> None:
+        self.log.warning("torch.compile of the %s failed (%s: %s); %s", self.what, type(e).__name__, e, self.fallback)
+        self.fn = self.eager
+
+    def __call__(self, *args, **kw):
+        if not self.compiled:
+            return self.eager(*args, **kw)
+        try:
+            return self.fn(*args, **kw)
+        except Exception as e:     # noqa: BLE001 - e.g. an op this torch version cannot compile or capture
+            self._fall_back(e)
+            return self.eager(*args, **kw)
 
 
 class LossOutput(NamedTuple):

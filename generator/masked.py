@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.base import Generator, LossOutput
+from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
 from generator.sampling import (CFG_SCHEDULES, cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise,
                                 gumbel_noise, keep_known, sample_logits)
@@ -197,37 +197,6 @@ class MaskedSampler:
         return keep_known(ids_BL, known_ids_BL, known_mask_BL)
 
 
-class _CompiledOrEager:
-    """``torch.compile(target, **options)`` that falls back to ``eager`` for good, with a warning, when
-    compiling fails: at build, at its first call (where most compile errors surface) or later (e.g. a
-    CUDA graph capture). A failed call is redone eagerly on the same inputs, so nothing is lost."""
-
-    def __init__(self, target, eager, what: str, **options):
-        self.eager, self.what = eager, what
-        try:
-            self.fn = torch.compile(target, **options)
-        except Exception as e:     # noqa: BLE001 - any compile failure -> eager
-            self._fall_back(e)
-
-    @property
-    def compiled(self) -> bool:
-        return self.fn is not self.eager
-
-    def _fall_back(self, e: Exception) -> None:
-        logger.warning("torch.compile of the masked sampler's %s failed (%s: %s); running it eagerly",
-                       self.what, type(e).__name__, e)
-        self.fn = self.eager
-
-    def __call__(self, *args, **kw):
-        if not self.compiled:
-            return self.eager(*args, **kw)
-        try:
-            return self.fn(*args, **kw)
-        except Exception as e:     # noqa: BLE001 - e.g. an op this torch version cannot compile or capture
-            self._fall_back(e)
-            return self.eager(*args, **kw)
-
-
 # ---- the model ----------------------------------------------------------------------------------
 class MaskedGenerator(Generator):
     kind = "masked"
@@ -360,7 +329,7 @@ class MaskedGenerator(Generator):
 
     def _sampling_fns(self, compile: bool):
         """(forward, confidence update) that ``sample`` calls: the eager module and ``confidence_update``,
-        or their torch.compile'd versions, cached on the module (``_CompiledOrEager``: a failure falls
+        or their torch.compile'd versions, cached on the module (``CompiledOrEager``: a failure falls
         back to eager with a warning). The forward compiles with mode reduce-overhead (CUDA graphs) on
         CUDA, the default mode elsewhere; the update with fullgraph=True (default mode). The update
         traces one graph per set of static options (greedy or not, top-k, top-p, guided or not) and
@@ -370,9 +339,10 @@ class MaskedGenerator(Generator):
         owner = (id(self), self.head.weight.device.type)
         if self._compiled is None or self._compiled_owner != owner:
             forward_options = dict(mode="reduce-overhead") if owner[1] == "cuda" else {}
-            self._compiled = (_CompiledOrEager(self.forward, self, "forward", **forward_options),
-                              _CompiledOrEager(confidence_update, confidence_update, "confidence update",
-                                               fullgraph=True))
+            self._compiled = (CompiledOrEager(self.forward, self, "masked sampler's forward", logger,
+                                              **forward_options),
+                              CompiledOrEager(confidence_update, confidence_update, "masked sampler's confidence update",
+                                              logger, fullgraph=True))
             self._compiled_owner = owner
         return self._compiled
 
