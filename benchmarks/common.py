@@ -302,6 +302,13 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def default_emoji_cache(env=os.environ) -> None:
+    """Set TESSERA_CACHE in ``env`` to the repository's cache/ when it is unset and holds an emoji render:
+    the render carried to the GPU machine, which has no emoji packages to render it."""
+    if not env.get("TESSERA_CACHE") and (repo_root() / "cache" / "emoji").is_dir():
+        env["TESSERA_CACHE"] = str(repo_root() / "cache")
+
+
 def make_lpips_importable() -> str | None:
     """lpips travels to the GPU machine as a wheel in .whl/ (no pip install there): a wheel is a zip,
     so unpack it into /tmp and put that on sys.path and PYTHONPATH (for subprocesses). Returns the

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RowSink, device_facts, repo_root, write_json
+from benchmarks.common import RowSink, default_emoji_cache, device_facts, write_json
 from benchmarks.quality import Family, _error, is_model_dir, present, smoke_setup
 
 logger = logging.getLogger("bench.inpainting")
@@ -271,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-out", help="append result rows here as JSON lines (benchmarks.run_all)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    if not os.environ.get("TESSERA_CACHE") and (repo_root() / "cache" / "emoji").is_dir():
-        os.environ["TESSERA_CACHE"] = str(repo_root() / "cache")
+    default_emoji_cache()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tessera-inpainting-smoke-") as tmp:
         if a.smoke:

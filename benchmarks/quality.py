@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.common import RowSink, device_facts, repo_root, sync, time_fn, timing, write_json
+from benchmarks.common import RowSink, default_emoji_cache, device_facts, sync, time_fn, timing, write_json
 
 logger = logging.getLogger("bench.quality")
 
@@ -423,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only images/s of each family (e.g. --device cpu --batch 8 for the CPU column)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    if not os.environ.get("TESSERA_CACHE") and (repo_root() / "cache" / "emoji").is_dir():
-        os.environ["TESSERA_CACHE"] = str(repo_root() / "cache")       # the carried emoji render (GPU machine)
+    default_emoji_cache()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tessera-quality-smoke-") as tmp:
         if a.smoke:

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import device_facts, device_slug, make_lpips_importable, print_table, repo_root, write_json
+from benchmarks.common import default_emoji_cache, device_facts, device_slug, make_lpips_importable, print_table, repo_root, write_json
 from benchmarks.peers import ratios
 
 
@@ -243,8 +243,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     lpips_site = make_lpips_importable()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root()), lpips_site, os.environ.get("PYTHONPATH")) if p)
-    if not env.get("TESSERA_CACHE") and (repo_root() / "cache" / "emoji").is_dir():
-        env["TESSERA_CACHE"] = str(repo_root() / "cache")
+    default_emoji_cache(env)
     if a.smoke:
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     work = Path(os.environ.get("OUT") or "/tmp/tessera-bench")

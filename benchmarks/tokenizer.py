@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import roofline
-from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, is_oom,
-                               job_args, make_lpips_importable, peak_flops, peak_memory_gb, repo_root,
+from benchmarks.common import (H100, RowSink, autocast, compiled, default_emoji_cache, first_call_or_eager, floors,
+                               free_memory, is_oom, job_args, make_lpips_importable, peak_flops, peak_memory_gb, repo_root,
                                reset_peak_memory, sync, time_fn, timing)
 from benchmarks.setups import F16_CONFIG, build_tokenizer, device, tokenizer_sections
 
@@ -159,8 +159,7 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
     config = next((c for c in EMOJI_CONFIGS if (root / c).is_file()), None)
     out = Path("/tmp/tessera-bench-emoji-tokenizer")
     shutil.rmtree(out, ignore_errors=True)
-    if not os.environ.get("TESSERA_CACHE") and (root / "cache" / "emoji").is_dir():
-        os.environ["TESSERA_CACHE"] = str(root / "cache")   # rendered emoji carried along (no emoji packages there)
+    default_emoji_cache()
     make_lpips_importable()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
