@@ -33,7 +33,7 @@ def is_fsdp(acc: Accelerator) -> bool:
 def module_states(acc: Accelerator, raw: dict[str, nn.Module], prepared: dict[str, nn.Module]) -> dict:
     """Full state dicts with clean keys (FSDP: a collective; rank 0 gets the weights)."""
     if is_fsdp(acc):
-        return {name: acc.get_state_dict(m) for name, m in prepared.items()}
+        return {name: acc.get_state_dict(unwrap_compiled(m)) for name, m in prepared.items()}
     return {name: m.state_dict() for name, m in raw.items()}
 
 
@@ -84,4 +84,9 @@ def _module_for(prepared: dict[str, nn.Module], name: str) -> nn.Module:
     if name not in prepared:
         raise ValueError(f"with distributed: fsdp, optimizer '{name}' must be named after the module it "
                          f"trains; modules are {list(prepared)}")
-    return prepared[name]
+    return unwrap_compiled(prepared[name])
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The FSDP module under torch.compile's wrapper: its state dicts have no ``_orig_mod.`` prefix."""
+    return getattr(module, "_orig_mod", module)

@@ -141,12 +141,15 @@ class Trainer:
         self.shadow = fsdp_utils.shadow_copies(self.raw) if fsdp_utils.is_fsdp(acc) else None
 
         to_prepare = dict(self.raw)
-        if cfg.compile and "model" in to_prepare:
+        compile_model, fsdp = cfg.compile and "model" in to_prepare, fsdp_utils.is_fsdp(acc)
+        if compile_model and not fsdp:
             to_prepare["model"] = torch.compile(to_prepare["model"])
         names, opt_names = list(to_prepare), list(self.optimizers)
         prepared = acc.prepare(*to_prepare.values(), *self.optimizers.values())
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self.prepared = dict(zip(names, prepared[:len(names)]))
+        if compile_model and fsdp:  # FSDP wraps the plain module, then compile (PyTorch's order for FSDP1)
+            self.prepared["model"] = torch.compile(self.prepared["model"])
         self.optimizers = dict(zip(opt_names, prepared[len(names):]))
         if ckpt is not None and fsdp_utils.is_fsdp(acc):
             fsdp_utils.load_optimizers(self.prepared, self.optimizers, ckpt.optimizer_states)
