@@ -1,6 +1,9 @@
 """GPU benchmarks of the three generators' sampling (training: benchmarks/gen_train.py).
 
-    python3 -m benchmarks.generators [--part sample-masked|sample-ar|sample-var|maxbatch ...] [--smoke] [--rows-out F]
+    python3 -m benchmarks.generators [--part PART ...] [--smoke] [--rows-out F]
+
+PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
+and the sampler step), sample-ar, sample-var, profile-var (where VAR's sampling time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch
 
@@ -22,7 +26,7 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
                                peak_flops, peak_memory_gb, reset_peak_memory, search_max_batch, sync, time_fn, timing)
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 
-PARTS = ["sample-masked", "sample-ar", "sample-var", "maxbatch"]
+PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-var", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
@@ -293,6 +297,38 @@ def sample_var(args, sink: RowSink) -> None:
               weights="bf16")
 
 
+def profile_var(args, sink: RowSink) -> None:
+    """torch.profiler over one VAR-d16 sampling call at batch 64 and at batch 1: the operators that
+    take the GPU time, and GPU-busy vs wall time (a launch-bound loop shows a low busy fraction)."""
+    from torch.profiler import ProfilerActivity, profile
+    b = Bench(args, sink, "var-d16")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
+    for batch in (b.batch, 1):
+        b.sample(batch)                                              # warm-up (allocator, cuBLAS plans)
+        sync()
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            b.sample(batch)
+            sync()
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        gpu = "device_time_total" if b.dev.type == "cuda" else "cpu_time_total"
+        self_gpu = "self_device_time_total" if b.dev.type == "cuda" else "self_cpu_time_total"
+        busy = sum(getattr(e, self_gpu) for e in events) / 1e6
+        top = sorted(events, key=lambda e: getattr(e, self_gpu), reverse=True)[:15]
+        print(events.table(sort_by=self_gpu, row_limit=15, max_name_column_width=60))
+        sink.add(name=f"var-d16 profile b{batch}", bench="profile", model="var-d16", batch=batch, compile="eager",
+                 median_s=wall, gpu_busy_s=busy, gpu_busy_fraction=busy / wall,
+                 top_ops=[{"op": e.key[:80], "calls": e.count, "self_ms": round(getattr(e, self_gpu) / 1e3, 3),
+                           "total_ms": round(getattr(e, gpu) / 1e3, 3)} for e in top])
+
+
+def sample_masked_fused_only(args, sink: RowSink) -> None:
+    b = Bench(args, sink, "masked-B")
+    sampler_step(b)
+    sample_masked_fused(b)
+
+
 # ---- largest batch ------------------------------------------------------------------------------
 def ar_probe(b: Bench, batch: int) -> None:
     """AR's peak memory without 256 steps: the whole static KV cache, the prefill and two guided
@@ -361,7 +397,8 @@ def main() -> None:
     # the kernels a fixed-batch user gets; AR's decode step compiles for 2 batch sizes x 2 dtypes
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    jobs = {"sample-masked": sample_masked, "sample-ar": sample_ar, "sample-var": sample_var, "maxbatch": maxbatch}
+    jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only, "sample-ar": sample_ar,
+            "sample-var": sample_var, "profile-var": profile_var, "maxbatch": maxbatch}
     for part in args.part:
         jobs[part](args, RowSink(args.rows_out, part, args.smoke))
         torch._dynamo.reset()   # compiled graphs hold the model: drop them before the next part
