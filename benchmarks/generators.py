@@ -285,12 +285,37 @@ def sample_ar(args, sink: RowSink) -> None:
 
 # ---- next-scale (VAR) ----------------------------------------------------------------------------
 def sample_var(args, sink: RowSink) -> None:
-    """VAR-d16 has no compiled path (10 passes of 10 shapes); eager, incl. decoding as the peer's number is."""
+    """VAR-d16 eager, then ``sample(compile=True)`` (one compiled function for every block and scale,
+    dynamic shapes) with the decoder compiled as the pipeline's compile option does; incl. decoding,
+    as the peer's number is."""
     b = Bench(args, sink, "var-d16")
     B = b.batch
     b.guarded("eager", lambda: b.sample(B), batch=B, compile="eager", decode=False)
     b.guarded("eager", lambda: b.decode(b.sample(B)), batch=B, compile="eager", decode=True)
     b.guarded("eager b1", lambda: b.decode(b.sample(1)), batch=1, compile="eager", decode=True)
+    if args.compile_mode != "none":
+        from pipelines.generate import compile_decoder
+        warn = _Warnings()
+        logging.getLogger("generator.var").addHandler(warn)
+        logging.getLogger("pipelines.generate").addHandler(warn)
+        try:
+            with builtin_compile(b.smoke):
+                first = {"compile": "blocks: dynamic"}
+                first_call_or_eager(lambda: b.sample(B, compile=True), None, first)   # compiles both graphs
+                failed = [m for m in warn.messages if "compile" in m]
+                status = f"failed -> eager ({failed[-1][:160]})" if failed else "blocks: default, dynamic"
+                b.guarded("compiled", lambda: b.sample(B, compile=True), batch=B, compile=status, decode=False,
+                          compile_s=first.get("compile_s"))
+                compile_decoder(b.tok)
+                first_call_or_eager(lambda: b.decode(b.sample(B, compile=True)), None, {})  # compiles the decoder
+                status += " + decoder: channels_last, default"
+                b.guarded("compiled", lambda: b.decode(b.sample(B, compile=True)), batch=B, compile=status,
+                          decode=True)
+                b.guarded("compiled b1", lambda: b.decode(b.sample(1, compile=True)), batch=1, compile=status,
+                          decode=True, slow=True)    # its warm-up recompiles the decoder for batch 1
+        finally:
+            logging.getLogger("generator.var").removeHandler(warn)
+            logging.getLogger("pipelines.generate").removeHandler(warn)
     frozen(b.model, torch.bfloat16)
     free_memory()
     b.guarded("eager bf16-weights", lambda: b.decode(b.sample(B)), batch=B, compile="eager", decode=True,

@@ -174,9 +174,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 2 * config.dim)) if config.adaln else None
 
-    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None):
+    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None,
+                run_block=None):
+        """``run_block(block, x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)`` replaces the
+        plain ``block(...)`` call when given: e.g. one torch.compile'd function that serves every block."""
         for block in self.blocks:
-            x_BLD = block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
+            if run_block is None:
+                x_BLD = block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
+            else:
+                x_BLD = run_block(block, x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
         h = self.norm(x_BLD)
         if self.final_ada is not None:
             shift, scale = self.final_ada(cond_BD)[:, None].chunk(2, dim=-1)

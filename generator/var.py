@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.base import Generator, LossOutput
+from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine, cfg_scale_at, keep_known, sample_logits
 from generator.transformer import rope_tables
@@ -55,6 +55,12 @@ class ScaleCodec(Protocol):
         """Add scale k's ids to f_hat (None before the first scale); return (f_hat_BChw, input of
         scale k+1 (B, s_{k+1}^2, C), or None when k is the last scale)."""
         ...
+
+
+def call_block(block, x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos):
+    """A transformer block's forward as a plain function: what ``sample(compile=True)`` compiles once,
+    with dynamic shapes, for all blocks (they share the code; their weights and caches are inputs)."""
+    return block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
 
 
 def split_scales(ids_BL: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
@@ -114,6 +120,8 @@ class VARGenerator(Generator):
         self.register_buffer("rope_cos", cos_LF, persistent=False)
         self.register_buffer("rope_sin", sin_LF, persistent=False)
         self._codec_ref: _CodecRef | None = None
+        self._block_fn: CompiledOrEager | None = None    # sample(compile=True)'s compiled block, built on first use
+        self._block_owner = None
         self._init_weights()
 
     # ---- the codec ---------------------------------------------------------------------------
@@ -232,18 +240,37 @@ class VARGenerator(Generator):
             out_mask.append(mask.to(device))
         return out_ids, out_mask
 
+    def _run_block(self, compile: bool):
+        """None (blocks run eagerly), or with ``compile`` one torch.compile'd ``call_block`` (dynamic
+        shapes, default mode) for every block and scale: a graph for the 1-token first scale and one
+        for the rest, kept on the module. Compiling fuses the elementwise work around the matmuls
+        (norms, adaLN, RoPE, SwiGLU), most of the eager sampler's GPU time. A compile failure falls
+        back to eager for good with a warning (``CompiledOrEager``)."""
+        if not compile:
+            return None
+        owner = (id(self), self.head.weight.device.type)
+        if self._block_fn is None or self._block_owner != owner:
+            self._block_fn = CompiledOrEager(call_block, call_block, "VAR sampler's blocks", log,
+                                             "running the blocks eagerly", dynamic=True)
+            self._block_owner = owner
+        return self._block_fn
+
     @torch.no_grad()
     def sample(self, classes=None, *, codec: ScaleCodec | None = None, num_steps: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
                cfg_schedule: str = "linear", generator: torch.Generator | None = None,
-               known_ids=None, known_mask=None, batch_size: int | None = None, **ignored) -> list[torch.Tensor]:
+               known_ids=None, known_mask=None, batch_size: int | None = None, compile: bool = False,
+               **ignored) -> list[torch.Tensor]:
         """Generate a token pyramid, one forward per scale with a KV cache across scales.
 
         classes: class ids (B,) or None (unconditional; B from batch_size or known_ids).
         cfg_scale: guidance at the last scale; with cfg_schedule "linear" it ramps from 1 at the
         first scale (VAR). known_ids / known_mask: lists of (B, s, s) per scale (e.g. the tokenizer's
         encode_scales of an image) forced at every scale before the next scale's input is built.
-        num_steps is ignored (one step per scale). Returns [(B, s, s) long] coarse -> fine.
+        num_steps is ignored (one step per scale). ``compile``: the transformer blocks run through
+        one torch.compile'd function (``_run_block``); the first call compiles (tens of seconds on a
+        GPU), and compiled kernels may round differently from eager ones, so a few tokens can differ.
+        Returns [(B, s, s) long] coarse -> fine.
         """
         if ignored:
             log.debug("VAR sampler ignores %s", sorted(ignored))
@@ -262,6 +289,7 @@ class VARGenerator(Generator):
         if guided:
             labels_B = torch.cat([labels_B, torch.full_like(labels_B, self.config.null_class)])
         cond_BD = self.class_emb(labels_B)
+        run_block = self._run_block(compile)
         self.backbone.setup_caches(labels_B.shape[0], self.config.num_tokens, self.compute_dtype(), device)
         try:
             ids_list, f_hat_BChw, next_BlC = [], None, None
@@ -273,7 +301,8 @@ class VARGenerator(Generator):
                     x_BlD = self.word_embed(next_BlC.to(self.word_embed.weight))
                 x_BlD = x_BlD + self.lvl_embed.weight[k]
                 # block-causal = scale k sees slots [0, b), all filled: no mask (flash attention), no empty slots
-                h_BlD = self.backbone(x_BlD, self.rope_cos[a:b], self.rope_sin[a:b], cond_BD, cache_pos=a)
+                h_BlD = self.backbone(x_BlD, self.rope_cos[a:b], self.rope_sin[a:b], cond_BD, cache_pos=a,
+                                      run_block=run_block)
                 logits_BlV = self.head(h_BlD).float()
                 if guided:
                     w = cfg_scale_at(cfg_scale, k / max(K - 1, 1), cfg_schedule)

@@ -5,11 +5,14 @@ what the image pipelines share (loading, checks, one batch of sampling + decodin
 Sampling runs in bf16 autocast on a GPU, from a ``torch.Generator`` on the device seeded with
 ``seed``: the same seed (and batch size) gives the same images. VAR samples a token pyramid with the
 tokenizer as its codec and decodes it with ``decode_scales``; masked and AR decode a grid with ``decode``.
+The family option ``compile=true`` compiles the generator's sampler and, on a GPU, the tokenizer's decoder
+(``compile_decoder``).
 """
 from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import numbers
 import re
 import time
@@ -20,11 +23,13 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from generator.base import Generator
+from generator.base import CompiledOrEager, Generator
 from pipelines.config import coerce, parse_overrides
 from pipelines.images import output_image_path, tensor_to_pil
 from pipelines.loading import (check_compatible, class_names_for, load_generator_dir, load_tokenizer, pick_device,
                                resolve_classes)
+
+logger = logging.getLogger(__name__)
 
 # sample() arguments the pipeline sets itself; everything else a family's sample() names is a family option
 _OWN = {"self", "classes", "num_steps", "temperature", "top_k", "top_p", "cfg_scale", "generator", "codec",
@@ -35,6 +40,21 @@ def family_options(generator: Generator) -> list[str]:
     """Extra keyword options the generator's sampler takes (e.g. masked: sampler, choice_temperature)."""
     params = inspect.signature(generator.sample).parameters.values()
     return sorted(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _OWN)
+
+
+def compile_decoder(tokenizer) -> None:
+    """Faster decoding: the decoder's convolutions in channels_last (NHWC on tensor cores) and its
+    forward through torch.compile (H100, bf16, batch 64, f16 decoder: 1,123 images/s vs 443 eager,
+    benchmarks/tokenizer.py). Once per tokenizer; the first decode of a batch size compiles, and a
+    compile failure falls back to the eager decoder with a warning. Weights and outputs are unchanged
+    (compiled kernels may round differently in the last bits)."""
+    decoder = tokenizer.decoder
+    if isinstance(vars(decoder).get("forward"), CompiledOrEager):
+        return
+    decoder.to(memory_format=torch.channels_last)
+    tokenizer.post_quant_conv.to(memory_format=torch.channels_last)
+    eager = decoder.forward
+    decoder.forward = CompiledOrEager(eager, eager, "tokenizer's decoder", logger, "decoding eagerly")
 
 
 class TokenPipeline:
@@ -83,6 +103,8 @@ class TokenPipeline:
         """One batch: class ids (B,) (None: unconditional, B from ``batch_size`` / ``known_ids`` in
         ``kwargs``) -> images (B, 3, H, W) float32 in [-1, 1]. ``kwargs`` go to the generator's sample()."""
         on_gpu = self.device.type == "cuda"
+        if on_gpu and kwargs.get("compile"):
+            compile_decoder(self.tokenizer)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_gpu):
             if self.generator.config.kind == "var":
                 ids_list = self.generator.sample(classes_B, codec=self.tokenizer, generator=generator, **kwargs)

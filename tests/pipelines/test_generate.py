@@ -173,3 +173,21 @@ def test_generate_refuses_a_generator_of_another_tokenizer(tmp_path, capsys, art
                      "--classes", "0", "--out", tmp_path / "g.png")
     assert str(tmp_path / "none") in msg
     assert json.loads((art["masked"] / "meta.json").read_text())["class_names"] == CLASSES
+
+
+def test_compile_decoder_keeps_images_and_weights_and_runs_once(art, monkeypatch):
+    """compile_decoder on the CPU with dynamo's 'eager' backend: the same images, the same state dict
+    keys (the compiled forward is not a submodule), and a second call leaves the first wrapper."""
+    from pipelines.generate import compile_decoder
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager"))
+    tok = load_tokenizer(tok_dir(art, "vq"), "cpu")
+    ids = torch.randint(0, tok.codebook_size, (2, tok.grid_size, tok.grid_size), generator=torch.Generator().manual_seed(0))
+    keys, before = set(tok.state_dict()), tok.decode(ids)
+    compile_decoder(tok)
+    wrapper = vars(tok.decoder)["forward"]
+    assert wrapper.compiled
+    torch.testing.assert_close(tok.decode(ids), before)
+    assert set(tok.state_dict()) == keys
+    compile_decoder(tok)
+    assert vars(tok.decoder)["forward"] is wrapper
