@@ -47,8 +47,8 @@ JOBS = [
     Job("peers", "benchmarks.peers", ["--batch", "64"], 75, ["--batch", "2"]),   # smoke: our smoke batch
     Job("sample-masked", "benchmarks.generators", ["--part", "sample-masked"], 240),
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
-    Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 50),
-    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 110),  # subset of sample-masked
+    Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 110),
+    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 250),  # subset of sample-masked
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 40),
     Job("peers-b1", "benchmarks.peers", ["--batch", "1"], 75),      # last: the latency ratios are the extra
     # call 2: training MFU, the tokenizer (its decode ratio needs the VQ-16 decoder of the same run)
@@ -58,9 +58,9 @@ JOBS = [
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
-    Job("tok-train", "benchmarks.tokenizer", ["--part", "train"], 50),
-    Job("maxbatch", "benchmarks.generators", ["--part", "maxbatch"], 100),
-    Job("tok-encode", "benchmarks.tokenizer", ["--part", "encode"], 60),
+    Job("tok-train", "benchmarks.tokenizer", ["--part", "train"], 30),
+    Job("maxbatch", "benchmarks.generators", ["--part", "maxbatch"], 75),
+    Job("tok-encode", "benchmarks.tokenizer", ["--part", "encode"], 40),
     Job("tok-emoji", "benchmarks.tokenizer", ["--emoji-train", str(EMOJI_SECONDS)], EMOJI_SECONDS + 60,
         ["--emoji-train", "60"]),
     # quality of the trained demo models (--models DIR): not in "all"; AR's decode compile dominates est_s
