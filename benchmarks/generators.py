@@ -3,7 +3,7 @@
     python3 -m benchmarks.generators [--part PART ...] [--smoke] [--rows-out F]
 
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
-and the sampler step), sample-ar, sample-var, profile-var (where VAR's sampling time goes), maxbatch.
+and the sampler step), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
@@ -16,6 +16,7 @@ memory; MFU; the two floors (benchmarks/roofline.py); gap = measured / max(floor
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 
@@ -26,7 +27,8 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
                                peak_flops, peak_memory_gb, reset_peak_memory, search_max_batch, sync, time_fn, timing)
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-var", "profile-var", "maxbatch"]
+PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-var", "profile-masked", "profile-ar",
+         "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
@@ -322,30 +324,36 @@ def sample_var(args, sink: RowSink) -> None:
               weights="bf16")
 
 
-def profile_var(args, sink: RowSink) -> None:
-    """torch.profiler over one VAR-d16 sampling call at batch 64 and at batch 1: the operators that
-    take the GPU time, and GPU-busy vs wall time (a launch-bound loop shows a low busy fraction)."""
+def profile_sampling(args, sink: RowSink, name: str) -> None:
+    """torch.profiler over one sampling call (16 steps for masked) at batch 64 and at batch 1, on the
+    fastest shipped path (``sample(compile=True)`` on a GPU; its warm-up call compiles): the operators
+    that take the GPU time, and GPU-busy vs wall time (a launch-bound loop shows a low busy fraction).
+    Kernels replayed inside CUDA graphs are listed as the profiler reports them."""
     from torch.profiler import ProfilerActivity, profile
-    b = Bench(args, sink, "var-d16")
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.dev.type == "cuda" else [])
+    b = Bench(args, sink, name)
+    on_gpu = b.dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    steps = {"num_steps": 16} if b.model.config.kind == "masked" else {}
+    label = "compiled" if on_gpu else "eager"
     for batch in (b.batch, 1):
-        b.sample(batch)                                              # warm-up (allocator, cuBLAS plans)
+        run = lambda n=batch: b.sample(n, compile=on_gpu, **steps)   # noqa: E731
+        run()                                                        # warm-up: compile, allocator, cuBLAS plans
         sync()
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()
-            b.sample(batch)
+            run()
             sync()
             wall = time.perf_counter() - t0
         events = prof.key_averages()
-        gpu = "device_time_total" if b.dev.type == "cuda" else "cpu_time_total"
-        self_gpu = "self_device_time_total" if b.dev.type == "cuda" else "self_cpu_time_total"
-        busy = sum(getattr(e, self_gpu) for e in events) / 1e6
-        top = sorted(events, key=lambda e: getattr(e, self_gpu), reverse=True)[:15]
-        print(events.table(sort_by=self_gpu, row_limit=15, max_name_column_width=60))
-        sink.add(name=f"var-d16 profile b{batch}", bench="profile", model="var-d16", batch=batch, compile="eager",
+        total = "device_time_total" if on_gpu else "cpu_time_total"
+        self_total = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        busy = sum(getattr(e, self_total) for e in events) / 1e6
+        top = sorted(events, key=lambda e: getattr(e, self_total), reverse=True)[:15]
+        print(events.table(sort_by=self_total, row_limit=15, max_name_column_width=60))
+        sink.add(name=f"{name} profile {label} b{batch}", bench="profile", model=name, batch=batch, compile=label,
                  median_s=wall, gpu_busy_s=busy, gpu_busy_fraction=busy / wall,
-                 top_ops=[{"op": e.key[:80], "calls": e.count, "self_ms": round(getattr(e, self_gpu) / 1e3, 3),
-                           "total_ms": round(getattr(e, gpu) / 1e3, 3)} for e in top])
+                 top_ops=[{"op": e.key[:80], "calls": e.count, "self_ms": round(getattr(e, self_total) / 1e3, 3),
+                           "total_ms": round(getattr(e, total) / 1e3, 3)} for e in top])
 
 
 def sample_masked_fused_only(args, sink: RowSink) -> None:
@@ -423,7 +431,9 @@ def main() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only, "sample-ar": sample_ar,
-            "sample-var": sample_var, "profile-var": profile_var, "maxbatch": maxbatch}
+            "sample-var": sample_var, "maxbatch": maxbatch,
+            **{f"profile-{k}": functools.partial(profile_sampling, name=n)
+               for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}
     for part in args.part:
         jobs[part](args, RowSink(args.rows_out, part, args.smoke))
         torch._dynamo.reset()   # compiled graphs hold the model: drop them before the next part

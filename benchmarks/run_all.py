@@ -49,7 +49,9 @@ JOBS = [
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 110),
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 250),  # subset of sample-masked
-    Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 40),
+    Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 60),
+    Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 60),
+    Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 60),
     Job("peers-b1", "benchmarks.peers", ["--batch", "1"], 75),      # last: the latency ratios are the extra
     # call 2: training MFU, the tokenizer (its decode ratio needs the VQ-16 decoder of the same run)
     Job("train-masked-L", "benchmarks.gen_train", ["--part", "masked-L"], 120),
@@ -71,7 +73,8 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
          "call2": ["train-masked-L", "train-ar-L", "train-var-d16", "peers-dec", "tok-decode", "tok-train",
                    "maxbatch", "tok-encode", "tok-emoji"],
          "quality": ["quality", "inpainting"]}
-SUBSETS = {"sample-masked-fused"}   # re-runs part of another job: named explicitly, never in "all"
+# named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
+EXPLICIT_ONLY = {"sample-masked-fused", "profile-masked", "profile-ar", "profile-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]
@@ -87,7 +90,7 @@ QUALITY_TABLES = {   # rows of the quality jobs (their own output has the full m
 def select(spec: str | None) -> list[Job]:
     by_name = {j.name: j for j in JOBS}
     if not spec or spec == "all":
-        return [j for j in JOBS if not j.needs_models and j.name not in SUBSETS]
+        return [j for j in JOBS if not j.needs_models and j.name not in EXPLICIT_ONLY]
     names: list[str] = []
     for item in spec.split(","):
         item = item.strip()
