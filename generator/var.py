@@ -242,8 +242,9 @@ class VARGenerator(Generator):
 
     def _run_block(self, compile: bool):
         """None (blocks run eagerly), or with ``compile`` one torch.compile'd ``call_block`` (dynamic
-        shapes, default mode) for every block and scale: a graph for the 1-token first scale and one
-        for the rest, kept on the module. Compiling fuses the elementwise work around the matmuls
+        shapes, default mode) for every block and scale, kept on the module: a handful of graphs, not
+        one per block or scale (dynamo specialises the 1-token first scale; 2 with the 'eager' backend
+        in the tests, 3 with inductor on the CPU; the first call took 20.7 s on the H100). Compiling fuses the elementwise work around the matmuls
         (norms, adaLN, RoPE, SwiGLU), most of the eager sampler's GPU time. A compile failure falls
         back to eager for good with a warning (``CompiledOrEager``)."""
         if not compile:
