@@ -11,6 +11,8 @@ same FLOPs; offline machines have no VGG16 weights) + PatchGAN with the adaptive
 --emoji-train trains configs/tokenizer/emoji-f8.yaml (else configs/demo/tokenizer.yaml) through the
 real `tessera train-tokenizer` CLI under `timeout -s TERM SECONDS` (the trainer checkpoints and
 writes the model dir on SIGTERM), then reports val PSNR and codebook usage on the val split.
+TESSERA_EMOJI_SET="key=value ..." adds config overrides (an ablation, e.g. loss.disc_start=4000); the row
+records them.
 """
 from __future__ import annotations
 
@@ -165,6 +167,8 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
     cmd = ["timeout", "-s", "TERM", "-k", "60", str(int(seconds)), sys.executable, "-m", "pipelines.cli",
            "train-tokenizer", "--config", config, "--output", str(out)]
+    overrides = os.environ.get("TESSERA_EMOJI_SET", "").split()      # e.g. "loss.disc_start=4000 train.max_steps=8000"
+    cmd += [a for o in overrides for a in ("--set", o)]
     if smoke:
         cmd += [a for s in EMOJI_SMOKE for a in ("--set", s)] + ["--max-steps", "2"]
     t0 = time.perf_counter()
@@ -174,7 +178,8 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
     print(tail)
     m = re.findall(r"at step (\d+)", p.stdout)
     last = _last_metrics(out / "metrics.jsonl")
-    row = dict(bench="emoji-train", model=Path(config).stem, config=config, seconds=seconds, wall_s=wall, compile="eager",
+    row = dict(bench="emoji-train", model=Path(config).stem, config=config, overrides=overrides, seconds=seconds,
+               wall_s=wall, compile="eager",
                returncode=p.returncode, steps=int(m[-1]) if m else last.get("step"),
                train_images_per_s=last.get("images_per_s"), train_psnr=last.get("psnr"))
     if not (out / "model.safetensors").is_file():
