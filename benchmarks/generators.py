@@ -3,7 +3,8 @@
     python3 -m benchmarks.generators [--part PART ...] [--smoke] [--rows-out F]
 
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
-and the sampler step), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
+and the sampler step), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
+compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
