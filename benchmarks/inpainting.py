@@ -22,15 +22,15 @@ import argparse
 import logging
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import RowSink, default_emoji_cache, device_facts, write_json
-from benchmarks.quality import Family, _error, is_model_dir, present, smoke_setup
+from benchmarks.common import RowSink, device_facts
+from benchmarks.quality import (Family, _error, add_run_args, is_model_dir, models_to_measure, present,
+                                write_results)
 
 logger = logging.getLogger("bench.inpainting")
 MASKS = ("box25", "box50", "brush")
@@ -262,34 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=180, metavar="N",
                    help="val images (class-balanced as far as the split allows)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--cfg-scale", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--out", help="write the results JSON here")
-    p.add_argument("--smoke", action="store_true", help="tiny untrained models on the CPU (built in a temp dir)")
-    p.add_argument("--rows-out", help="append result rows here as JSON lines (benchmarks.run_all)")
+    add_run_args(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    default_emoji_cache()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tessera-inpainting-smoke-") as tmp:
-        if a.smoke:
-            from benchmarks.quality import build_smoke_models
-            smoke_setup()
-            a.models, a.data = build_smoke_models(Path(tmp)) if a.models is None else (a.models, a.data)
-            a.device, a.num_images, a.batch = "cpu", SMOKE["num_images"], SMOKE["batch"]
-        elif a.models is None:
-            p.error("--models DIR is required (or --smoke)")
+    with models_to_measure(a, p, "inpainting", SMOKE):
         print(f"inpainting: {a.models} on {a.device or 'auto'}; {a.num_images} val images", flush=True)
         sink = RowSink(a.rows_out, "inpainting", a.smoke) if a.rows_out else None
         res = run(a.models, a.data, a.num_images, a.batch, a.cfg_scale, a.seed, a.device, a.smoke, sink)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     print()
     print(format_table(res))
-    out = a.out or ("/tmp/tessera-bench/inpainting-smoke.json" if a.smoke else None)
-    if out:
-        write_json(out, res)
-        print(f"\n{res['wall_s']:.0f} s; wrote {out}")
+    write_results(res, a, "inpainting")
     failed = any(r.get("error") for r in res["rows"]) or res["outside_check"].startswith("FAILED")
     return 1 if failed else 0
 

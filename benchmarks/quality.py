@@ -16,6 +16,7 @@ FD <= 2 x the floor's. Writes JSON (--out) and, under run_all, one row per table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
@@ -381,6 +382,43 @@ def smoke_setup() -> None:
     torch.backends.mkldnn.enabled = False
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of quality.py and inpainting.py after their own: guidance, seed, device, outputs, smoke."""
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--smoke", action="store_true", help="tiny untrained models on the CPU (built in a temp dir)")
+    p.add_argument("--rows-out", help="append result rows here as JSON lines (benchmarks.run_all)")
+
+
+@contextlib.contextmanager
+def models_to_measure(a: argparse.Namespace, p: argparse.ArgumentParser, name: str, smoke_counts: dict):
+    """Logging and the emoji cache set up; ``a.models`` / ``a.data`` the trained models, or with
+    ``--smoke`` tiny untrained ones built in a temp dir that lives as long as the context, measured on
+    the CPU with ``smoke_counts`` (e.g. batch, num_samples) set on ``a``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    default_emoji_cache()
+    with tempfile.TemporaryDirectory(prefix=f"tessera-{name}-smoke-") as tmp:
+        if a.smoke:
+            smoke_setup()
+            a.models, a.data = build_smoke_models(Path(tmp)) if a.models is None else (a.models, a.data)
+            a.device = "cpu"
+            for key, value in smoke_counts.items():
+                setattr(a, key, value)
+        elif a.models is None:
+            p.error("--models DIR is required (or --smoke)")
+        yield
+
+
+def write_results(res: dict, a: argparse.Namespace, name: str) -> None:
+    """To --out, or for a smoke run to /tmp/tessera-bench/<name>-smoke.json."""
+    out = a.out or (f"/tmp/tessera-bench/{name}-smoke.json" if a.smoke else None)
+    if out:
+        write_json(out, res)
+        print(f"\n{res['wall_s']:.0f} s; wrote {out}")
+
+
 def speed_only(models: Path, batch: int, cfg_scale: float, device, smoke: bool, out: str | None) -> int:
     """images/s (sampling + decoding) of every family present, nothing else: the results table's CPU column."""
     from pipelines.loading import pick_device
@@ -412,25 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="emoji", help="'emoji' (default) or an image folder with the models' classes")
     p.add_argument("--num-samples", type=int, default=1000, metavar="N", help="samples per family (and real images)")
     p.add_argument("--batch", type=int, default=64, help="sampling batch, also of the images/s timing")
-    p.add_argument("--cfg-scale", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--out", help="write the results JSON here")
-    p.add_argument("--smoke", action="store_true", help="tiny untrained models on the CPU (built in a temp dir)")
-    p.add_argument("--rows-out", help="append result rows here as JSON lines (benchmarks.run_all)")
+    add_run_args(p)
     p.add_argument("--speed-only", action="store_true",
                    help="only images/s of each family (e.g. --device cpu --batch 8 for the CPU column)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    default_emoji_cache()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tessera-quality-smoke-") as tmp:
-        if a.smoke:
-            smoke_setup()
-            a.models, a.data = build_smoke_models(Path(tmp)) if a.models is None else (a.models, a.data)
-            a.device, a.num_samples, a.batch = "cpu", SMOKE["num_samples"], SMOKE["batch"]
-        elif a.models is None:
-            p.error("--models DIR is required (or --smoke)")
+    with models_to_measure(a, p, "quality", SMOKE):
         if a.speed_only:
             return speed_only(a.models, a.batch, a.cfg_scale, a.device, a.smoke, a.out)
         print(f"quality: {a.models} on {a.device or 'auto'}; {a.num_samples} samples per family", flush=True)
@@ -439,10 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     print()
     print(format_tables(res))
-    out = a.out or (("/tmp/tessera-bench/quality-smoke.json") if a.smoke else None)
-    if out:
-        write_json(out, res)
-        print(f"\n{res['wall_s']:.0f} s; wrote {out}")
+    write_results(res, a, "quality")
     failed = [n for n, r in {**res["families"], **res["tokenizers"]}.items() if r.get("error")]
     for w in res["warnings"]:
         print(f"WARNING: {w}")
