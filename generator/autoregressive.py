@@ -78,8 +78,6 @@ class ARGenerator(Generator):
         self.register_buffer("rope_sin", sin_NF, persistent=False)
         # rows of the causal mask, indexed by cache slot during cached decoding
         self.register_buffer("causal", torch.ones(N, N, dtype=torch.bool).tril(), persistent=False)
-        self._decode_fn = None           # compiled (or eager-fallback) decode step, built on first use
-        self._decode_owner = None        # id(self) it was built for: a deepcopy (EMA) must not reuse it
         self._init_weights()
 
     # ---- teacher-forced forward --------------------------------------------------------------
@@ -163,15 +161,13 @@ class ARGenerator(Generator):
 
     def _decode_step(self, compile: bool):
         """The decode step to call: ``decode_step``, or with ``compile`` its torch.compile'd version
-        (reduce-overhead = CUDA graphs, fullgraph), built once per module; a compile failure (at build,
-        first call or later) falls back to eager for good with a warning (``CompiledOrEager``)."""
+        (reduce-overhead = CUDA graphs, fullgraph), built once per module (``compiled_once``); a compile
+        failure (at build, first call or later) falls back to eager for good with a warning
+        (``CompiledOrEager``)."""
         if not compile:
             return self.decode_step
-        if self._decode_fn is None or self._decode_owner != id(self):
-            self._decode_fn = CompiledOrEager(self.decode_step, self.decode_step, "AR decode step", logger,
-                                              "decoding eagerly", mode="reduce-overhead", fullgraph=True)
-            self._decode_owner = id(self)
-        return self._decode_fn
+        return self.compiled_once(lambda: CompiledOrEager(self.decode_step, self.decode_step, "AR decode step", logger,
+                                                          "decoding eagerly", mode="reduce-overhead", fullgraph=True))
 
     def decode_n_tokens(self, logits_BV: torch.Tensor, classes_B: torch.Tensor, scales: list[float], guided: bool,
                         temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,

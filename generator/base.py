@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -58,6 +58,9 @@ class CompiledOrEager:
             return self.eager(*args, **kw)
 
 
+T = TypeVar("T")
+
+
 class LossOutput(NamedTuple):
     loss: torch.Tensor                  # scalar to backpropagate
     metrics: dict[str, torch.Tensor]    # detached scalars for logging
@@ -74,6 +77,18 @@ class Generator(nn.Module):
         self.class_emb = nn.Embedding(config.num_classes + 1, config.dim)   # last row: null class
         self.backbone = Transformer(config)
         self.head = nn.Linear(config.dim, config.codebook_size)
+        self._compiled = None            # what compiled_once built (the family's compiled sampling functions)
+        self._compiled_owner = None      # (id(self), device type) it was built for
+
+    def compiled_once(self, build: Callable[[], T]) -> T:
+        """The family's compiled sampling functions: ``build()`` (``CompiledOrEager`` wrappers) on first
+        use, then kept on the module. Rebuilt for a deepcopy (an EMA: another id, so it never replays
+        graphs captured for the original) and after a move to another device type (compile options
+        depend on it). Each family calls it from one place."""
+        owner = (id(self), self.head.weight.device.type)
+        if self._compiled_owner != owner:
+            self._compiled, self._compiled_owner = build(), owner
+        return self._compiled
 
     def _init_weights(self) -> None:
         init_weights(self, self.config.depth)

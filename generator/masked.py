@@ -209,8 +209,6 @@ class MaskedGenerator(Generator):
         cos, sin = rope_tables(self.grid_positions(), config.head_dim, config.rope_base, num_prefix=1)
         self.register_buffer("rope_cos", cos, persistent=False)             # (1 + L, K/2); row 0: class token
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._compiled = None            # (forward, confidence update) for sample(compile=True), built on first use
-        self._compiled_owner = None      # (id(self), device type) they were built for: a deepcopy (EMA) rebuilds
         self._init_weights()
 
     def forward(self, ids_BL: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
@@ -329,22 +327,18 @@ class MaskedGenerator(Generator):
 
     def _sampling_fns(self, compile: bool):
         """(forward, confidence update) that ``sample`` calls: the eager module and ``confidence_update``,
-        or their torch.compile'd versions, cached on the module (``CompiledOrEager``: a failure falls
+        or their torch.compile'd versions, kept on the module (``compiled_once``; a failure falls
         back to eager with a warning). The forward compiles with mode reduce-overhead (CUDA graphs) on
         CUDA, the default mode elsewhere; the update with fullgraph=True (default mode). The update
         traces one graph per set of static options (greedy or not, top-k, top-p, guided or not) and
         one for the last step (no Gumbel term); past dynamo's recompile limit it falls back to eager."""
         if not compile:
             return self, confidence_update
-        owner = (id(self), self.head.weight.device.type)
-        if self._compiled is None or self._compiled_owner != owner:
-            forward_options = dict(mode="reduce-overhead") if owner[1] == "cuda" else {}
-            self._compiled = (CompiledOrEager(self.forward, self, "masked sampler's forward", logger,
-                                              **forward_options),
-                              CompiledOrEager(confidence_update, confidence_update, "masked sampler's confidence update",
-                                              logger, fullgraph=True))
-            self._compiled_owner = owner
-        return self._compiled
+        forward_options = dict(mode="reduce-overhead") if self.head.weight.device.type == "cuda" else {}
+        return self.compiled_once(lambda: (
+            CompiledOrEager(self.forward, self, "masked sampler's forward", logger, **forward_options),
+            CompiledOrEager(confidence_update, confidence_update, "masked sampler's confidence update", logger,
+                            fullgraph=True)))
 
     @torch.no_grad()
     def sample(self, classes, *, num_steps: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

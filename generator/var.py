@@ -120,8 +120,6 @@ class VARGenerator(Generator):
         self.register_buffer("rope_cos", cos_LF, persistent=False)
         self.register_buffer("rope_sin", sin_LF, persistent=False)
         self._codec_ref: _CodecRef | None = None
-        self._block_fn: CompiledOrEager | None = None    # sample(compile=True)'s compiled block, built on first use
-        self._block_owner = None
         self._init_weights()
 
     # ---- the codec ---------------------------------------------------------------------------
@@ -242,19 +240,16 @@ class VARGenerator(Generator):
 
     def _run_block(self, compile: bool):
         """None (blocks run eagerly), or with ``compile`` one torch.compile'd ``call_block`` (dynamic
-        shapes, default mode) for every block and scale, kept on the module: a handful of graphs, not
-        one per block or scale (dynamo specialises the 1-token first scale; 2 with the 'eager' backend
-        in the tests, 3 with inductor on the CPU; the first call took 20.7 s on the H100). Compiling fuses the elementwise work around the matmuls
-        (norms, adaLN, RoPE, SwiGLU), most of the eager sampler's GPU time. A compile failure falls
-        back to eager for good with a warning (``CompiledOrEager``)."""
+        shapes, default mode) for every block and scale, kept on the module (``compiled_once``): a
+        handful of graphs, not one per block or scale (dynamo specialises the 1-token first scale; 2
+        with the 'eager' backend in the tests, 3 with inductor on the CPU; the first call took 20.7 s
+        on the H100). Compiling fuses the elementwise work around the matmuls (norms, adaLN, RoPE,
+        SwiGLU), most of the eager sampler's GPU time. A compile failure falls back to eager for good
+        with a warning (``CompiledOrEager``)."""
         if not compile:
             return None
-        owner = (id(self), self.head.weight.device.type)
-        if self._block_fn is None or self._block_owner != owner:
-            self._block_fn = CompiledOrEager(call_block, call_block, "VAR sampler's blocks", log,
-                                             "running the blocks eagerly", dynamic=True)
-            self._block_owner = owner
-        return self._block_fn
+        return self.compiled_once(lambda: CompiledOrEager(call_block, call_block, "VAR sampler's blocks", log,
+                                                          "running the blocks eagerly", dynamic=True))
 
     @torch.no_grad()
     def sample(self, classes=None, *, codec: ScaleCodec | None = None, num_steps: int | None = None,

@@ -77,7 +77,7 @@ def test_a_deepcopy_builds_its_own_compiled_function(monkeypatch):
     ema = copy.deepcopy(model)
     assert torch.equal(join_scales(ema.sample([0, 1], codec=codec, compile=True, generator=torch.Generator().manual_seed(0))),
                        join_scales(model.sample([0, 1], codec=codec, generator=torch.Generator().manual_seed(0))))
-    assert ema._block_fn is not model._block_fn
+    assert ema._compiled is not model._compiled
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (inductor kernels)")
