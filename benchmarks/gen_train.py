@@ -183,13 +183,20 @@ class _Labels(torch.utils.data.Dataset):
         return torch.zeros(3, 1, 1), self.labels[i]
 
 
+def write_synthetic_tokens(config, n_items: int, path, shard_size: int = 8192, batch_size: int = 256) -> None:
+    """A token cache of random ids and labels for ``config`` (grid or scales, codebook, classes) in the
+    real format (shards + labels + info.json), written by ``tokenize_dataset`` over an empty ``path``."""
+    from pipelines.data import tokenize_dataset
+    shutil.rmtree(path, ignore_errors=True)
+    tokenize_dataset(_FakeTokenizer(config), _Labels(n_items, config.num_classes), path, batch_size=batch_size,
+                     flips=False, shard_size=shard_size)
+
+
 def token_loader(step: Step, B: int, n_items: int, path: Path):
     """The Trainer's data path over a synthetic token cache (pipelines/trainer.py Trainer._next_batch)."""
     from pipelines import sampler as samplers
-    from pipelines.data import TokenDataset, tokenize_dataset
-    shutil.rmtree(path, ignore_errors=True)
-    tokenize_dataset(_FakeTokenizer(step.config), _Labels(n_items, step.config.num_classes), path,
-                     batch_size=256, flips=False)
+    from pipelines.data import TokenDataset
+    write_synthetic_tokens(step.config, n_items, path)
     data = TokenDataset(path)
     seed = step.train.seed
     if hasattr(samplers, "build_batch_sampler"):

@@ -1,16 +1,12 @@
 # FSDP on 2 GPUs, short: masked-L trains 40 steps under FSDP (full shard, bf16, compile), writes its
-# checkpoint once, and the model dir loads with from_pretrained. bash benchmarks/scaling/fsdp-check.sh
+# checkpoint once, and the model dir loads with load_generator. bash benchmarks/scaling/fsdp-check.sh
 set -e
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=8
 OUT=${OUT:-.}; RUNS=${RUNS:-/tmp/scale}
-python3 - <<'PY'
-from benchmarks.gen_train import _FakeTokenizer, _Labels
+python3 -c 'from benchmarks.gen_train import write_synthetic_tokens
 from generator.config import GeneratorConfig
-from pipelines.data import tokenize_dataset
 config = GeneratorConfig(kind="masked", codebook_size=16384, grid_size=16, num_classes=1000)
-tokenize_dataset(_FakeTokenizer(config), _Labels(32768, 1000), "/tmp/synth-tokens-small", batch_size=4096,
-                 flips=False, shard_size=4096)
-PY
+write_synthetic_tokens(config, 32768, "/tmp/synth-tokens-small", shard_size=4096, batch_size=4096)'
 python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision bf16 \
     --dynamo_backend no -m pipelines.cli train-generator --config configs/generator/masked-L.yaml \
     --tokens /tmp/synth-tokens-small --max-steps 40 --set train.log_every=10 --set train.warmup_steps=10 \

@@ -6,15 +6,11 @@ set -e
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=8
 STEPS=${STEPS:-50}; OUT=${OUT:-.}; RUNS=${RUNS:-/tmp/scale}
 python3 -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__, torch.cuda.device_count(), "GPUs")'
-python3 - <<'PY'
-from benchmarks.gen_train import _FakeTokenizer, _Labels
-from generator.config import GeneratorConfig
-from pipelines.data import tokenize_dataset
 # 131072 items in 16 shards of 8192: 8 shards per GPU on 2 GPUs (shard order)
+python3 -c 'from benchmarks.gen_train import write_synthetic_tokens
+from generator.config import GeneratorConfig
 config = GeneratorConfig(kind="masked", codebook_size=16384, grid_size=16, num_classes=1000)
-tokenize_dataset(_FakeTokenizer(config), _Labels(131072, 1000), "/tmp/synth-tokens", batch_size=8192,
-                 flips=False, shard_size=8192)
-PY
+write_synthetic_tokens(config, 131072, "/tmp/synth-tokens", shard_size=8192, batch_size=8192)'
 G="train-generator --config configs/generator/masked-L.yaml --tokens /tmp/synth-tokens --max-steps $STEPS
    --set train.log_every=10 --set train.warmup_steps=10 --set train.sample_every=0 ${EXTRA:-}"
 L="python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision bf16
