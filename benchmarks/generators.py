@@ -111,14 +111,30 @@ def uncompile_forward(b: Bench) -> None:
 
 
 class _Warnings(logging.Handler):
-    """Collects a generator module's warnings: its built-in compile falls back to eager with a warning."""
+    """Collects the warnings of the named loggers while in a ``with`` block: a built-in compile that
+    falls back to eager says so there. ``status(label)`` is the rows' compile column."""
 
-    def __init__(self):
+    def __init__(self, *loggers: str):
         super().__init__(logging.WARNING)
+        self.loggers = [logging.getLogger(name) for name in loggers]
         self.messages: list[str] = []
 
     def emit(self, record):
         self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_Warnings":
+        for log in self.loggers:
+            log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for log in self.loggers:
+            log.removeHandler(self)
+
+    def status(self, label: str) -> str:
+        """``label``, or why the compile fell back to eager (the last such warning)."""
+        failed = [m for m in self.messages if "compile" in m]
+        return f"failed -> eager ({failed[-1][:160]})" if failed else label
 
 
 @contextlib.contextmanager
@@ -175,32 +191,22 @@ def sample_masked_fused(b: Bench) -> None:
     torch.compile(fullgraph=True); only the noise is drawn eagerly. A compile failure falls back to
     eager inside the model with a warning, which the rows' compile status reports."""
     B = b.batch
-    warn = _Warnings()
-    log = logging.getLogger("generator.masked")
-    log.addHandler(warn)
     mode = "reduce-overhead" if b.dev.type == "cuda" else "default"
     label = f"forward: {mode} + update: fullgraph" + (" (smoke: eager backend)" if b.smoke else "")
-
-    def status() -> str:
-        failed = [m for m in warn.messages if "compile" in m]
-        return f"failed -> eager ({failed[-1][:160]})" if failed else label
 
     def sample(n: int, steps: int):
         return b.sample(n, num_steps=steps, compile=True)
 
-    try:
-        with builtin_compile(b.smoke):
-            first = {"compile": label}
-            first_call_or_eager(lambda: sample(B, 16), None, first)     # compiles the batch-64 shapes
-            rows = [("@16 fused-compiled", lambda: sample(B, 16), B, 16, False),
-                    ("@8 fused-compiled", lambda: sample(B, 8), B, 8, False),
-                    ("@16 fused-compiled", lambda: b.decode(sample(B, 16)), B, 16, True),   # name gets " +decode"
-                    ("@16 fused-compiled b1", lambda: sample(1, 16), 1, 16, False)]        # warm-up compiles b1
-            for i, (name, fn, batch, steps, decode) in enumerate(rows):
-                b.guarded(name, fn, batch=batch, compile=status(), decode=decode, steps=steps, slow=batch == 1,
-                          compile_s=first.get("compile_s") if i == 0 else None)
-    finally:
-        log.removeHandler(warn)
+    with _Warnings("generator.masked") as warn, builtin_compile(b.smoke):
+        first = {"compile": label}
+        first_call_or_eager(lambda: sample(B, 16), None, first)     # compiles the batch-64 shapes
+        rows = [("@16 fused-compiled", lambda: sample(B, 16), B, 16, False),
+                ("@8 fused-compiled", lambda: sample(B, 8), B, 8, False),
+                ("@16 fused-compiled", lambda: b.decode(sample(B, 16)), B, 16, True),   # name gets " +decode"
+                ("@16 fused-compiled b1", lambda: sample(1, 16), 1, 16, False)]        # warm-up compiles b1
+        for i, (name, fn, batch, steps, decode) in enumerate(rows):
+            b.guarded(name, fn, batch=batch, compile=warn.status(label), decode=decode, steps=steps,
+                      slow=batch == 1, compile_s=first.get("compile_s") if i == 0 else None)
 
 
 def sampler_step(b: Bench) -> None:
@@ -256,34 +262,30 @@ def sampler_step(b: Bench) -> None:
 def sample_ar(args, sink: RowSink) -> None:
     b = Bench(args, sink, "ar-B")
     B, on_gpu = b.batch, b.dev.type == "cuda"
-    warn = _Warnings()
-    logging.getLogger("generator.autoregressive").addHandler(warn)
+    with _Warnings("generator.autoregressive") as warn:
+        def status() -> str:
+            if not on_gpu:
+                return "eager (the built-in compile is CUDA-only)"
+            return warn.status("built-in decode step (reduce-overhead)")
 
-    def status() -> str:
-        if not on_gpu:
-            return "eager (the built-in compile is CUDA-only)"
-        failed = [m for m in warn.messages if "compile" in m]
-        return f"failed -> eager ({failed[-1][:160]})" if failed else "built-in decode step (reduce-overhead)"
-
-    b.guarded("eager", lambda: b.sample(B, compile=False), batch=B, compile="eager", decode=False, slow=True)
-    for suffix, weights in (("", None), (" bf16-weights", torch.bfloat16)):
-        if weights is not None:
-            frozen(b.model, weights)
-            free_memory()
-        wlabel = "bf16" if weights is not None else FP32_FROZEN
-        status_first = {"compile": status()}
-        if first_call_or_eager(lambda: b.sample(B, compile=on_gpu), None, status_first) is None:
-            sink.add(name=f"ar-B compiled{suffix}", batch=B, error=status_first["compile"])
-            continue
-        variants = [(f"compiled{suffix}", B, False), (f"compiled{suffix}", B, True)]
-        if weights is None:      # batch 1 recompiles: once is enough
-            variants.append(("compiled b1", 1, False))
-        for label, batch, decode in variants:
-            fn = (lambda n=batch: b.decode(b.sample(n, compile=on_gpu))) if decode else \
-                (lambda n=batch: b.sample(n, compile=on_gpu))
-            b.guarded(label, fn, batch=batch, compile=status(), decode=decode, slow=True, weights=wlabel,
-                      compile_s=status_first.get("compile_s") if batch == B and not decode else None)
-    logging.getLogger("generator.autoregressive").removeHandler(warn)
+        b.guarded("eager", lambda: b.sample(B, compile=False), batch=B, compile="eager", decode=False, slow=True)
+        for suffix, weights in (("", None), (" bf16-weights", torch.bfloat16)):
+            if weights is not None:
+                frozen(b.model, weights)
+                free_memory()
+            wlabel = "bf16" if weights is not None else FP32_FROZEN
+            status_first = {"compile": status()}
+            if first_call_or_eager(lambda: b.sample(B, compile=on_gpu), None, status_first) is None:
+                sink.add(name=f"ar-B compiled{suffix}", batch=B, error=status_first["compile"])
+                continue
+            variants = [(f"compiled{suffix}", B, False), (f"compiled{suffix}", B, True)]
+            if weights is None:      # batch 1 recompiles: once is enough
+                variants.append(("compiled b1", 1, False))
+            for label, batch, decode in variants:
+                fn = (lambda n=batch: b.decode(b.sample(n, compile=on_gpu))) if decode else \
+                    (lambda n=batch: b.sample(n, compile=on_gpu))
+                b.guarded(label, fn, batch=batch, compile=status(), decode=decode, slow=True, weights=wlabel,
+                          compile_s=status_first.get("compile_s") if batch == B and not decode else None)
 
 
 # ---- next-scale (VAR) ----------------------------------------------------------------------------
@@ -298,27 +300,19 @@ def sample_var(args, sink: RowSink) -> None:
     b.guarded("eager b1", lambda: b.decode(b.sample(1)), batch=1, compile="eager", decode=True)
     if args.compile_mode != "none":
         from pipelines.generate import compile_decoder
-        warn = _Warnings()
-        logging.getLogger("generator.var").addHandler(warn)
-        logging.getLogger("pipelines.generate").addHandler(warn)
-        try:
-            with builtin_compile(b.smoke):
-                first = {"compile": "blocks: dynamic"}
-                first_call_or_eager(lambda: b.sample(B, compile=True), None, first)   # compiles both graphs
-                failed = [m for m in warn.messages if "compile" in m]
-                status = f"failed -> eager ({failed[-1][:160]})" if failed else "blocks: default, dynamic"
-                b.guarded("compiled", lambda: b.sample(B, compile=True), batch=B, compile=status, decode=False,
-                          compile_s=first.get("compile_s"))
-                compile_decoder(b.tok)
-                first_call_or_eager(lambda: b.decode(b.sample(B, compile=True)), None, {})  # compiles the decoder
-                status += " + decoder: channels_last, default"
-                b.guarded("compiled", lambda: b.decode(b.sample(B, compile=True)), batch=B, compile=status,
-                          decode=True)
-                b.guarded("compiled b1", lambda: b.decode(b.sample(1, compile=True)), batch=1, compile=status,
-                          decode=True, slow=True)    # its warm-up recompiles the decoder for batch 1
-        finally:
-            logging.getLogger("generator.var").removeHandler(warn)
-            logging.getLogger("pipelines.generate").removeHandler(warn)
+        with _Warnings("generator.var", "pipelines.generate") as warn, builtin_compile(b.smoke):
+            first = {"compile": "blocks: dynamic"}
+            first_call_or_eager(lambda: b.sample(B, compile=True), None, first)   # compiles both graphs
+            status = warn.status("blocks: default, dynamic")
+            b.guarded("compiled", lambda: b.sample(B, compile=True), batch=B, compile=status, decode=False,
+                      compile_s=first.get("compile_s"))
+            compile_decoder(b.tok)
+            first_call_or_eager(lambda: b.decode(b.sample(B, compile=True)), None, {})  # compiles the decoder
+            status += " + decoder: channels_last, default"
+            b.guarded("compiled", lambda: b.decode(b.sample(B, compile=True)), batch=B, compile=status,
+                      decode=True)
+            b.guarded("compiled b1", lambda: b.decode(b.sample(1, compile=True)), batch=1, compile=status,
+                      decode=True, slow=True)    # its warm-up recompiles the decoder for batch 1
     frozen(b.model, torch.bfloat16)
     free_memory()
     b.guarded("eager bf16-weights", lambda: b.decode(b.sample(B)), batch=B, compile="eager", decode=True,
