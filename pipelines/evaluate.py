@@ -182,7 +182,7 @@ def generation_metrics(tokenizer, generator_dir, train: Dataset, val: Dataset, c
     """Sample N class-balanced images; compare them with N class-balanced train images (and val with train)."""
     from pipelines.generate import ClassToImagePipeline
     gen = load_generator_dir(generator_dir, device)
-    pipe = ClassToImagePipeline(tokenizer, gen.model, gen.meta, device, None, generator_dir)
+    pipe = ClassToImagePipeline(tokenizer, gen.model, gen.meta, device, None, generator_dir, own_generator=True)
     num_classes = gen.model.config.num_classes
     if gen.meta.get("class_names") and list(gen.meta["class_names"]) != list(val.class_names):
         raise ValueError(f"the generator was trained on classes {gen.meta['class_names']}, "

@@ -62,11 +62,17 @@ class TokenPipeline:
     what every image pipeline shares (loading, argument checks, sampling + decoding one batch)."""
 
     def __init__(self, tokenizer, generator: Generator, meta: dict[str, Any] | None = None,
-                 device: str | torch.device | None = None, tokenizer_dir=None, generator_dir=None):
+                 device: str | torch.device | None = None, tokenizer_dir=None, generator_dir=None,
+                 own_generator: bool = False):
+        """``own_generator``: the generator was loaded for this pipeline alone, so on a GPU its Linear
+        weights may be stored in bf16 (``Generator.autocast_weights``: the same outputs under the
+        pipeline's autocast, less work per step). A caller's model (e.g. the one being trained) is left as is."""
         check_compatible(tokenizer, generator, meta, generator_dir, tokenizer_dir)
         self.device = pick_device(device)
         self.tokenizer = tokenizer.to(self.device).eval()
         self.generator = generator.to(self.device).eval()
+        if own_generator and self.device.type == "cuda":
+            self.generator.autocast_weights(torch.bfloat16)
         self.class_names = class_names_for(generator, meta)
 
     @classmethod
@@ -75,7 +81,7 @@ class TokenPipeline:
         device = pick_device(device)
         gen = load_generator_dir(generator_dir, device)
         tokenizer = load_tokenizer(tokenizer_dir, device)
-        return cls(tokenizer, gen.model, gen.meta, device, tokenizer_dir, generator_dir)
+        return cls(tokenizer, gen.model, gen.meta, device, tokenizer_dir, generator_dir, own_generator=True)
 
     def check_args(self, num_steps: int, cfg_scale: float, temperature: float, top_k: int, top_p: float,
                    batch_size: int, options: dict[str, Any]) -> None:

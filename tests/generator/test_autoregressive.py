@@ -10,7 +10,8 @@ import yaml
 
 from torch.nn.attention import sdpa_kernel
 
-from generator.autoregressive import DECODE_ATTENTION, ARGenerator
+import generator.autoregressive as autoregressive
+from generator.autoregressive import DECODE_ATTENTION, ARGenerator, chunk_steps
 from generator.base import load_generator
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine, cfg_scale_at, exponential_noise, keep_known, make_generator, sample_logits
@@ -217,7 +218,7 @@ def test_compiled_step_is_cached_per_module_and_not_shared_by_a_copy(monkeypatch
     model = tiny()
     model.sample([0], compile=True)
     model.sample([1], compile=True)
-    assert compiled == [dict(mode="reduce-overhead", fullgraph=True)]        # built once, then reused
+    assert compiled == [dict(fullgraph=True)]        # built once, then reused
     ema = copy.deepcopy(model)                     # e.g. an EMA copy: must not decode with the original's weights
     for p in ema.parameters():
         p.data.mul_(-1.0)
@@ -316,6 +317,40 @@ def test_fused_decode_step_matches_the_old_eager_loop(case, monkeypatch, caplog)
         torch._dynamo.reset()
 
 
+def test_chunk_steps_divides_the_steps_when_it_can():
+    assert chunk_steps(255) == 17 and 255 % 17 == 0          # 16x16 grid: every chunk is one graph replay
+    assert chunk_steps(15) == 15 and chunk_steps(63) == 21   # 4x4 and 8x8 grids
+    assert chunk_steps(254) == 16                            # no divisor in [8, 32]: the rest runs uncaptured
+    assert chunk_steps(3) == 3 and chunk_steps(0) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 15])
+def test_decode_chunks_give_the_same_ids(chunk, monkeypatch):
+    """Any chunk length (the rest of 15 steps runs in a shorter chunk) draws the same noise in the same
+    order, so the ids equal the old one-step-at-a-time loop's."""
+    kw = FUSED_CASES["inpaint"]
+    model, classes = tiny(adaln=True), torch.tensor([0, 1, 2])
+    ref = old_loop_sample(model, classes, seed=9, **kw)
+    monkeypatch.setattr(autoregressive, "chunk_steps", lambda n: chunk)
+    assert torch.equal(model.sample(classes, generator=make_generator(9, "cpu"), compile=False, **kw), ref)
+
+
+def test_autocast_weights_give_the_same_ids_under_autocast():
+    """Linear weights stored in bf16 are what bf16 autocast casts them to on every call: the same logits
+    and the same sampled ids; embeddings and norm gains stay float32."""
+    model, classes = tiny(adaln=True), torch.tensor([0, 1, 2])
+    ids = torch.randint(0, 32, (3, 16))
+    kw = dict(cfg_scale=2.0, top_k=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.logits(ids, classes)
+        ref = model.sample(classes, generator=make_generator(2, "cpu"), compile=False, **kw)
+        model.autocast_weights(torch.bfloat16)
+        assert torch.equal(model.logits(ids, classes), logits)
+        assert torch.equal(model.sample(classes, generator=make_generator(2, "cpu"), compile=False, **kw), ref)
+    assert model.head.weight.dtype == model.backbone.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert model.tok_emb.weight.dtype == model.backbone.norm.weight.dtype == torch.float32
+
+
 def test_decode_step_traces_as_one_graph():
     """torch.compile(fullgraph=True) of the whole step (forward, CFG, top-k, top-p, softmax, noise divide,
     argmax, known tokens) raises on any graph break; its outputs equal the eager step's."""
@@ -346,11 +381,19 @@ def test_decode_step_traces_as_one_graph():
 
 
 @pytest.mark.gpu
-def test_compiled_cuda_sampling_matches_eager():
+@pytest.mark.parametrize("chunk", [15, 4])
+def test_compiled_cuda_sampling_matches_eager(chunk, monkeypatch, caplog):
+    """Compiled step, each chunk of steps one CUDA-graph replay (chunk 4: three replays, then 3 steps
+    uncaptured): the eager loop's ids, call after call."""
+    monkeypatch.setattr(autoregressive, "chunk_steps", lambda n: chunk)
     model = tiny(adaln=True).cuda()
     classes = torch.tensor([0, 1, 2, 1], device="cuda")
-    for kw in (dict(), dict(cfg_scale=3.0, top_k=8)):
-        eager = model.sample(classes, generator=make_generator(0, "cuda"), compile=False, **kw)
-        for _ in range(2):                   # second call: cached compiled step, fresh caches
-            ids = model.sample(classes, generator=make_generator(0, "cuda"), compile=True, **kw)
-            assert torch.equal(ids, eager)
+    with caplog.at_level(logging.WARNING, logger="generator.autoregressive"):
+        for kw in (dict(), dict(cfg_scale=3.0, top_k=8), _inpaint_case() | dict(cfg_scale=1.5)):
+            kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
+            n = 3 if "known_ids" in kw else 4
+            eager = model.sample(classes[:n], generator=make_generator(0, "cuda"), compile=False, **kw)
+            for _ in range(2):                   # second call: cached compiled step, fresh caches and graph
+                ids = model.sample(classes[:n], generator=make_generator(0, "cuda"), compile=True, **kw)
+                assert torch.equal(ids, eager)
+    assert "failed" not in caplog.text
