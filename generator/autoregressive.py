@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise, keep_known
+from generator.sampling import cfg_combine, cfg_scale_at, draw_with_noise, keep_known
 from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
