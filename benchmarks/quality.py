@@ -86,7 +86,7 @@ def throughput(models: Path, fam: Family, batch: int, cfg_scale: float, device, 
     if fam.dir == "ar" and pipe.device.type == "cuda":       # AR compiles its decode step by default on CUDA
         fell_back = not getattr(pipe.generator._compiled, "compiled", False)
         compile_note = ("AR decode step: torch.compile failed -> eager (see the log)" if fell_back else
-                        "AR decode step: torch.compile fullgraph, a CUDA graph per chunk of steps (the default on CUDA)")
+                        "AR decode step: torch.compile reduce-overhead (the default on CUDA)")
     return {"batch": batch, "median_s": t["median_s"], "images_per_s": batch / t["median_s"], "first_call_s": first_s,
             "includes": "token sampling + decoding", "cfg_scale": cfg_scale, "compile": compile_note}
 

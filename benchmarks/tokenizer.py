@@ -168,7 +168,8 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
     cmd = ["timeout", "-s", "TERM", "-k", "60", str(int(seconds)), sys.executable, "-m", "pipelines.cli",
            "train-tokenizer", "--config", config, "--output", str(out)]
     overrides = os.environ.get("TESSERA_EMOJI_SET", "").split()      # e.g. "loss.disc_start=4000 train.max_steps=8000"
-    cmd += [a for o in overrides for a in ("--set", o)]
+    # every checkpoint kept (this run's dir is scratch): the val PSNR curve below reads them
+    cmd += [a for o in ["train.keep_checkpoints=100"] + overrides for a in ("--set", o)]
     if smoke:
         cmd += [a for s in EMOJI_SMOKE for a in ("--set", s)] + ["--max-steps", "2"]
     t0 = time.perf_counter()
@@ -189,6 +190,7 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
         return
     try:
         row.update(evaluate(out, root / config, smoke))
+        row["val_psnr_by_step"] = val_psnr_curve(out, root / config, smoke)
         ips = row["train_images_per_s"]
         row["note"] = (f"{row['steps']} steps" + (f" at {ips:.0f} img/s" if ips else "") + f" in {seconds:.0f} s; "
                        + row["note"])
@@ -206,16 +208,27 @@ def _last_metrics(path: Path) -> dict:
     return recs[-1] if recs else {}
 
 
+def val_psnr_curve(run_dir: Path, config: Path, smoke: bool) -> dict[int, float]:
+    """Val PSNR of every checkpoint the run kept ({step: dB}): where the GAN (``loss.disc_start``)
+    helps or hurts the held-out reconstructions."""
+    from pipelines.checkpoint import list_checkpoints, load_checkpoint
+    return {step: evaluate(run_dir, config, smoke, load_checkpoint(path).tensors["model"])["val_psnr_db"]
+            for step, path in sorted(list_checkpoints(run_dir))}
+
+
 @torch.no_grad()
-def evaluate(model_dir: Path, config: Path, smoke: bool) -> dict:
+def evaluate(model_dir: Path, config: Path, smoke: bool, weights: dict | None = None) -> dict:
     """Val split: PSNR of encode -> decode (the public API) and codebook statistics of the forward
-    (perplexity), plus usage = distinct codes used / codebook size."""
+    (perplexity), plus usage = distinct codes used / codebook size. ``weights``: a state dict (a
+    checkpoint's) in place of the saved model's."""
     from pipelines.config import load_sections
     from pipelines.data import build_image_dataset
     from pipelines.train_tokenizer import SECTIONS, psnr, reconstruct
     from tokenizer import VQGAN
     dev = device(smoke)
     tok = VQGAN.from_pretrained(model_dir, dev)
+    if weights is not None:
+        tok.load_state_dict(weights)
     data_cfg = load_sections(config, SECTIONS, [f"data.resolution={tok.config.resolution}"])["data"]
     val = build_image_dataset(data_cfg, "val")
     n = min(len(val), 64 if smoke else len(val))

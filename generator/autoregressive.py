@@ -12,9 +12,9 @@ order; attention to the class token (angle 0, like cell (0, 0)) exposes the abso
 Sampling lives outside the network, gpt-fast style: ``prefill`` writes the class token into a
 static KV cache of N slots, ``decode_one_token`` runs one cached forward, ``pick_token`` guides,
 filters, draws (from Exp(1) noise drawn beforehand) and forces known tokens, ``decode_step`` is the
-two together (the function that is compiled), and ``decode_n_tokens`` is the loop: in chunks of
-~16 steps it draws the noise from the ``torch.Generator`` and runs the steps on static buffers, on
-CUDA as one recorded CUDA graph per chunk (one replay per ~16 tokens).
+two together (compiled and graph-captured on CUDA: one graph replay per token), and
+``decode_n_tokens`` is the loop, which only draws the noise from the ``torch.Generator`` and moves
+ids and position along.
 
 Letters: B batch (2B with CFG), N = h*w tokens, V codebook size, D width, F rotary frequencies.
 """
@@ -26,19 +26,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine, cfg_scale_at, draw_with_noise, keep_known
+from generator.sampling import cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise, keep_known
 from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
-
-# cached decoding avoids cuDNN attention: on an H100 (torch 2.11) it gave run-to-run different last bits,
-# so the same seed drew different tokens; flash / memory-efficient / math attention are reproducible
-DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
 
 def pick_token(logits_BV: torch.Tensor, pos_1: torch.Tensor, scales_N: torch.Tensor | None,
                noise_BV: torch.Tensor | None, known_BN: torch.Tensor | None, known_mask_BN: torch.Tensor | None,
@@ -63,15 +57,6 @@ def pick_token(logits_BV: torch.Tensor, pos_1: torch.Tensor, scales_N: torch.Ten
     if known_mask_BN is None:
         return ids_B
     return keep_known(ids_B, known_BN.index_select(1, pos_1)[:, 0], known_mask_BN.index_select(1, pos_1)[:, 0])
-
-
-def chunk_steps(n_steps: int, target: int = 16) -> int:
-    """Decode steps per chunk (one CUDA-graph replay): the divisor of ``n_steps`` in [target/2, 2 target]
-    nearest ``target`` (255 steps -> 17: every chunk is a replay), else ``target`` (the rest runs uncaptured)."""
-    if n_steps <= target:
-        return max(n_steps, 1)
-    divisors = [d for d in range(max(target // 2, 1), 2 * target + 1) if n_steps % d == 0]
-    return min(divisors, key=lambda d: (abs(d - target), -d)) if divisors else target
 
 
 class ARGenerator(Generator):
@@ -170,13 +155,13 @@ class ARGenerator(Generator):
 
     def _decode_step(self, compile: bool):
         """The decode step to call: ``decode_step``, or with ``compile`` its torch.compile'd version
-        (fullgraph, default mode: the loop records the CUDA graphs itself, ``decode_n_tokens``), built
-        once per module (``compiled_once``); a compile failure (at build, first call or later) falls back
-        to eager for good with a warning (``CompiledOrEager``)."""
+        (reduce-overhead = CUDA graphs, fullgraph), built once per module (``compiled_once``); a compile
+        failure (at build, first call or later) falls back to eager for good with a warning
+        (``CompiledOrEager``)."""
         if not compile:
             return self.decode_step
         return self.compiled_once(lambda: CompiledOrEager(self.decode_step, self.decode_step, "AR decode step", logger,
-                                                          "decoding eagerly", fullgraph=True))
+                                                          "decoding eagerly", mode="reduce-overhead", fullgraph=True))
 
     def decode_n_tokens(self, logits_BV: torch.Tensor, classes_B: torch.Tensor, scales: list[float], guided: bool,
                         temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
@@ -186,15 +171,11 @@ class ARGenerator(Generator):
 
         ``classes_B`` is doubled [cond; null] when ``guided``; ``scales[i]`` is the guidance scale of
         token i (1 = the conditional half as it is), copied to the device once as a table the step
-        indexes by position. Token 0 is picked from the prefill logits by the same ``pick_token``.
-
-        The N - 1 decode steps run in chunks of K (``chunk_steps``) on static buffers: before a chunk the
-        loop draws the K noises E ~ Exp(1) (B, V) from ``generator`` (the draws ``sample_logits`` makes,
-        in the same order; none at temperature 0); each step then advances the position (a device
-        tensor), calls ``decode_step``, writes its id into ``ids_BN`` and feeds it back, all on the
-        device. With ``compile`` on CUDA the K steps of a chunk are recorded once as one CUDA graph
-        (``_record_chunk``) and every chunk is one replay: no Python and no launches per token. No host
-        syncs in the loop: only Python numbers branch.
+        indexes by position. Per token the loop only draws E ~ Exp(1) (B, V) from ``generator`` (the
+        draw ``sample_logits`` makes, in the same order; none at temperature 0), steps the position,
+        calls ``decode_step`` and copies its outputs out (CUDA-graph outputs are overwritten by the
+        next replay). Token 0 is picked eagerly from the prefill logits by the same ``pick_token``.
+        No host syncs in the loop: only Python numbers branch, the position is a device tensor.
         """
         N = self.config.num_tokens
         B = classes_B.shape[0] // 2 if guided else classes_B.shape[0]
@@ -206,66 +187,21 @@ class ARGenerator(Generator):
                              "call backbone.setup_caches first")
         if (known_BN is None) != (known_mask_BN is None):
             raise ValueError("inpainting needs both known_BN and known_mask_BN")
-        K = chunk_steps(N - 1)
         scales_N = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None   # one copy
-        noise = [torch.empty(B, V, device=device) for _ in range(K)] if temperature > 0 else [None] * K
-
-        def draw(n: int) -> None:          # the next n draws of the generator, into the static noise buffers
-            for buf in noise[:n] if temperature > 0 else ():
-                buf.exponential_(1.0, generator=generator)
-
+        draw = (lambda: exponential_noise((B, V), generator, device)) if temperature > 0 else (lambda: None)
         pos_1 = torch.zeros(1, dtype=torch.long, device=device)
         ids_BN = torch.empty(B, N, dtype=torch.long, device=device)
-        draw(1)
-        ids_B = pick_token(logits_BV, pos_1, scales_N, noise[0], known_BN, known_mask_BN, temperature, top_k, top_p)
+        ids_B = pick_token(logits_BV, pos_1, scales_N, draw(), known_BN, known_mask_BN, temperature, top_k, top_p)
         ids_BN[:, 0] = ids_B
-        prev_B = torch.cat([ids_B, ids_B]) if guided else ids_B.clone()    # the step's input, refilled in place
+        prev_B = torch.cat([ids_B, ids_B]) if guided else ids_B     # the step's input, refilled in place
         step = self._decode_step(compile)
-        args = (classes_B, scales_N)
-        tail = (known_BN, known_mask_BN, temperature, top_k, top_p)
-
-        def run(n: int, pos: torch.Tensor = pos_1) -> None:     # n steps, device-side state only
-            for j in range(n):
-                pos.add_(1)
-                ids_B, next_B = step(prev_B, pos, *args, noise[j], *tail)
-                ids_BN.index_copy_(1, pos, ids_B[:, None])
-                prev_B.copy_(next_B)
-
-        graph = None
-        if compile and device.type == "cuda":
-            # warm-up (compiles on first use): step 1 on a copy of the position; it writes slot 1's keys
-            # and values from the true input, as the real step 1 will, and its outputs are dropped
-            graph = self._record_chunk(lambda: step(prev_B, pos_1 + 1, *args, noise[0], *tail), lambda: run(K))
-        done = 0
-        while done < N - 1:
-            n = min(K, N - 1 - done)
-            draw(n)
-            if graph is not None and n == K:
-                graph.replay()
-            else:
-                run(n)
-            done += n
+        for i in range(1, N):
+            pos_1 = pos_1 + 1                      # fresh aligned tensor each step; no sync
+            ids_B, next_B = step(prev_B, pos_1, classes_B, scales_N, draw(), known_BN, known_mask_BN, temperature,
+                                 top_k, top_p)
+            ids_BN[:, i] = ids_B
+            prev_B.copy_(next_B)
         return ids_BN
-
-    @staticmethod
-    def _record_chunk(warm_up, chunk) -> "torch.cuda.CUDAGraph | None":
-        """``chunk()`` (K decode steps) recorded as one CUDA graph after ``warm_up()`` ran on a side
-        stream (PyTorch's capture recipe); recording runs nothing. None, with a warning, when the steps
-        cannot be captured: the loop then runs them uncaptured."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            warm_up()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                chunk()
-        except Exception as e:     # noqa: BLE001 - an op that cannot be captured: decode uncaptured
-            logger.warning("CUDA graph capture of the AR decode steps failed (%s: %s); decoding without it",
-                           type(e).__name__, e)
-            return None
-        return graph
 
     @torch.no_grad()
     def sample(self, classes, *, num_steps: int | None = None, temperature: float = 1.0, top_k: int = 0,
@@ -287,9 +223,8 @@ class ARGenerator(Generator):
         the hole (use the masked generator when that matters).
 
         ``compile`` (default: True on CUDA) runs the whole decode step (``decode_step``: forward, guidance,
-        top-k / top-p, softmax, the draw and the inpainting rule) through torch.compile (fullgraph) and,
-        on CUDA, records each chunk of ~16 steps as one CUDA graph; a compile or capture failure falls
-        back to eager / uncaptured steps with a warning. The Exp(1) noise of each draw
+        top-k / top-p, softmax, the draw and the inpainting rule) through torch.compile (reduce-overhead,
+        fullgraph) and falls back to eager with a warning if that fails. The Exp(1) noise of each draw
         is taken from ``generator`` outside the step, in the same order either way. Same seed, same ids
         holds on CPU and with ``compile=False`` on CUDA; the compiled step's fused kernels may round
         differently from eager ones, and with the CUDA-graph step last-bit run-to-run differences (H100,
@@ -334,10 +269,9 @@ class ARGenerator(Generator):
         self.eval()
         self.backbone.setup_caches(classes_B.shape[0], N, self.compute_dtype(), device)
         try:
-            with sdpa_kernel(DECODE_ATTENTION):
-                logits_BV = self.prefill(classes_B)
-                ids_BN = self.decode_n_tokens(logits_BV, classes_B, scales, guided, temperature, top_k, top_p,
-                                              generator, known_BN, mask_BN, compile)
+            logits_BV = self.prefill(classes_B)      # cached steps attend without SDPA: attend_one_query
+            ids_BN = self.decode_n_tokens(logits_BV, classes_B, scales, guided, temperature, top_k, top_p,
+                                          generator, known_BN, mask_BN, compile)
         finally:
             self.backbone.remove_caches()
             self.train(was_training)

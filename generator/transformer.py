@@ -71,6 +71,18 @@ def apply_rope(x_BHLK: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor)
     return out.type_as(x_BHLK)
 
 
+def attend_one_query(q_BH1K: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.Tensor,
+                     mask_1S: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(K) where visible, else -inf) v for one query per sequence (cached AR
+    decoding), in float32, written as products and sums: torch.compile fuses them into reductions that
+    read the cached keys and values once. SDPA with a mask runs its memory-efficient kernel, which
+    computes tiles of 64 queries for this 1: 70 us of a decode step's ~130 us per layer at batch 2x64,
+    65% of its GPU time (H100, torch 2.11, ``--jobs profile-ar``). Output (B, H, 1, K) in q's dtype."""
+    scores_BHS = (q_BH1K.float() * k_BHSK.float()).sum(-1) * q_BH1K.shape[-1] ** -0.5
+    probs_BHS = scores_BHS.masked_fill(~mask_1S, float("-inf")).softmax(-1)
+    return (probs_BHS[..., None] * v_BHSK.float()).sum(-2, keepdim=True).to(q_BH1K.dtype)
+
+
 class KVCache(nn.Module):
     """Static (B, H, max_len, K) key/value buffers; ``update`` writes at positions, returns all slots."""
 
@@ -125,7 +137,10 @@ class Attention(nn.Module):
             if isinstance(cache_pos, int) and mask_LS is None:     # a block written at a known start, no mask:
                 k, v = k[:, :, :cache_pos + L], v[:, :, :cache_pos + L]   # attend to every filled slot (flash-able)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
+        if L == 1 and mask_LS is not None:                          # a cached decoding step
+            out = attend_one_query(q, k, v, mask_LS)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
