@@ -34,6 +34,18 @@ from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
 
+KV_BUCKET = 32      # cached decoding reads cache slots in multiples of this many
+
+
+def kv_slots(pos: int, num_slots: int, bucket: int | None = None) -> int:
+    """Cache slots the step at position ``pos`` attends over: slots 0..pos are filled, rounded up to a
+    multiple of ``bucket`` (default ``KV_BUCKET``; the compiled step gets one CUDA graph per length:
+    N / bucket of them) and capped at ``num_slots``. The masked-out slots above ``pos`` add nothing, so
+    this only saves reading the empty ones (on average half the cache at 16x16 tokens)."""
+    bucket = bucket or KV_BUCKET
+    return min(num_slots, -(-(pos + 1) // bucket) * bucket)
+
+
 def pick_token(logits_BV: torch.Tensor, pos_1: torch.Tensor, scales_N: torch.Tensor | None,
                noise_BV: torch.Tensor | None, known_BN: torch.Tensor | None, known_mask_BN: torch.Tensor | None,
                temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -133,23 +145,28 @@ class ARGenerator(Generator):
                           mask_LS=self.causal[:1], cache_pos=0)
         return self.head(h[:, 0])
 
-    def decode_one_token(self, prev_ids_B: torch.Tensor, pos_1: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
+    def decode_one_token(self, prev_ids_B: torch.Tensor, pos_1: torch.Tensor, classes_B: torch.Tensor,
+                         causal_NS: torch.Tensor | None = None) -> torch.Tensor:
         """One cached step: feed t_{p-1} (B,) at input position / cache slot p = ``pos_1`` (LongTensor
-        (1,), 1 <= p < N, unchecked so the step can be graph-captured) -> logits (B, V) for t_p."""
+        (1,), 1 <= p < N, unchecked so the step can be graph-captured) -> logits (B, V) for t_p.
+        ``causal_NS``: the causal mask's first S > p columns (``kv_slots``), so attention reads only
+        cache slots 0..S-1; default all N."""
+        causal_NS = self.causal if causal_NS is None else causal_NS
         cls_BD = self.class_emb(classes_B)
         h = self.backbone(self.tok_emb(prev_ids_B)[:, None], self.rope_cos[pos_1], self.rope_sin[pos_1],
-                          self._cond(cls_BD), mask_LS=self.causal[pos_1], cache_pos=pos_1)
+                          self._cond(cls_BD), mask_LS=causal_NS[pos_1], cache_pos=pos_1)
         return self.head(h[:, 0])
 
-    def decode_step(self, prev_B: torch.Tensor, pos_1: torch.Tensor, classes_B: torch.Tensor,
+    def decode_step(self, prev_B: torch.Tensor, pos_1: torch.Tensor, classes_B: torch.Tensor, causal_NS: torch.Tensor,
                     scales_N: torch.Tensor | None, noise_BV: torch.Tensor | None, known_BN: torch.Tensor | None,
                     known_mask_BN: torch.Tensor | None, temperature: float, top_k: int, top_p: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One whole decode step, the function that is compiled: ``decode_one_token`` (feed t_{p-1} at
-        p = ``pos_1``) then ``pick_token`` (guide, filter, draw with the given noise, force known) ->
-        (ids (B,) of t_p, the next step's input: ids doubled [ids; ids] with guidance, else ids).
-        ``scales_N`` is None without guidance, ``noise_BV`` None at temperature 0."""
-        logits_BV = self.decode_one_token(prev_B, pos_1, classes_B)
+        p = ``pos_1``, attending to the slots ``causal_NS`` covers) then ``pick_token`` (guide, filter,
+        draw with the given noise, force known) -> (ids (B,) of t_p, the next step's input: ids doubled
+        [ids; ids] with guidance, else ids). ``scales_N`` is None without guidance, ``noise_BV`` None at
+        temperature 0."""
+        logits_BV = self.decode_one_token(prev_B, pos_1, classes_B, causal_NS)
         ids_B = pick_token(logits_BV, pos_1, scales_N, noise_BV, known_BN, known_mask_BN, temperature, top_k, top_p)
         return ids_B, (torch.cat([ids_B, ids_B]) if scales_N is not None else ids_B)
 
@@ -195,10 +212,13 @@ class ARGenerator(Generator):
         ids_BN[:, 0] = ids_B
         prev_B = torch.cat([ids_B, ids_B]) if guided else ids_B     # the step's input, refilled in place
         step = self._decode_step(compile)
+        causal = {}                                # S -> the causal mask's first S columns (one copy per S)
         for i in range(1, N):
             pos_1 = pos_1 + 1                      # fresh aligned tensor each step; no sync
-            ids_B, next_B = step(prev_B, pos_1, classes_B, scales_N, draw(), known_BN, known_mask_BN, temperature,
-                                 top_k, top_p)
+            S = kv_slots(i, N)
+            causal_NS = causal.setdefault(S, self.causal[:, :S].contiguous())
+            ids_B, next_B = step(prev_B, pos_1, classes_B, causal_NS, scales_N, draw(), known_BN, known_mask_BN,
+                                 temperature, top_k, top_p)
             ids_BN[:, i] = ids_B
             prev_B.copy_(next_B)
         return ids_BN

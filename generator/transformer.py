@@ -12,7 +12,8 @@ F = K/2 rotary frequencies, A position axes.
 Masks: ``mask=None`` is full attention; ``is_causal=True`` is causal over the inputs themselves;
 a bool tensor (L, S) says which keys each query sees (True = visible). With a KV cache the keys are
 all ``max_len`` slots, so the caller passes the rows of its (causal or block-causal) mask for the
-query positions (AR decoding: the slot is a device tensor, so the step can be graph-captured). When
+query positions (AR decoding: the slot is a device tensor, so the step can be graph-captured); a mask
+narrower than the cache covers its first S slots, and only those are read. When
 a block is written at an int start with no mask, the queries attend to every filled slot
 [0, start + L): VAR's scale-by-scale sampling, where scale k sees all coarser scales and itself,
 without a mask (flash attention) and without reading the empty slots.
@@ -74,13 +75,14 @@ def apply_rope(x_BHLK: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor)
 def attend_one_query(q_BH1K: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.Tensor,
                      mask_1S: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(K) where visible, else -inf) v for one query per sequence (cached AR
-    decoding), in float32, written as products and sums: torch.compile fuses them into reductions that
-    read the cached keys and values once. SDPA with a mask runs its memory-efficient kernel, which
-    computes tiles of 64 queries for this 1: 70 us of a decode step's ~130 us per layer at batch 2x64,
-    65% of its GPU time (H100, torch 2.11, ``--jobs profile-ar``). Output (B, H, 1, K) in q's dtype."""
+    decoding). The scores in float32 as products and sums (torch.compile fuses them into one reduction
+    that reads the cached keys once), then P V as a batched mat-vec in v's dtype (P rounded to it, as
+    flash attention does). Why not SDPA: with a mask it runs the memory-efficient kernel, which computes
+    tiles of 64 queries for this 1: 70 us per layer at batch 2x64, 65% of an AR-B decode step's GPU
+    time (H100, torch 2.11, ``--jobs profile-ar``). Output (B, H, 1, K) in v's dtype."""
     scores_BHS = (q_BH1K.float() * k_BHSK.float()).sum(-1) * q_BH1K.shape[-1] ** -0.5
-    probs_BHS = scores_BHS.masked_fill(~mask_1S, float("-inf")).softmax(-1)
-    return (probs_BHS[..., None] * v_BHSK.float()).sum(-2, keepdim=True).to(q_BH1K.dtype)
+    probs_BH1S = scores_BHS.masked_fill(~mask_1S, float("-inf")).softmax(-1)[:, :, None]
+    return probs_BH1S.to(v_BHSK.dtype) @ v_BHSK      # a batched mat-vec, in v's dtype (as flash does P V)
 
 
 class KVCache(nn.Module):
@@ -136,6 +138,8 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(k, v, cache_pos)            # (B, H, S, K), all slots
             if isinstance(cache_pos, int) and mask_LS is None:     # a block written at a known start, no mask:
                 k, v = k[:, :, :cache_pos + L], v[:, :, :cache_pos + L]   # attend to every filled slot (flash-able)
+            elif mask_LS is not None and mask_LS.shape[-1] < k.shape[2]:   # a mask over the first S slots
+                k, v = k[:, :, :mask_LS.shape[-1]], v[:, :, :mask_LS.shape[-1]]
             k, v = k.to(q.dtype), v.to(q.dtype)
         if L == 1 and mask_LS is not None:                          # a cached decoding step
             out = attend_one_query(q, k, v, mask_LS)

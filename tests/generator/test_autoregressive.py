@@ -9,7 +9,8 @@ import torch
 import yaml
 
 
-from generator.autoregressive import ARGenerator
+import generator.autoregressive as autoregressive
+from generator.autoregressive import ARGenerator, kv_slots
 from generator.base import load_generator
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine, cfg_scale_at, exponential_noise, keep_known, make_generator, sample_logits
@@ -315,6 +316,23 @@ def test_fused_decode_step_matches_the_old_eager_loop(case, monkeypatch, caplog)
         torch._dynamo.reset()
 
 
+def test_kv_slots_cover_the_filled_slots_in_buckets():
+    assert [kv_slots(p, 256) for p in (0, 30, 31, 32, 200, 255)] == [32, 32, 32, 64, 224, 256]
+    assert kv_slots(10, 16) == 16 and kv_slots(2, 16, bucket=4) == 4 and kv_slots(3, 16, bucket=4) == 4
+    assert all(kv_slots(p, 256) > p for p in range(256))          # the slot written at p is always read
+
+
+@pytest.mark.parametrize("bucket", [1, 4])
+def test_reading_only_the_filled_slots_keeps_the_ids(bucket, monkeypatch):
+    """Attention over the first kv_slots(p) slots (empty ones are masked out anyway) draws the ids of the
+    loop that reads the whole cache."""
+    kw = dict(cfg_scale=2.0, top_k=6)
+    model, classes = tiny(adaln=True), torch.tensor([0, 1, 2])
+    ref = old_loop_sample(model, classes, seed=3, **kw)
+    monkeypatch.setattr(autoregressive, "KV_BUCKET", bucket)
+    assert torch.equal(model.sample(classes, generator=make_generator(3, "cpu"), compile=False, **kw), ref)
+
+
 def test_autocast_weights_give_the_same_ids_under_autocast():
     """Linear weights stored in bf16 are what bf16 autocast casts them to on every call: the same logits
     and the same sampled ids; embeddings and norm gains stay float32."""
@@ -332,8 +350,9 @@ def test_autocast_weights_give_the_same_ids_under_autocast():
 
 
 def test_decode_step_traces_as_one_graph():
-    """torch.compile(fullgraph=True) of the whole step (forward, CFG, top-k, top-p, softmax, noise divide,
-    argmax, known tokens) raises on any graph break; its outputs equal the eager step's."""
+    """torch.compile(fullgraph=True) of the whole step (forward over the first 4 cache slots, CFG, top-k,
+    top-p, softmax, noise divide, argmax, known tokens) raises on any graph break; its outputs equal the
+    eager step's."""
     model = tiny(adaln=True)
     B, N = 2, model.config.num_tokens
     classes = torch.tensor([0, 2, 3, 3])                              # doubled [cond; null]
@@ -351,7 +370,7 @@ def test_decode_step_traces_as_one_graph():
                 model.backbone.setup_caches(2 * B, N, torch.float32, "cpu")
                 with torch.no_grad():
                     model.prefill(classes)
-                    outs.append(fn(torch.tensor([1, 4, 1, 4]), torch.tensor([1]), classes, *args))
+                    outs.append(fn(torch.tensor([1, 4, 1, 4]), torch.tensor([1]), classes, model.causal[:, :4], *args))
                 model.backbone.remove_caches()
             (ids, nxt), (ids_c, nxt_c) = outs
             assert ids.shape == (B,) and torch.equal(nxt, torch.cat([ids, ids]))
