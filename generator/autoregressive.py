@@ -39,8 +39,8 @@ KV_BUCKET = 32      # cached decoding reads cache slots in multiples of this man
 
 def kv_slots(pos: int, num_slots: int, bucket: int | None = None) -> int:
     """Cache slots the step at position ``pos`` attends over: slots 0..pos are filled, rounded up to a
-    multiple of ``bucket`` (default ``KV_BUCKET``; the compiled step gets one CUDA graph per length:
-    N / bucket of them) and capped at ``num_slots``. The masked-out slots above ``pos`` add nothing, so
+    multiple of ``bucket`` (default ``KV_BUCKET``; the compiled step, dynamic in this length, records one
+    CUDA graph per length: N / bucket of them) and capped at ``num_slots``. The masked-out slots above ``pos`` add nothing, so
     this only saves reading the empty ones (on average half the cache at 16x16 tokens)."""
     bucket = bucket or KV_BUCKET
     return min(num_slots, -(-(pos + 1) // bucket) * bucket)
@@ -216,7 +216,11 @@ class ARGenerator(Generator):
         for i in range(1, N):
             pos_1 = pos_1 + 1                      # fresh aligned tensor each step; no sync
             S = kv_slots(i, N)
-            causal_NS = causal.setdefault(S, self.causal[:, :S].contiguous())
+            if S not in causal:
+                causal[S] = self.causal[:, :S].contiguous()
+                # one compile for every length (the CUDA graphs are still recorded per length)
+                torch._dynamo.maybe_mark_dynamic(causal[S], 1)
+            causal_NS = causal[S]
             ids_B, next_B = step(prev_B, pos_1, classes_B, causal_NS, scales_N, draw(), known_BN, known_mask_BN,
                                  temperature, top_k, top_p)
             ids_BN[:, i] = ids_B
@@ -287,7 +291,9 @@ class ARGenerator(Generator):
 
         was_training = self.training
         self.eval()
-        self.backbone.setup_caches(classes_B.shape[0], N, self.compute_dtype(), device)
+        # one slot more than needed: a step's view of the first S slots is then never the whole cache, whose
+        # other strides would make the compiled step recompile for S = N
+        self.backbone.setup_caches(classes_B.shape[0], N + 1, self.compute_dtype(), device)
         try:
             logits_BV = self.prefill(classes_B)      # cached steps attend without SDPA: attend_one_query
             ids_BN = self.decode_n_tokens(logits_BV, classes_B, scales, guided, temperature, top_k, top_p,

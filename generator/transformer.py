@@ -138,7 +138,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(k, v, cache_pos)            # (B, H, S, K), all slots
             if isinstance(cache_pos, int) and mask_LS is None:     # a block written at a known start, no mask:
                 k, v = k[:, :, :cache_pos + L], v[:, :, :cache_pos + L]   # attend to every filled slot (flash-able)
-            elif mask_LS is not None and mask_LS.shape[-1] < k.shape[2]:   # a mask over the first S slots
+            elif mask_LS is not None:                             # the mask covers the first S slots
                 k, v = k[:, :, :mask_LS.shape[-1]], v[:, :, :mask_LS.shape[-1]]
             k, v = k.to(q.dtype), v.to(q.dtype)
         if L == 1 and mask_LS is not None:                          # a cached decoding step
