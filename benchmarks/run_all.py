@@ -50,8 +50,8 @@ JOBS = [
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 110),
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 250),  # subset of sample-masked
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 60),
-    Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 60),
-    Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 60),
+    Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
+    Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),
     Job("peers-b1", "benchmarks.peers", ["--batch", "1"], 75),      # last: the latency ratios are the extra
     # call 2: training MFU, the tokenizer (its decode ratio needs the VQ-16 decoder of the same run)
     Job("train-masked-L", "benchmarks.gen_train", ["--part", "masked-L"], 120),
