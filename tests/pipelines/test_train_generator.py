@@ -209,7 +209,7 @@ def test_shipped_tiny_configs_train(tmp_path, capsys, art, name):
     kind = yaml.safe_load((REPO / "configs" / "generator" / name).read_text())["model"]["kind"]
     tok = art["ms" if kind == "var" else "vq"]
     sets = [f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in tokens_shape(tok).items()]
-    sets += [f"train.batch_size=8", "train.warmup_steps=1", "train.sample_every=0"]
+    sets += ["train.batch_size=8", "train.warmup_steps=1", "train.sample_every=0"]
     code, _, err = run_cli(capsys, "train-generator", "--config", REPO / "configs" / "generator" / name,
                            "--tokens", art["tokens_ms" if kind == "var" else "tokens"], "--output", tmp_path / "run",
                            "--tokenizer", art["root"] / ("tok-ms" if kind == "var" else "tok"), "--max-steps", "2",
