@@ -137,9 +137,9 @@ def train_model(name: str, args, sink: RowSink) -> None:
     # 3. VAR: the codec's share of a step (teacher-forcing inputs, built by the tokenizer each step)
     if step.tokenizer is not None:
         try:
-            t = time_fn(lambda: step.generator.codec_inputs(ids), **iters)
+            t = time_fn(lambda: step.generator.codec_inputs(ids, check_range=False), **iters)
             sink.add(name=f"{name} codec inputs", bench="train-part", model=name, batch=B, compile="eager", **t,
-                     note="VQGAN.teacher_forcing_input per step (range check syncs the host)")
+                     note="VQGAN.teacher_forcing_input per step, as the loss builds them (no range check, no sync)")
         except Exception as e:  # noqa: BLE001
             sink.error(f"{name} codec inputs", e, batch=B)
     # 4. data wait: the real token-cache DataLoader path vs the resident tensor

@@ -46,8 +46,9 @@ class ScaleCodec(Protocol):
     scales: tuple[int, ...]
     codebook_dim: int       # C: channels of the features fed to VAR (= GeneratorConfig.codec_dim)
 
-    def teacher_forcing_input(self, ids_list: list[torch.Tensor]) -> torch.Tensor:
-        """ids of every scale [(B, s_k, s_k) long] -> inputs of scales 2..K, (B, sum_{k>=2} s_k^2, C)."""
+    def teacher_forcing_input(self, ids_list: list[torch.Tensor], check_range: bool = True) -> torch.Tensor:
+        """ids of every scale [(B, s_k, s_k) long] -> inputs of scales 2..K, (B, sum_{k>=2} s_k^2, C).
+        ``check_range`` False: the ids are trusted (made by this codec), so no host sync checks them."""
         ...
 
     def next_scale_input(self, f_hat_BChw: torch.Tensor | None, ids_k_Bss: torch.Tensor,
@@ -144,14 +145,16 @@ class VARGenerator(Generator):
     def codec(self) -> ScaleCodec | None:
         return None if self._codec_ref is None else self._codec_ref.codec
 
-    def codec_inputs(self, ids_BL: torch.Tensor, codec: ScaleCodec | None = None) -> torch.Tensor:
-        """Teacher-forcing inputs (B, L - s_1^2, C) from the (set) codec, without gradients."""
+    def codec_inputs(self, ids_BL: torch.Tensor, codec: ScaleCodec | None = None,
+                     check_range: bool = True) -> torch.Tensor:
+        """Teacher-forcing inputs (B, L - s_1^2, C) from the (set) codec, without gradients;
+        ``check_range`` goes to the codec (False: no host sync, for trusted token-cache ids)."""
         codec = codec if codec is not None else self.codec
         if codec is None:
             raise ValueError("VAR needs the tokenizer's teacher-forcing inputs: pass codec_inputs_BlC "
                              "(codec.teacher_forcing_input(ids_list)) or call set_codec(tokenizer) first")
         with torch.no_grad():
-            return codec.teacher_forcing_input(split_scales(ids_BL, self.config.scales))
+            return codec.teacher_forcing_input(split_scales(ids_BL, self.config.scales), check_range=check_range)
 
     # ---- network -----------------------------------------------------------------------------
     def teacher_forced_logits(self, labels_B: torch.Tensor, inputs_BlC: torch.Tensor) -> torch.Tensor:
@@ -173,8 +176,8 @@ class VARGenerator(Generator):
 
     def _ce_BL(self, ids_BL, labels_B, codec_inputs_BlC):
         """Per-token cross-entropy (B, L) and logits (B, L, V); ids_BL long of the right length."""
-        if codec_inputs_BlC is None:
-            codec_inputs_BlC = self.codec_inputs(ids_BL)
+        if codec_inputs_BlC is None:    # ids from a token cache the codec made: no range check, no host sync
+            codec_inputs_BlC = self.codec_inputs(ids_BL, check_range=False)
         expected = (ids_BL.shape[0], self.config.num_tokens - self.first_l, self.config.codec_dim)
         if tuple(codec_inputs_BlC.shape) != expected:
             raise ValueError(f"codec inputs must have shape {expected}, got {tuple(codec_inputs_BlC.shape)}")

@@ -191,10 +191,12 @@ class VQGAN(nn.Module):
         return self.quantizer.next_scale_input(f_hat_BChw, ids_k_Bss, k)
 
     @torch.no_grad()
-    def teacher_forcing_input(self, ids_list: list[torch.Tensor]) -> torch.Tensor:
+    def teacher_forcing_input(self, ids_list: list[torch.Tensor], check_range: bool = True) -> torch.Tensor:
         """VAR training inputs of scales 2..K: (B, sum_{k>=1} s_k^2, C), float32, from the same
-        ``next_scale_input`` steps that sampling uses (so the two agree exactly)."""
-        self._check_ids_list(ids_list, len(self.scales))
+        ``next_scale_input`` steps that sampling uses (so the two agree exactly). ``check_range`` False
+        skips the id range check, the one host sync: for ids this tokenizer made (a token cache carries
+        its fingerprint), so a training step does not wait for the GPU."""
+        self._check_ids_list(ids_list, len(self.scales), check_range)
         f_hat, inputs = None, []
         for k in range(len(self.scales) - 1):   # the quantizer's next_scale_input, ids checked once above
             f_hat, nxt = self.quantizer.next_scale_input(f_hat, ids_list[k], k)
@@ -207,14 +209,15 @@ class VQGAN(nn.Module):
         if not self.is_multiscale:
             raise ValueError(f"{method}() needs a multiscale tokenizer; this one is single-scale: use {instead}()")
 
-    def _check_ids_list(self, ids_list: list[torch.Tensor], count: int) -> None:
+    def _check_ids_list(self, ids_list: list[torch.Tensor], count: int, check_range: bool = True) -> None:
         self._need_multiscale("decode_scales/teacher_forcing_input", "decode")
         if not isinstance(ids_list, (list, tuple)) or len(ids_list) != count:
             got = len(ids_list) if isinstance(ids_list, (list, tuple)) else type(ids_list).__name__
             raise ValueError(f"expected a list of {count} id maps (one per scale {list(self.scales)}), got {got}")
         for k, ids in enumerate(ids_list):
             _check_ids(ids, self.scales[k], self.codebook_size, f"ids of scale k={k}", check_range=False)
-        _check_range(torch.cat([ids.reshape(-1) for ids in ids_list]), self.codebook_size, "ids")   # one sync
+        if check_range:
+            _check_range(torch.cat([ids.reshape(-1) for ids in ids_list]), self.codebook_size, "ids")   # one sync
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def config_hash(self) -> str:

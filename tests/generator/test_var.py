@@ -38,7 +38,7 @@ class RefCodec:
         s = self.scales[k + 1]
         return f_hat_BChw, F.interpolate(f_hat_BChw, size=(s, s), mode="area").flatten(2).transpose(1, 2)
 
-    def teacher_forcing_input(self, ids_list):
+    def teacher_forcing_input(self, ids_list, check_range=True):
         f_hats_KBChw = torch.stack([self._up(ids) for ids in ids_list]).cumsum(0)
         return torch.cat([F.interpolate(f, size=(s, s), mode="area").flatten(2).transpose(1, 2)
                           for f, s in zip(f_hats_KBChw[:-1], self.scales[1:])], dim=1)
@@ -255,3 +255,27 @@ def test_user_errors_are_value_errors():
                                                                              for s in SCALES])
     with pytest.raises(ValueError, match="cfg schedule"):
         model.sample([0], codec=codec, cfg_scale=2.0, cfg_schedule="cubic")
+
+
+def test_teacher_forcing_range_check_is_the_only_host_sync_and_training_skips_it(monkeypatch):
+    """Public calls check id ranges (a clear error); the VAR loss, whose ids come from a token cache
+    this tokenizer made, skips that check, the step's only host sync, and gets the same inputs."""
+    import tokenizer.vqgan as vqgan
+    from tests.tokenizer.test_multiscale import SCALES as MS_SCALES, tiny_msvq
+    model = tiny_msvq()
+    ids = [torch.randint(0, 32, (2, s, s)) for s in MS_SCALES]
+    bad = [i.clone() for i in ids]
+    bad[2][0, 0, 0] = 32
+    with pytest.raises(ValueError, match="token id 32 .* out of range"):
+        model.teacher_forcing_input(bad)
+    checked = model.teacher_forcing_input(ids)
+    calls = []
+    monkeypatch.setattr(vqgan, "_check_range", lambda *a: calls.append(a))
+    assert torch.equal(model.teacher_forcing_input(ids, check_range=False), checked) and not calls
+    var = VARGenerator(GeneratorConfig(kind="var", codebook_size=32, grid_size=8, scales=MS_SCALES, codec_dim=4,
+                                       num_classes=3, dim=16, depth=1, heads=2))
+    var.set_codec(model)
+    ids_BL = torch.cat([i.flatten(1) for i in ids], dim=1)
+    var.loss(ids_BL, torch.tensor([0, 1]))
+    assert not calls                                     # the training loss made no range check
+    var.nll_bits_per_token(ids_BL, [0, 1])               # evaluation may check (and sync)

@@ -135,3 +135,4 @@ def test_multiscale_save_load_roundtrip(tmp_path):
     assert loaded.scales == SCALES and loaded.codebook_dim == 4
     assert torch.equal(loaded.teacher_forcing_input(ids), model.teacher_forcing_input(ids))
     assert torch.equal(loaded.decode_scales(ids), model.decode_scales(ids))
+
