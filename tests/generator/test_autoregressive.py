@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 
-
 import generator.autoregressive as autoregressive
 from generator.autoregressive import ARGenerator, kv_slots
 from generator.base import load_generator
