@@ -189,8 +189,9 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
                  **row)
         return
     try:
-        row.update(evaluate(out, root / config, smoke))
-        row["val_psnr_by_step"] = val_psnr_curve(out, root / config, smoke)
+        tok, val = load_for_eval(out, root / config, smoke)
+        row.update(evaluate(tok, val, smoke))
+        row["val_psnr_by_step"] = val_psnr_curve(tok, val, out, smoke)
         ips = row["train_images_per_s"]
         row["note"] = (f"{row['steps']} steps" + (f" at {ips:.0f} img/s" if ips else "") + f" in {seconds:.0f} s; "
                        + row["note"])
@@ -208,29 +209,35 @@ def _last_metrics(path: Path) -> dict:
     return recs[-1] if recs else {}
 
 
-def val_psnr_curve(run_dir: Path, config: Path, smoke: bool) -> dict[int, float]:
-    """Val PSNR of every checkpoint the run kept ({step: dB}): where the GAN (``loss.disc_start``)
-    helps or hurts the held-out reconstructions."""
+def load_for_eval(model_dir: Path, config: Path, smoke: bool):
+    """The run's saved tokenizer and the val split of its data config (loaded once for every evaluation)."""
+    from pipelines.config import load_sections
+    from pipelines.data import build_image_dataset
+    from pipelines.train_tokenizer import SECTIONS
+    from tokenizer import VQGAN
+    tok = VQGAN.from_pretrained(model_dir, device(smoke))
+    data_cfg = load_sections(config, SECTIONS, [f"data.resolution={tok.config.resolution}"])["data"]
+    return tok, build_image_dataset(data_cfg, "val")
+
+
+def val_psnr_curve(tok, val, run_dir: Path, smoke: bool) -> dict[int, float]:
+    """Val PSNR of every checkpoint the run kept ({step: dB}), each loaded into ``tok`` (which ends
+    with the last one's weights): where the GAN (``loss.disc_start``) helps or hurts the held-out
+    reconstructions."""
     from pipelines.checkpoint import list_checkpoints, load_checkpoint
-    return {step: evaluate(run_dir, config, smoke, load_checkpoint(path).tensors["model"])["val_psnr_db"]
-            for step, path in sorted(list_checkpoints(run_dir))}
+    curve = {}
+    for step, path in sorted(list_checkpoints(run_dir)):
+        tok.load_state_dict(load_checkpoint(path).tensors["model"])
+        curve[step] = evaluate(tok, val, smoke)["val_psnr_db"]
+    return curve
 
 
 @torch.no_grad()
-def evaluate(model_dir: Path, config: Path, smoke: bool, weights: dict | None = None) -> dict:
+def evaluate(tok, val, smoke: bool) -> dict:
     """Val split: PSNR of encode -> decode (the public API) and codebook statistics of the forward
-    (perplexity), plus usage = distinct codes used / codebook size. ``weights``: a state dict (a
-    checkpoint's) in place of the saved model's."""
-    from pipelines.config import load_sections
-    from pipelines.data import build_image_dataset
-    from pipelines.train_tokenizer import SECTIONS, psnr, reconstruct
-    from tokenizer import VQGAN
-    dev = device(smoke)
-    tok = VQGAN.from_pretrained(model_dir, dev)
-    if weights is not None:
-        tok.load_state_dict(weights)
-    data_cfg = load_sections(config, SECTIONS, [f"data.resolution={tok.config.resolution}"])["data"]
-    val = build_image_dataset(data_cfg, "val")
+    (perplexity), plus usage = distinct codes used / codebook size."""
+    from pipelines.train_tokenizer import psnr, reconstruct
+    dev = next(tok.parameters()).device
     n = min(len(val), 64 if smoke else len(val))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(n)), batch_size=256)
     psnr_sum, counts, perp = 0.0, torch.zeros(tok.codebook_size, dtype=torch.long), []
