@@ -216,7 +216,7 @@ def sampler_step(b: Bench) -> None:
     ``sample(compile=True)`` runs it (noise drawn eagerly + ``confidence_update`` compiled fullgraph),
     also the compiled update alone. The sampler's share of each of the 16 steps (NOTES.md)."""
     from generator.masked import MaskedSampler, confidence_noise, confidence_update, scheduled_masked_count
-    from generator.sampling import cfg_combine
+    from generator.sampling import cfg_combine_doubled
     m, B = b.model, b.batch
     L, V = m.config.num_tokens, m.config.codebook_size
     t_, s_ = 0.5, 0.4375
@@ -231,7 +231,7 @@ def sampler_step(b: Bench) -> None:
         update = fullgraph(confidence_update, b.smoke)
 
         def step():
-            return sampler.step(cfg_combine(logits[:B], logits[B:], 2.0), ids, t_, s_, None, num_masked_start_B=n0)
+            return sampler.step(cfg_combine_doubled(logits, 2.0), ids, t_, s_, None, num_masked_start_B=n0)
 
         def fused_step(fn=update):
             return sampler.step(logits, ids, t_, s_, None, num_masked_start_B=n0, cfg_scale=2.0, update=fn)
@@ -371,7 +371,7 @@ def sample_masked_fused_only(args, sink: RowSink) -> None:
 def ar_probe(b: Bench, batch: int) -> None:
     """AR's peak memory without 256 steps: the whole static KV cache, the prefill and two guided
     top-k decode steps (every later step needs the same memory)."""
-    from generator.sampling import cfg_combine, sample_logits
+    from generator.sampling import cfg_combine_doubled, sample_logits
     m = b.model
     cls = b.classes[:batch]
     cls2 = torch.cat([cls, torch.full_like(cls, m.config.null_class)])
@@ -381,7 +381,7 @@ def ar_probe(b: Bench, batch: int) -> None:
             logits = m.prefill(cls2)
             pos = torch.zeros(1, dtype=torch.long, device=b.dev)
             for _ in range(2):
-                ids, _ = sample_logits(cfg_combine(logits[:batch].float(), logits[batch:].float(), 2.0), top_k=2000)
+                ids, _ = sample_logits(cfg_combine_doubled(logits.float(), 2.0), top_k=2000)
                 pos = pos + 1
                 logits = m.decode_one_token(torch.cat([ids, ids]), pos, cls2)
     finally:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise, keep_known
+from generator.sampling import cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise, keep_known
 from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
@@ -61,10 +61,9 @@ def pick_token(logits_BV: torch.Tensor, pos_1: torch.Tensor, scales_N: torch.Ten
     - inpainting: where ``known_mask_BN[:, p]``, the id is ``known_BN[:, p]`` (``keep_known``).
     """
     if scales_N is not None:
-        B = logits_BV.shape[0] // 2
-        cond_BV, uncond_BV = logits_BV[:B].float(), logits_BV[B:].float()
-        scale_1 = scales_N[pos_1]
-        logits_BV = torch.where(scale_1 == 1.0, cond_BV, cfg_combine(cond_BV, uncond_BV, scale_1))
+        logits_2BV, scale_1 = logits_BV.float(), scales_N[pos_1]
+        logits_BV = torch.where(scale_1 == 1.0, logits_2BV[:logits_2BV.shape[0] // 2],
+                                cfg_combine_doubled(logits_2BV, scale_1))
     ids_B, _ = draw_with_noise(logits_BV, noise_BV, temperature, top_k, top_p)
     if known_mask_BN is None:
         return ids_B

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import (CFG_SCHEDULES, cfg_combine, cfg_scale_at, draw_with_noise, exponential_noise,
+from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise,
                                 gumbel_noise, keep_known, sample_logits)
 from generator.schedules import Schedule, alpha_at, as_time, get_schedule, loss_weight
 from generator.transformer import rope_tables
@@ -114,8 +114,7 @@ def confidence_update(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
     remain_B (B,) long is the scheduled count (``scheduled_masked_count``). Returns ids (B, L) long.
     """
     if cfg_scale is not None:
-        B = ids_BL.shape[0]
-        logits_BLV = cfg_combine(logits_BLV[:B], logits_BLV[B:], cfg_scale)
+        logits_BLV = cfg_combine_doubled(logits_BLV, cfg_scale)
     masked_BL = ids_BL == mask_id
     logits_BLV = logits_BLV.float()
     cand_BL, _ = draw_with_noise(logits_BLV, exp_noise_BLV, temperature, top_k, top_p)   # None: greedy
@@ -183,8 +182,7 @@ class MaskedSampler:
         opts = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator)
         if self.method == "ancestral":
             if cfg_scale is not None:
-                B = ids_BL.shape[0]
-                logits_BLV = cfg_combine(logits_BLV[:B], logits_BLV[B:], cfg_scale)
+                logits_BLV = cfg_combine_doubled(logits_BLV, cfg_scale)
             ids_BL = ancestral_step(logits_BLV, ids_BL, t, s, self.schedule, self.mask_id, **opts)
         else:
             if num_masked_start_B is None:

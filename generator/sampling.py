@@ -16,6 +16,12 @@ def cfg_combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: f
     return uncond_logits + scale * (cond_logits - uncond_logits)
 
 
+def cfg_combine_doubled(logits_2B: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``cfg_combine`` of a doubled batch [cond; uncond] (2B, ...), as the samplers run it -> (B, ...)."""
+    B = logits_2B.shape[0] // 2
+    return cfg_combine(logits_2B[:B], logits_2B[B:], scale)
+
+
 def cfg_scale_at(scale: float, progress: float, schedule: str = "constant") -> float:
     """Guidance scale at ``progress`` in [0, 1] of sampling: constant, or a linear ramp from 1 to ``scale``."""
     if schedule == "constant":

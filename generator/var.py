@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine, cfg_scale_at, keep_known, sample_logits
+from generator.sampling import cfg_combine_doubled, cfg_scale_at, keep_known, sample_logits
 from generator.transformer import rope_tables
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class VARGenerator(Generator):
                 logits_BlV = self.head(h_BlD).float()
                 if guided:
                     w = cfg_scale_at(cfg_scale, k / max(K - 1, 1), cfg_schedule)
-                    logits_BlV = cfg_combine(logits_BlV[:B], logits_BlV[B:], w)
+                    logits_BlV = cfg_combine_doubled(logits_BlV, w)
                 idx_Bl, _ = sample_logits(logits_BlV, temperature, top_k, top_p, generator)
                 idx_Bss = idx_Bl.view(B, s, s)
                 if known_ids is not None:

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from generator.sampling import (cfg_combine, cfg_scale_at, exponential_noise, keep_known, make_generator,
-                                sample_logits, top_k_top_p_filter)
+from generator.sampling import (cfg_combine, cfg_combine_doubled, cfg_scale_at, exponential_noise, keep_known,
+                                make_generator, sample_logits, top_k_top_p_filter)
 
 # probabilities 5/32, 16/32, 3/32, 8/32: dyadic, so softmax(log p) and its cumulative sums are exact in float32
 PROBS = torch.tensor([5.0, 16.0, 3.0, 8.0]) / 32
@@ -77,6 +77,8 @@ def test_cfg_combine_formula():
     assert torch.equal(cfg_combine(cond, uncond, 0.0), uncond)
     scale = torch.tensor([[1.0], [2.0], [3.0]])                   # per-row scales broadcast
     assert torch.allclose(cfg_combine(cond, uncond, scale)[2], uncond[2] + 3 * (cond[2] - uncond[2]))
+    # the samplers' doubled batch [cond; uncond] -> the guided half
+    assert torch.equal(cfg_combine_doubled(torch.cat([cond, uncond]), 2.5), cfg_combine(cond, uncond, 2.5))
 
 
 def test_cfg_scale_at():
