@@ -275,10 +275,10 @@ def sample_ar(args, sink: RowSink) -> None:
                 if not on_gpu:            # needs bf16 autocast, which the benchmarks turn on on CUDA only
                     continue
                 b.model.autocast_weights(weights)
-                # compile afresh: replaying the step compiled for the fp32 weights after they were freed
-                # faulted (illegal address, H100, torch 2.11); the pipelines cast before any compile
+                # compile afresh (the model drops its compiled step; dynamo's caches go too): replaying the
+                # step compiled for the fp32 weights after they were freed faulted (illegal address, H100,
+                # torch 2.11); the pipelines cast before any compile
                 torch._dynamo.reset()
-                b.model._compiled_owner = None
                 free_memory()
             wlabel = "bf16 Linear (autocast_weights)" if weights is not None else FP32_FROZEN
             status_first = {"compile": status()}

@@ -145,11 +145,13 @@ class Generator(nn.Module):
         (reading 4 and writing 2 bytes per weight each pass: ~0.25 ms of every AR-B token step at batch
         64 on an H100). Embeddings and norm gains stay float32, as autocast keeps them. For inference:
         the model then runs only under autocast (the pipelines do this for the models they load on a GPU).
-        Call it before the first compiled sampling: a step compiled for the float32 weights must not be
-        replayed after they are freed (it faulted so on an H100 with torch 2.11)."""
+        The module's compiled sampling functions are dropped (rebuilt on next use); still, call it before
+        the first compiled sampling: a step compiled for the float32 weights must not be replayed after
+        they are freed (it faulted so on an H100 with torch 2.11 until dynamo's caches were reset)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.to(dtype)
+        self._compiled = self._compiled_owner = None     # built for the old weights: compiled_once rebuilds
         return self
 
     def compute_dtype(self) -> torch.dtype:

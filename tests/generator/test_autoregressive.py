@@ -338,10 +338,13 @@ def test_autocast_weights_give_the_same_ids_under_autocast():
     model, classes = tiny(adaln=True), torch.tensor([0, 1, 2])
     ids = torch.randint(0, 32, (3, 16))
     kw = dict(cfg_scale=2.0, top_k=6)
+    assert model.compiled_once(lambda: "built for fp32") == "built for fp32"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model.logits(ids, classes)
         ref = model.sample(classes, generator=make_generator(2, "cpu"), compile=False, **kw)
         model.autocast_weights(torch.bfloat16)
+    assert model.compiled_once(lambda: "rebuilt") == "rebuilt"       # nothing compiled for the old weights stays
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model.logits(ids, classes), logits)
         assert torch.equal(model.sample(classes, generator=make_generator(2, "cpu"), compile=False, **kw), ref)
     assert model.head.weight.dtype == model.backbone.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
