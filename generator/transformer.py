@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generator.config import GeneratorConfig
+from generator.decode_attention import attend_one_query
 
 
 class RMSNorm(nn.Module):
@@ -70,19 +71,6 @@ def apply_rope(x_BHLK: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor)
     x1, x2 = x_BHLK.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos_LF - x2 * sin_LF, x2 * cos_LF + x1 * sin_LF], dim=-1)
     return out.type_as(x_BHLK)
-
-
-def attend_one_query(q_BH1K: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.Tensor,
-                     mask_1S: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(K) where visible, else -inf) v for one query per sequence (cached AR
-    decoding). The scores in float32 as products and sums (torch.compile fuses them into one reduction
-    that reads the cached keys once), then P V as a batched mat-vec in v's dtype (P rounded to it, as
-    flash attention does). Why not SDPA: with a mask it runs the memory-efficient kernel, which computes
-    tiles of 64 queries for this 1: 70 us per layer at batch 2x64, 65% of an AR-B decode step's GPU
-    time (H100, torch 2.11, ``--jobs profile-ar``). Output (B, H, 1, K) in v's dtype."""
-    scores_BHS = (q_BH1K.float() * k_BHSK.float()).sum(-1) * q_BH1K.shape[-1] ** -0.5
-    probs_BH1S = scores_BHS.masked_fill(~mask_1S, float("-inf")).softmax(-1)[:, :, None]
-    return probs_BH1S.to(v_BHSK.dtype) @ v_BHSK      # a batched mat-vec, in v's dtype (as flash does P V)
 
 
 class KVCache(nn.Module):

@@ -1,11 +1,8 @@
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from generator.config import GeneratorConfig
-from generator.transformer import (KVCache, Transformer, apply_rope, attend_one_query, flops_per_token, init_weights,
+from generator.transformer import (KVCache, Transformer, apply_rope, flops_per_token, init_weights,
                                    rope_tables)
 
 
@@ -68,22 +65,6 @@ def test_unmasked_block_fill_attends_to_the_filled_slots_only():
         block.attn.kv_cache.v.fill_(float("nan"))
     out = torch.cat([net(x[:, a:b], cos[a:b], sin[a:b], cache_pos=a) for a, b in blocks], 1)
     assert torch.allclose(out, full, atol=1e-5)
-
-
-def test_attend_one_query_is_masked_softmax_attention():
-    """The cached-decoding attention equals SDPA with the same mask (and the formula): invisible slots
-    get no weight, whatever they hold."""
-    B, H, S, K = 3, 2, 7, 8
-    q, k, v = torch.randn(B, H, 1, K), torch.randn(B, H, S, K), torch.randn(B, H, S, K)
-    mask = torch.tensor([[True, True, False, True, False, False, False]])
-    out = attend_one_query(q, k, v, mask)
-    assert out.shape == (B, H, 1, K)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6, rtol=1e-5)
-    w = torch.softmax((q @ k[:, :, mask[0]].transpose(-1, -2)) / math.sqrt(K), dim=-1)
-    torch.testing.assert_close(out, w @ v[:, :, mask[0]], atol=1e-6, rtol=1e-5)
-    k2, v2 = k.clone(), v.clone()
-    k2[:, :, ~mask[0]], v2[:, :, ~mask[0]] = 1e4, -1e4
-    torch.testing.assert_close(attend_one_query(q, k2, v2, mask), out, atol=0, rtol=0)
 
 
 def test_kv_cache_overflow_is_a_clear_error():

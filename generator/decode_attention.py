@@ -1,0 +1,105 @@
+"""Attention of one query per sequence over a KV cache (cached AR decoding).
+
+``attend_one_query(q, k, v, mask)`` = softmax(q k^T / sqrt(K), -inf where the mask is False) v.
+On CUDA (with Triton, the one every torch GPU wheel ships) it runs one fused kernel that streams
+each sequence's keys and values once with an online softmax (flash-decoding without the split);
+elsewhere, and for masks it does not cover, the same maths as torch ops.
+
+Why a kernel: the step is memory-bound (read K and V once). With a mask SDPA runs the memory-efficient
+kernel, which computes 64-query tiles for this one query (70 us per layer at batch 2x64, 65% of an
+AR-B step's GPU time: benchmarks/NOTES.md A13); the torch-ops version below, fused by inductor, still
+takes three kernels (q.k reduction, softmax, P V mat-vec: 29 us per layer, ~40% of the step; A17).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # CPU-only installs: the torch-ops path
+    triton = None
+
+
+def attend_one_query_reference(q_BH1K: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.Tensor,
+                               mask_1S: torch.Tensor) -> torch.Tensor:
+    """The torch-ops version: scores as float32 products and sums (one reduction reading the keys
+    once under torch.compile), then P V as a batched mat-vec in v's dtype (P rounded to it, as flash
+    attention does). Output (B, H, 1, K) in v's dtype."""
+    scores_BHS = (q_BH1K.float() * k_BHSK.float()).sum(-1) * q_BH1K.shape[-1] ** -0.5
+    probs_BH1S = scores_BHS.masked_fill(~mask_1S, float("-inf")).softmax(-1)[:, :, None]
+    return probs_BH1S.to(v_BHSK.dtype) @ v_BHSK
+
+
+def attend_one_query(q_BH1K: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.Tensor,
+                     mask_1S: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(K) where ``mask_1S`` (1, S) bool is True, else -inf) v -> (B, H, 1, K) in
+    v's dtype. q (B, H, 1, K); k, v (B, H, S, K) (slices of a cache: any strides with a unit last one).
+    The kernel keeps P in float32 (more exact than the reference's bf16 P V); the two agree to bf16
+    rounding, which can move a late draw of a sampled sequence."""
+    if use_kernel(q_BH1K, k_BHSK, v_BHSK, mask_1S):
+        return torch.ops.tessera.attend_one_query(q_BH1K, k_BHSK, v_BHSK, mask_1S)
+    return attend_one_query_reference(q_BH1K, k_BHSK, v_BHSK, mask_1S)
+
+
+def use_kernel(q, k, v, mask) -> bool:
+    """The kernel covers: CUDA, Triton present, a power-of-two head size, one shared (1, S) mask row,
+    unit-stride head dimension."""
+    K = q.shape[-1]
+    return (triton is not None and q.is_cuda and q.shape[2] == 1 and mask.dim() == 2 and mask.shape[0] == 1
+            and mask.dtype == torch.bool and K & (K - 1) == 0 and K >= 16
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+
+
+def launch_config(programs: int) -> tuple[int, int]:
+    """(cache slots per loop iteration, warps per program) for ``programs`` = batch x heads. From a
+    sweep on the H100 (benchmarks/NOTES.md A17, head size 64): with thousands of programs small ones
+    keep the most loads in flight (32 slots, 2 warps: 27 us at 2x64x12 sequences of 160 slots, vs 34
+    for 64/4); at batch 1 (24 programs on 132 SMs) each program streams its sequence with 8 warps."""
+    return (32, 2) if programs >= 256 else (128, 8)
+
+
+if triton is not None:
+    @triton.jit
+    def _one_query_kernel(Q, K, V, M, O, S, scale,
+                          sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_s, so_b, so_h,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per (batch, head): stream S slots in blocks, online softmax in float32."""
+        pid = tl.program_id(0)
+        b, h = pid // H, pid % H
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * scale
+        m_i = tl.full([], float("-inf"), tl.float32)      # running max of the visible scores
+        l_i = tl.zeros([], tl.float32)                    # running sum of exp(score - m_i)
+        acc = tl.zeros([D], tl.float32)                   # running sum of exp(score - m_i) v
+        for start in range(0, S, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            inside = s < S
+            visible = (tl.load(M + s * sm_s, mask=inside, other=0) != 0) & inside
+            k = tl.load(K + b * sk_b + h * sk_h + s[:, None] * sk_s + d[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(V + b * sv_b + h * sv_h + s[:, None] * sv_s + d[None, :], mask=inside[:, None], other=0.0)
+            score = tl.where(visible, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(score, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # nothing visible yet: exp(-inf) = 0, no NaN
+            p = tl.exp(score - m_ref)
+            alpha = tl.exp(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            m_i = m_new
+        tl.store(O + b * so_b + h * so_h + d, (acc / l_i).to(O.dtype.element_ty))
+
+    @torch.library.custom_op("tessera::attend_one_query", mutates_args=())
+    def _attend_one_query_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))   # if a compiler re-laid them
+        B, H, S, D = k.shape
+        out = torch.empty(B, H, 1, D, dtype=v.dtype, device=v.device)
+        block, warps = launch_config(B * H)
+        _one_query_kernel[(B * H,)](q, k, v, mask, out, S, D ** -0.5,
+                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                                    v.stride(0), v.stride(1), v.stride(2), mask.stride(1),
+                                    out.stride(0), out.stride(1), H=H, D=D, BLOCK=block, num_warps=warps)
+        return out
+
+    @_attend_one_query_op.register_fake
+    def _(q, k, v, mask):
+        return v.new_empty(k.shape[0], k.shape[1], 1, k.shape[3])
