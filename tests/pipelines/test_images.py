@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.images import (image_to_tensor, mask_to_tensor, open_image, paste, scale_masks, tensor_to_pil,
+from pipelines.images import (image_to_tensor, mask_to_tensor, open_image, paste, random_shift, scale_masks, tensor_to_pil,
                               to_rgb, token_mask)
 
 
@@ -79,3 +79,19 @@ def test_tensor_pil_round_trip():
     t = torch.randint(0, 256, (1, 3, 4, 4)).float() / 127.5 - 1
     back = image_to_tensor(tensor_to_pil(t)[0], 4)
     assert torch.allclose(back, t[0], atol=1e-6)
+
+
+def test_random_shift_translates_with_edges_repeated():
+    """out[y, x] = in[y - dy, x - dx] inside, the nearest edge pixel outside; the shift is drawn from the
+    generator (same seed, same shift) and covers [-m, m] in both axes."""
+    image = torch.arange(3 * 8 * 8, dtype=torch.float32).view(3, 8, 8)
+    seen = set()
+    for seed in range(60):
+        out = random_shift(image, 2, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, random_shift(image, 2, torch.Generator().manual_seed(seed)))
+        dy, dx = torch.randint(-2, 3, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ys, xs = (torch.arange(8) - dy).clamp(0, 7), (torch.arange(8) - dx).clamp(0, 7)
+        assert torch.equal(out, image[:, ys][:, :, xs])
+        seen.add((dy, dx))
+    assert len(seen) > 15                                         # most of the 25 shifts occur
+    assert random_shift(image, 0) is image
