@@ -29,6 +29,11 @@ import torch.nn.functional as F
 from generator.config import GeneratorConfig
 from generator.decode_attention import attend_one_query
 
+try:    # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:
+    BlockMask = flex_attention = None
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and returned in the input's dtype (nn.RMSNorm falls off its
@@ -118,7 +123,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None):
+        """``mask_LS``: None, a bool (L, S) tensor (True = attend), or a FlexAttention ``BlockMask``
+        (uncached forwards only: VAR's compiled training, where it skips the masked blocks)."""
         B, L, D = x_BLD.shape
+        flex = BlockMask is not None and isinstance(mask_LS, BlockMask)
+        if flex and self.kv_cache is not None and cache_pos is not None:
+            raise ValueError("a FlexAttention BlockMask is for uncached forwards; cached steps take a bool mask")
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)                      # (B, H, L, K)
         q, k = apply_rope(q, cos_LF, sin_LF), apply_rope(k, cos_LF, sin_LF)
@@ -129,7 +139,9 @@ class Attention(nn.Module):
             elif mask_LS is not None:                             # the mask covers the first S slots
                 k, v = k[:, :, :mask_LS.shape[-1]], v[:, :, :mask_LS.shape[-1]]
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if L == 1 and mask_LS is not None:                          # a cached decoding step
+        if flex:
+            out = flex_attention(q, k, v, block_mask=mask_LS)
+        elif L == 1 and mask_LS is not None:                        # a cached decoding step
             out = attend_one_query(q, k, v, mask_LS)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)

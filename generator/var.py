@@ -32,7 +32,10 @@ import torch.nn.functional as F
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine_doubled, cfg_scale_at, keep_known, sample_logits
-from generator.transformer import rope_tables
+from generator.transformer import flex_attention, rope_tables
+
+if flex_attention is not None:
+    from torch.nn.attention.flex_attention import create_block_mask
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,7 @@ class VARGenerator(Generator):
         self.register_buffer("rope_cos", cos_LF, persistent=False)
         self.register_buffer("rope_sin", sin_LF, persistent=False)
         self._codec_ref: _CodecRef | None = None
+        self._block_masks: dict = {}                       # (Lp, device) -> BlockMask (compiled training)
         self._init_weights()
 
     # ---- the codec ---------------------------------------------------------------------------
@@ -171,8 +175,25 @@ class VARGenerator(Generator):
         start_BlD = cond_BD[:, None].expand(-1, self.first_l, -1)
         x_BLD = torch.cat([start_BlD, self.word_embed(inputs_BlC.to(self.word_embed.weight))], dim=1)
         x_BLD = x_BLD + self.lvl_embed(self.level_L[:Lp])
-        h_BLD = self.backbone(x_BLD, self.rope_cos[:Lp], self.rope_sin[:Lp], cond_BD, mask_LS=self.mask_LL[:Lp, :Lp])
+        mask = self.mask_LL[:Lp, :Lp]
+        if x_BLD.is_cuda and torch.compiler.is_compiling() and flex_attention is not None:
+            mask = self._block_mask(Lp, x_BLD.device)
+        h_BLD = self.backbone(x_BLD, self.rope_cos[:Lp], self.rope_sin[:Lp], cond_BD, mask_LS=mask)
         return self.head(h_BLD)
+
+    @torch.compiler.disable
+    def _block_mask(self, Lp: int, device: torch.device):
+        """The block-causal mask of the first Lp tokens as a FlexAttention BlockMask, built once per
+        (Lp, device) outside the compiled graph (a graph break on first use; later calls return the cached
+        one) and never saved. Only under torch.compile on CUDA: there flex_attention is one fused kernel
+        that skips the all-masked blocks, where SDPA with a bool mask runs the memory-efficient kernel over
+        all 680 x 680 scores; eager flex_attention would materialise the scores, so eager keeps SDPA."""
+        key = (Lp, str(device))
+        if key not in self._block_masks:
+            level_L = self.level_L[:Lp].to(device)
+            self._block_masks[key] = create_block_mask(lambda b, h, q, kv: level_L[kv] <= level_L[q],
+                                                       B=None, H=None, Q_LEN=Lp, KV_LEN=Lp, device=device)
+        return self._block_masks[key]
 
     def _ce_BL(self, ids_BL, labels_B, codec_inputs_BlC):
         """Per-token cross-entropy (B, L) and logits (B, L, V); ids_BL long of the right length."""
