@@ -13,42 +13,61 @@ import time
 import torch
 
 from generator import decode_attention as da
-torch.manual_seed(0)
-dev = "cuda"
 
-def timeit(fn, n=300):
-    for _ in range(5): fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3): fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+HEADS, HEAD_DIM, CACHE_SLOTS = 12, 64, 257          # AR-B, 256 tokens + the spare slot
+CONFIGS = [(slots, warps) for slots in (32, 64, 128) for warps in (2, 4, 8)]
+
+
+def graph_time_us(fn, replays: int = 300) -> float:
+    """Microseconds per call of ``fn`` replayed from one CUDA graph (after eager and side-stream warm-up)."""
+    for _ in range(5):
+        fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n): g.replay()
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+    return (time.perf_counter() - t0) / replays * 1e6
 
-ref_c = torch.compile(da.attend_one_query_reference, dynamic=False)
-H, D, N = 12, 64, 257
-for B in (128, 2):
-    kc = torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16)
-    vc = torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16)
-    q = torch.randn(B, 1, 3, H, D, device=dev, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)[0]
-    for S in (32, 160, 256):
-        k, v = kc[:, :, :S], vc[:, :, :S]
-        mask = torch.ones(1, S, dtype=torch.bool, device=dev); mask[0, S - 20:] = False
-        ref = da.attend_one_query_reference(q, k, v, mask)
-        row = [f"B={B:3d} S={S:3d} ref_compiled={timeit(lambda: ref_c(q, k, v, mask)):6.1f}us"]
-        for blk in (32, 64, 128):
-            for w in (2, 4, 8):
-                da.launch_config = lambda programs, c=(blk, w): c
-                out = torch.ops.tessera.attend_one_query(q, k, v, mask)
-                err = (out.float() - ref.float()).abs().max().item()
-                row.append(f"b{blk}w{w}={timeit(lambda: torch.ops.tessera.attend_one_query(q, k, v, mask)):5.1f}"
-                           + ("" if err < 0.05 else f"(ERR {err:.3f})"))
-        mb = 2 * B * H * S * D * 2 / 1e6
-        print("  ".join(row), f" [{mb:.1f} MB]", flush=True)
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev = "cuda"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, {HEADS} heads of {HEAD_DIM}")
+    reference = torch.compile(da.attend_one_query_reference, dynamic=False)
+    kernel = torch.ops.tessera.attend_one_query
+    chosen = da.launch_config
+    for B in (128, 2):
+        cache_k, cache_v = (torch.randn(B, HEADS, CACHE_SLOTS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+                            for _ in "kv")
+        qkv = torch.randn(B, 1, 3, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+        q = qkv.permute(2, 0, 3, 1, 4)[0]                     # a view, as the decode step passes it
+        for S in (32, 160, 256):
+            k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+            mask = torch.ones(1, S, dtype=torch.bool, device=dev)
+            mask[0, S - 20:] = False
+            expected = da.attend_one_query_reference(q, k, v, mask).float()
+            row = [f"sequences={B:3d} slots={S:3d} [{2 * B * HEADS * S * HEAD_DIM * 2 / 1e6:5.1f} MB]",
+                   f"torch-ops compiled {graph_time_us(lambda: reference(q, k, v, mask)):6.1f}"]
+            for slots, warps in CONFIGS:
+                da.launch_config = lambda programs, c=(slots, warps): c
+                err = (kernel(q, k, v, mask).float() - expected).abs().max().item()
+                row.append(f"{slots}/{warps} {graph_time_us(lambda: kernel(q, k, v, mask)):5.1f}"
+                           + ("" if err < 0.05 else f" (max error {err:.3f})"))
+            da.launch_config = chosen
+            print("  ".join(row), flush=True)
+    print("(us per call; kernel columns: slots per iteration / warps; launch_config picks "
+          f"{chosen(128 * HEADS)} at batch 64 and {chosen(2 * HEADS)} at batch 1)")
+
+
+if __name__ == "__main__":
+    main()
