@@ -184,8 +184,8 @@ class VARGenerator(Generator):
     @torch.compiler.disable
     def _block_mask(self, Lp: int, device: torch.device):
         """The block-causal mask of the first Lp tokens as a FlexAttention BlockMask, built once per
-        (Lp, device) outside the compiled graph (a graph break on first use; later calls return the cached
-        one) and never saved. Only under torch.compile on CUDA: there flex_attention is one fused kernel
+        (Lp, device) and never saved; looked up outside the compiled graph (one graph break in the
+        compiled loss, where building it inside the graph is not supported on every torch we run). Only under torch.compile on CUDA: there flex_attention is one fused kernel
         that skips the all-masked blocks, where SDPA with a bool mask runs the memory-efficient kernel over
         all 680 x 680 scores; eager flex_attention would materialise the scores, so eager keeps SDPA."""
         key = (Lp, str(device))
