@@ -51,6 +51,8 @@ class TrainTask(Protocol):
     - ``sample(step, out_dir)``: writes a sample grid every ``sample_every`` steps (main process).
     - ``metrics: dict[str, float | Tensor]``: set by ``train_step``; averaged and logged.
     - ``throughput_unit: str`` (e.g. "images") and ``units_per_item: int``: logs ``<unit>_per_s``.
+    - ``compile_modules()``: what ``compile: true`` does for this task, in place (instead of wrapping
+      "model" in ``torch.compile``), e.g. when only parts of the model may be compiled.
     """
 
     def modules(self) -> dict[str, nn.Module]:
@@ -142,6 +144,9 @@ class Trainer:
 
         to_prepare = dict(self.raw)
         compile_model, fsdp = cfg.compile and "model" in to_prepare, fsdp_utils.is_fsdp(acc)
+        if compile_model and hasattr(self.task, "compile_modules"):
+            self.task.compile_modules()
+            compile_model = False
         if compile_model and not fsdp:
             to_prepare["model"] = torch.compile(to_prepare["model"])
         names, opt_names = list(to_prepare), list(self.optimizers)
@@ -190,7 +195,8 @@ class Trainer:
                 self.dataset.retain_shards(self.sampler.rank_shards(epoch))   # free last epoch's shards
             loader = DataLoader(SeededDataset(self.dataset, self.config.seed), batch_sampler=self.sampler,
                                 num_workers=self.config.num_workers, pin_memory=torch.cuda.is_available(),
-                                generator=torch.Generator().manual_seed(self.config.seed + epoch))
+                                generator=torch.Generator().manual_seed(self.config.seed + epoch),
+                                worker_init_fn=_outlive_sigterm)
             self._data_iter = iter(loader)
         try:
             return next(self._data_iter)
@@ -392,6 +398,13 @@ class Trainer:
         if self._stop_signal is not None:
             logger.warning("stopped by %s at step %d; checkpoint: %s", self._stop_signal, st["step"], path)
         return dict(last, step=st["step"], stopped_by=self._stop_signal, checkpoint=str(path) if path else None)
+
+
+def _outlive_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. `timeout`, schedulers and `kill -- -PGID` signal the whole
+    process group; a worker that died of it would make PyTorch raise in the main process while the
+    Trainer writes its last checkpoint. The workers still end with the loader (or their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _diff(a: Any, b: Any, where: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -248,19 +249,19 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------ real processes
-def run_toy(out: str, resume: bool = False, sleep: float = 0.0, max_steps: int = 40) -> None:
+def run_toy(out: str, resume: bool = False, sleep: float = 0.0, max_steps: int = 40, num_workers: int = 0) -> None:
     """Entry point for the subprocess tests."""
     import logging
     logging.basicConfig(level=logging.INFO)
     result = train(out, ToyTask(sleep=sleep), resume=resume, max_steps=max_steps, checkpoint_every=10,
-                   keep_checkpoints=3)
+                   keep_checkpoints=3, num_workers=num_workers)
     print("FINAL_STEP", result["step"], flush=True)
 
 
-def spawn(out, **kw) -> subprocess.Popen:
+def spawn(out, new_group: bool = False, **kw) -> subprocess.Popen:
     code = f"from tests.pipelines.test_trainer import run_toy; run_toy({str(out)!r}, **{kw!r})"
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_group)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0):
@@ -299,6 +300,18 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     ckpt = load_checkpoint(tmp_path / f"checkpoints/step-{step:07d}")
     assert ckpt.step == step and ckpt.state["step"] == step
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "run.yaml").is_file()
+
+
+def test_sigterm_to_the_process_group_with_data_workers_still_checkpoints(tmp_path):
+    """`timeout` and schedulers signal the whole group: the DataLoader workers too."""
+    proc = spawn(tmp_path, new_group=True, sleep=0.05, max_steps=1000, num_workers=2)
+    wait_for(tmp_path / "checkpoints/step-0000010", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    step = int(out.split("FINAL_STEP")[1].split()[0])
+    assert "received SIGTERM" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / f"checkpoints/step-{step:07d}").step == step
 
 
 def test_max_minutes_stops_with_a_checkpoint_like_a_signal(tmp_path):
