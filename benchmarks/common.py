@@ -208,6 +208,30 @@ def job_args(description: str, parts: list[str], extra: Callable[[argparse.Argum
     return args
 
 
+def profile_ops(run: Callable[[], object], on_gpu: bool, top: int = 15) -> dict:
+    """torch.profiler over one ``run()`` (warm it up first): prints the operators that take the most
+    (GPU, else CPU) self time and returns the row fields: wall ``median_s``, ``gpu_busy_s`` (the summed
+    self time: a launch-bound loop shows a low busy fraction) and ``top_ops``. Kernels replayed inside
+    CUDA graphs are listed as the profiler reports them."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        run()
+        sync()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total = "device_time_total" if on_gpu else "cpu_time_total"
+    self_total = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    busy = sum(getattr(e, self_total) for e in events) / 1e6
+    print(events.table(sort_by=self_total, row_limit=top, max_name_column_width=60))
+    ranked = sorted(events, key=lambda e: getattr(e, self_total), reverse=True)[:top]
+    return dict(median_s=wall, gpu_busy_s=busy, gpu_busy_fraction=busy / wall,
+                top_ops=[{"op": e.key[:80], "calls": e.count, "self_ms": round(getattr(e, self_total) / 1e3, 3),
+                          "total_ms": round(getattr(e, total) / 1e3, 3)} for e in ranked])
+
+
 def autocast(device: torch.device | str):
     """bf16 autocast on the GPU (as the pipelines run), nothing on the CPU (smoke runs)."""
     device = torch.device(device)

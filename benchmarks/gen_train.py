@@ -1,6 +1,6 @@
 """GPU benchmark of generator training: tokens/s, MFU and the data-wait fraction.
 
-    python3 -m benchmarks.gen_train [--part masked-L|ar-L|var-d16 ...] [--smoke] [--rows-out F]
+    python3 -m benchmarks.gen_train [--part masked-L|ar-L|var-d16 ...] [--profile] [--smoke] [--rows-out F]
 
 Each model is built from its real run config (configs/generator/<name>.yaml: model + train
 sections) and trained the way pipelines/train_generator.py trains it: the GeneratorLoss wrapper
@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import roofline
 from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
-                               peak_flops, peak_memory_gb, repo_root, reset_peak_memory, search_max_batch, sync,
+                               peak_flops, peak_memory_gb, profile_ops, repo_root, reset_peak_memory, search_max_batch, sync,
                                time_fn)
 from benchmarks.setups import TINY_GENERATOR, build_tokenizer, device
 
@@ -134,6 +134,12 @@ def train_model(name: str, args, sink: RowSink) -> None:
         add("compiled", time_fn(lambda: step(ids, labels), **iters), **status)
     except Exception as e:  # noqa: BLE001
         sink.error(f"{name} train compiled", e, batch=B, **status)
+    if args.profile:   # where the compiled step's GPU time goes (two steps)
+        try:
+            sink.add(name=f"{name} train profile", bench="profile", model=name, batch=B, **status,
+                     **profile_ops(lambda: [step(ids, labels) for _ in range(2)], dev.type == "cuda", top=25))
+        except Exception as e:  # noqa: BLE001
+            sink.error(f"{name} train profile", e, batch=B, **status)
     # 3. VAR: the codec's share of a step (teacher-forcing inputs, built by the tokenizer each step)
     if step.tokenizer is not None:
         try:
@@ -241,7 +247,8 @@ def data_wait(name: str, step: Step, B: int, smoke: bool, sink: RowSink, facts: 
 
 
 def main() -> None:
-    args = job_args(__doc__.splitlines()[0], PARTS)
+    args = job_args(__doc__.splitlines()[0], PARTS, extra=lambda p: p.add_argument(
+        "--profile", action="store_true", help="also profile two compiled steps (top operators by GPU time)"))
     for part in args.part:
         train_model(part, args, RowSink(args.rows_out, f"train {part}", args.smoke))
         torch._dynamo.reset()   # compiled graphs hold the model: drop them before the next part

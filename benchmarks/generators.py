@@ -20,12 +20,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import time
 
 import torch
 
 from benchmarks import roofline
-from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
+from benchmarks.common import (profile_ops, H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
                                peak_flops, peak_memory_gb, reset_peak_memory, search_max_batch, sync, time_fn, timing)
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 
@@ -332,33 +331,17 @@ def profile_sampling(args, sink: RowSink, name: str) -> None:
     store them; its warm-up call compiles): the operators
     that take the GPU time, and GPU-busy vs wall time (a launch-bound loop shows a low busy fraction).
     Kernels replayed inside CUDA graphs are listed as the profiler reports them."""
-    from torch.profiler import ProfilerActivity, profile
     b = Bench(args, sink, name)
     on_gpu = b.dev.type == "cuda"
     if on_gpu:
         b.model.autocast_weights()    # the pipelines' path on a GPU
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     steps = {"num_steps": 16} if b.model.config.kind == "masked" else {}
     label = "compiled" if on_gpu else "eager"
     for batch in (b.batch, 1):
         run = lambda n=batch: b.sample(n, compile=on_gpu, **steps)   # noqa: E731
         run()                                                        # warm-up: compile, allocator, cuBLAS plans
-        sync()
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            run()
-            sync()
-            wall = time.perf_counter() - t0
-        events = prof.key_averages()
-        total = "device_time_total" if on_gpu else "cpu_time_total"
-        self_total = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-        busy = sum(getattr(e, self_total) for e in events) / 1e6
-        top = sorted(events, key=lambda e: getattr(e, self_total), reverse=True)[:15]
-        print(events.table(sort_by=self_total, row_limit=15, max_name_column_width=60))
         sink.add(name=f"{name} profile {label} b{batch}", bench="profile", model=name, batch=batch, compile=label,
-                 median_s=wall, gpu_busy_s=busy, gpu_busy_fraction=busy / wall,
-                 top_ops=[{"op": e.key[:80], "calls": e.count, "self_ms": round(getattr(e, self_total) / 1e3, 3),
-                           "total_ms": round(getattr(e, total) / 1e3, 3)} for e in top])
+                 **profile_ops(run, on_gpu))
 
 
 def sample_masked_fused_only(args, sink: RowSink) -> None:

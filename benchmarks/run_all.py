@@ -57,6 +57,8 @@ JOBS = [
     Job("train-masked-L", "benchmarks.gen_train", ["--part", "masked-L"], 120),
     Job("train-ar-L", "benchmarks.gen_train", ["--part", "ar-L"], 115),
     Job("train-var-d16", "benchmarks.gen_train", ["--part", "var-d16"], 180),
+    Job("profile-train-ar", "benchmarks.gen_train", ["--part", "ar-L", "--profile"], 130),
+    Job("profile-train-masked", "benchmarks.gen_train", ["--part", "masked-L", "--profile"], 135),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -74,7 +76,8 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
                    "maxbatch", "tok-encode", "tok-emoji"],
          "quality": ["quality", "inpainting"]}
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
-EXPLICIT_ONLY = {"sample-masked-fused", "profile-masked", "profile-ar", "profile-var"}
+EXPLICIT_ONLY = {"sample-masked-fused", "profile-masked", "profile-ar", "profile-var", "profile-train-ar",
+                 "profile-train-masked"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]

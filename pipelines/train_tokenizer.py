@@ -64,6 +64,13 @@ class TokenizerTask:
         self.net, self.disc_net = self.model, self.disc   # replaced by the wrapped modules in bind_modules
         self.sample_images = sample_images
         self.metrics: dict[str, torch.Tensor] = {}
+        self.memory_format = torch.contiguous_format
+
+    def compile_modules(self) -> None:
+        """``train.compile``: NHWC layout and compiled conv stacks (``VQGAN.compile_conv_stacks``)."""
+        self.model.compile_conv_stacks(channels_last=True)
+        self.loss.discriminator.to(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "disc": self.disc}
@@ -76,7 +83,7 @@ class TokenizerTask:
                 "disc": adamw(self.loss.discriminator, train, lr=train.lr * self.loss.config.disc_lr_ratio)}
 
     def train_step(self, batch, step: int) -> dict[str, torch.Tensor]:
-        images = batch[0]
+        images = batch[0].contiguous(memory_format=self.memory_format)
         out = self.net(images)
         g = self.loss.generator_loss(images, out.recon, out.quant_loss, self.model.last_layer, step)
         if self.loss.disc_active(step):

@@ -133,10 +133,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.features(z_BChw))
+
+    def features(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        """Everything before the last conv (``VQGAN.compile_conv_stacks`` compiles this part)."""
         h = self.mid(self.conv_in(z_BChw))
         for level in self.levels:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.silu(self.norm_out(h))
 
     @property
     def last_layer(self) -> nn.Parameter:

@@ -135,6 +135,18 @@ class VQGAN(nn.Module):
         return self.decoder.last_layer
 
     # ---- training -------------------------------------------------------------------------------
+    def compile_conv_stacks(self, channels_last: bool = True, backend: str = "inductor") -> None:
+        """For training speed: NHWC weights (cuDNN's tensor-core layout; feed NHWC images too) and
+        torch.compile of the encoder and of the decoder up to its last conv, in place (state_dict keys
+        and values unchanged). The quantizer stays eager (its restart bookkeeping), and so does the
+        decoder's last conv: the adaptive GAN weight differentiates the loss w.r.t. that conv's weight with
+        ``retain_graph``, which a compiled backward can refuse (donated buffers: it did for the whole VQGAN compiled); that gradient never reaches
+        the compiled part, whose backward then runs once, in the step's backward."""
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        self.encoder.compile(backend=backend)
+        self.decoder.features = torch.compile(self.decoder.features, backend=backend)
+
     def forward(self, images_B3HW: torch.Tensor, generator: torch.Generator | None = None) -> VQGANOutput:
         """Reconstruct images; ``generator`` drives dead-code restarts (training mode only)."""
         q = self.quantizer(self._latent(images_B3HW), generator=generator)

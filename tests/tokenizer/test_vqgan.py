@@ -154,3 +154,36 @@ def test_fingerprint_tells_trainings_apart_and_survives_a_16_bit_copy(tmp_path):
         meta = f.metadata()
     save_file({k: v.half() for k, v in load_file(str(path)).items()}, str(path), metadata=meta)
     assert VQGAN.from_pretrained(tmp_path / "a").fingerprint() == a.fingerprint()
+
+
+def _gan_step(model: VQGAN, crit, images):
+    """One generator loss with the GAN term and the adaptive weight, and its backward."""
+    from tokenizer.losses import LossConfig  # noqa: F401  (crit is a VQGANLoss)
+    out = model(images)
+    g = crit.generator_loss(images, out.recon, out.quant_loss, model.last_layer, step=0)
+    g.loss.backward()
+    return g, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_conv_stacks_train_like_eager():
+    """compile_conv_stacks (the tokenizer's train.compile) keeps the state_dict and the step's loss and
+    gradients, with the adaptive GAN weight's retain_graph gradients (a compiled backward refuses them)."""
+    from tokenizer.losses import LossConfig, VQGANLoss
+    torch.manual_seed(0)
+    eager = VQGAN(tiny(restart_dead_codes=False))
+    compiled = VQGAN(tiny(restart_dead_codes=False))
+    compiled.load_state_dict(eager.state_dict())
+    crit = VQGANLoss(LossConfig(perceptual_weight=0.0, disc_start=0, disc_channels=8, disc_layers=2))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    keys = list(compiled.state_dict())
+    compiled.compile_conv_stacks(channels_last=True, backend="aot_eager")
+    assert list(compiled.state_dict()) == keys
+    assert compiled.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    g_eager, grads_eager = _gan_step(eager, crit, images)
+    g_comp, grads_comp = _gan_step(compiled, crit, images.contiguous(memory_format=torch.channels_last))
+    assert g_eager.metrics["d_weight"] > 0
+    for k in ("loss", "rec_loss", "g_loss", "d_weight"):
+        torch.testing.assert_close(g_comp.metrics[k], g_eager.metrics[k], rtol=1e-4, atol=1e-5)
+    assert grads_comp.keys() == grads_eager.keys() and "encoder.conv_in.weight" in grads_comp
+    for k in grads_eager:
+        torch.testing.assert_close(grads_comp[k], grads_eager[k], rtol=1e-3, atol=1e-5)
