@@ -113,13 +113,19 @@ class EMA:
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """One EMA step; ``keep`` (0-dim, 1 or 0) scales it on the device, so a step the optimizer
+        skipped there (non-finite) leaves the average unchanged without a host sync."""
         ema_params, params = [], []
         for (name, e), (_, p) in zip(self.module.named_parameters(), model.named_parameters()):
             ema_params.append(e)
             params.append(p.detach().to(e.dtype))
-        if ema_params:
+        if ema_params and keep is None:
             torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        elif ema_params:   # ema += (1 - decay) * keep * (param - ema)
+            step = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(step, (1.0 - self.decay) * keep.to(ema_params[0].dtype))
+            torch._foreach_add_(ema_params, step)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
 

@@ -205,7 +205,14 @@ class Trainer:
             return self._next_batch()
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self) -> tuple[list[torch.Tensor], dict[str, float], bool, float]:
+    @property
+    def _fused(self) -> bool:
+        """Every optimizer is a fused torch one (CUDA AdamW): non-finite steps are skipped on the device."""
+        return all(getattr(getattr(o, "optimizer", o), "defaults", {}).get("fused") for o in self.optimizers.values())
+
+    def _train_step(self) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, float]:
+        """One optimizer step. Returns the losses (one per optimizer), the metrics (tensors stay on the
+        device), ``bad`` (0-dim: 1.0 if the step was skipped as non-finite) and the data-wait seconds."""
         acc, cfg, step = self.accelerator, self.config, self.state["step"]
         wait, losses_micro, metrics = 0.0, [], {}
         for a in range(cfg.grad_accum):
@@ -242,21 +249,28 @@ class Trainer:
         bad = 1.0 - finite.to(acc.device)
         if acc.num_processes > 1:  # every rank must agree to step or skip
             bad = acc.reduce(bad, "max")
-        ok = bad.item() == 0
-        if ok:
+        # fused AdamW skips a non-finite step on the device (its found_inf input, as GradScaler uses it):
+        # no host sync, so the host queues the next step while this one runs; else decide here
+        skip_on_device = self._fused
+        if skip_on_device or bad.item() == 0:
             factor = lr_factor(step, cfg)
             for name, opt in self.optimizers.items():
                 for group, base in zip(opt.param_groups, self.base_lrs[name]):
                     group["lr"] = base * factor
-                opt.step()
+                inner = getattr(opt, "optimizer", opt)   # accelerate's wrapper holds the torch optimizer
+                inner.found_inf = bad if skip_on_device else None
+                try:
+                    opt.step()
+                finally:
+                    del inner.found_inf
             if self.ema is not None:
-                self.ema.update(self.raw["model"])
+                self.ema.update(self.raw["model"], keep=1.0 - bad if skip_on_device else None)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        out = {f"grad_norm/{k}": float(v) for k, v in norms.items()}
+        out = {f"grad_norm/{k}": v.detach().float() for k, v in norms.items()}
         for k, v in metrics.items():  # mean over micro-batches
             out[k] = torch.stack(v).mean() if torch.is_tensor(v[0]) else sum(v) / len(v)
-        return loss_N, out, ok, wait
+        return loss_N, out, bad, wait
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> Path | None:
@@ -325,17 +339,52 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=st["step"], disable=not main, desc="train", dynamic_ncols=True)
         unit, per_item = getattr(self.task, "throughput_unit", None), getattr(self.task, "units_per_item", 1)
 
-        def flush_log():
-            nonlocal last
-            if not window:
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, dict]] = []   # steps whose finiteness is unread
+
+        def settle():
+            """Read the pending steps' flags and losses (one host sync): skipped steps are counted and
+            warned about, a run of ``max_nonfinite`` stops training, the others enter the log window."""
+            if not pending:
                 return
+            bad_P = torch.stack([b.reshape(()).float() for _, b, _, _ in pending]).tolist()
+            loss_PN = torch.stack([l for _, _, l, _ in pending]).tolist()
+            for (step, _, _, step_metrics), bad, losses in zip(pending, bad_P, loss_PN):
+                if bad == 0:
+                    st["nonfinite_streak"] = 0
+                    for name, v in zip(self.optimizers, losses):
+                        window.setdefault(f"loss/{name}", []).append(v)
+                    for k, v in step_metrics.items():
+                        window.setdefault(k, []).append(v)
+                    continue
+                st["nonfinite_total"] += 1
+                st["nonfinite_streak"] += 1
+                logger.warning("non-finite loss or gradient at step %d (%s): step skipped (%d in a row)",
+                               step, dict(zip(self.optimizers, losses)), st["nonfinite_streak"])
+                if st["nonfinite_streak"] >= cfg.max_nonfinite:
+                    bar.close()
+                    good = latest_checkpoint(self.output_dir)
+                    raise RuntimeError(
+                        f"training stopped at step {step}: {st['nonfinite_streak']} non-finite steps in a row "
+                        f"(train.max_nonfinite = {cfg.max_nonfinite}); last good checkpoint: {good or 'none'}. "
+                        "Lower train.lr or check the data.")
+            pending.clear()
+
+        def flush_log():
+            nonlocal last, window_t0
+            settle()
+            steps = len(window.pop("steps", []))
+            if not steps:
+                return
+            elapsed = time.perf_counter() - window_t0   # after settle's sync: the window's GPU work is done
+            wait = sum(window.pop("wait_s", []))
             keys = sorted(window)
             vals = torch.tensor([sum(float(v) for v in window[k]) / len(window[k]) for k in keys], device=acc.device)
             vals = acc.reduce(vals, "mean") if acc.num_processes > 1 else vals
             rec = {"step": st["step"], "epoch": st["epoch"], **dict(zip(keys, vals.tolist())),
+                   "step_time": elapsed / steps, "data_wait": wait / max(elapsed, 1e-9),
                    "nonfinite_total": st["nonfinite_total"]}
             rec["lr"] = self.base_lrs[next(iter(self.base_lrs))][0] * lr_factor(max(st["step"] - 1, 0), cfg)
-            if unit and rec.get("step_time"):
+            if unit:
                 rec[f"{unit}_per_s"] = cfg.batch_size * per_item / rec["step_time"]
             if main:
                 with open(metrics_path, "a") as f:
@@ -343,46 +392,31 @@ class Trainer:
                 bar.set_postfix({k.removeprefix("loss/"): f"{v:.4g}" for k, v in rec.items() if k.startswith("loss/")}
                                 | {"lr": f"{rec['lr']:.2e}"}, refresh=False)
             window.clear()
+            window_t0 = time.perf_counter()
             last = rec
 
-        started = time.monotonic()
+        started, window_t0 = time.monotonic(), time.perf_counter()
         while st["step"] < cfg.max_steps and self._stop_signal is None:
-            t0 = time.perf_counter()
-            loss_N, step_metrics, ok, wait = self._train_step()
+            loss_N, step_metrics, bad, wait = self._train_step()
             st["step"] += 1
             st["step_in_epoch"] += 1
             if st["step_in_epoch"] >= self.sampler.steps_in_epoch(st["epoch"]):
                 st["epoch"], st["step_in_epoch"] = st["epoch"] + 1, 0
-            if ok:
-                st["nonfinite_streak"] = 0
-                for name, v in zip(self.optimizers, loss_N.tolist()):
-                    window.setdefault(f"loss/{name}", []).append(v)
-                for k, v in step_metrics.items():
-                    window.setdefault(k, []).append(v)
-            else:
-                st["nonfinite_total"] += 1
-                st["nonfinite_streak"] += 1
-                bad = {n: v for n, v in zip(self.optimizers, loss_N.tolist())}
-                logger.warning("non-finite loss or gradient at step %d (%s): step skipped (%d in a row)",
-                               st["step"], bad, st["nonfinite_streak"])
-                if st["nonfinite_streak"] >= cfg.max_nonfinite:
-                    bar.close()
-                    good = latest_checkpoint(self.output_dir)
-                    raise RuntimeError(
-                        f"training stopped at step {st['step']}: {st['nonfinite_streak']} non-finite steps in a row "
-                        f"(train.max_nonfinite = {cfg.max_nonfinite}); last good checkpoint: {good or 'none'}. "
-                        "Lower train.lr or check the data.")
-            dt = time.perf_counter() - t0
-            window.setdefault("step_time", []).append(dt)
-            window.setdefault("data_wait", []).append(wait / max(dt, 1e-9))
+            pending.append((st["step"], bad, loss_N, step_metrics))
+            window.setdefault("steps", []).append(1)
+            window.setdefault("wait_s", []).append(wait)
+            if not self._fused:   # the host already knows (it synced in the step): act on it now
+                settle()
             bar.update(1)
             if st["step"] % cfg.log_every == 0:
                 flush_log()
             if cfg.sample_every and st["step"] % cfg.sample_every == 0 and hasattr(self.task, "sample"):
+                t = time.perf_counter()
                 if main:
                     samples_dir.mkdir(parents=True, exist_ok=True)
                     self.task.sample(st["step"], samples_dir)
                 acc.wait_for_everyone()
+                window_t0 += time.perf_counter() - t   # sampling is not training time
             if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes and self._stop_signal is None:
                 self._stop_signal = f"the time limit (train.max_minutes = {cfg.max_minutes})"
             if acc.num_processes > 1:  # all ranks stop at the same step
@@ -390,7 +424,10 @@ class Trainer:
                 if acc.reduce(flag, "max").item() > 0 and self._stop_signal is None:
                     self._stop_signal = "a peer's signal"
             if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+                settle()   # the checkpoint's counters include every step before it
+                t = time.perf_counter()
                 path, saved_at = self._save(), st["step"]
+                window_t0 += time.perf_counter() - t   # nor is writing checkpoints
         flush_log()
         bar.close()
         if saved_at != st["step"] and (st["step"] > 0 or cfg.max_steps == 0):

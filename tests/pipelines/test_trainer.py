@@ -77,6 +77,15 @@ class ToyTask:
         save_model_dir(out_dir, {"kind": "toy"}, modules["model"].state_dict())
 
 
+class FusedToyTask(ToyTask):
+    """ToyTask with fused AdamW (what ``adamw`` builds on CUDA): the Trainer's sync-free skip path."""
+
+    def optimizers(self, train):
+        self.opts = {name: torch.optim.AdamW(m.parameters(), lr=train.lr * scale, fused=True)
+                     for name, m, scale in (("model", self.model, 1.0), ("aux", self.aux, 0.5))}
+        return self.opts
+
+
 def config(**kw) -> TrainConfig:
     base = dict(batch_size=8, max_steps=12, lr=1e-2, warmup_steps=3, checkpoint_every=4, log_every=2,
                 grad_clip=1.0, keep_checkpoints=2)
@@ -190,11 +199,26 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
 
 
-def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path):
-    task = ToyTask(nan_steps=set(range(5, 100)))
-    with pytest.raises(RuntimeError, match=r"3 non-finite steps in a row.*step-0000004"):
+@pytest.mark.parametrize("task_type", [ToyTask, FusedToyTask])
+def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, task_type):
+    task = task_type(nan_steps=set(range(5, 100)))
+    with pytest.raises(RuntimeError, match=r"at step 8: 3 non-finite steps in a row.*step-0000004"):
         train(tmp_path, task, max_steps=20, max_nonfinite=3, checkpoint_every=4)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000004"]
+
+
+def test_fused_optimizers_skip_a_non_finite_step_on_the_device(tmp_path):
+    """Fused AdamW (CUDA's, here on the CPU) skips the step through found_inf, with no host sync: the
+    weights, Adam's step counts and the EMA after a skipped step 2 are those after step 1."""
+    task = FusedToyTask(nan_steps={1})   # train_step's step is 0-based
+    result = train(tmp_path / "skipped", task, max_steps=2, checkpoint_every=0, log_every=2, ema_decay=0.5)
+    assert result["nonfinite_total"] == 1
+    train(tmp_path / "one", FusedToyTask(), max_steps=1, checkpoint_every=0, log_every=1, ema_decay=0.5)
+    skipped, one = (load_checkpoint(sorted((tmp_path / d / "checkpoints").iterdir())[-1]) for d in ("skipped", "one"))
+    for group in ("model", "aux", "ema"):
+        assert_same(skipped.tensors[group], one.tensors[group])
+    steps = [s["step"] for s in task.opts["model"].state_dict()["state"].values()]
+    assert steps and all(float(s) == 1.0 for s in steps)
 
 
 def test_ema_update_equals_formula():
