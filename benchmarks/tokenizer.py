@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks import roofline
 from benchmarks.common import (H100, RowSink, autocast, compiled, default_emoji_cache, first_call_or_eager, floors,
@@ -39,7 +40,7 @@ EMOJI_CONFIGS = ("configs/tokenizer/emoji-f8.yaml", "configs/demo/tokenizer.yaml
 # smoke: the emoji config shrunk to seconds on the CPU (same CLI, trainer, data and evaluation path)
 EMOJI_SMOKE = ["model.base_channels=8", "model.z_channels=16", "model.num_res_blocks=1", "model.codebook_size=64",
                "train.batch_size=8", "train.num_workers=0", "train.log_every=1", "train.sample_every=0",
-               "loss.disc_channels=8"]
+               "loss.disc_channels=8", "train.compile=false"]   # compile: tests/tokenizer (aot_eager), the GPU run
 
 
 def codec_variants(args, sink: RowSink, which: str) -> None:
@@ -180,7 +181,7 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
     m = re.findall(r"at step (\d+)", p.stdout)
     last = _last_metrics(out / "metrics.jsonl")
     row = dict(bench="emoji-train", model=Path(config).stem, config=config, overrides=overrides, seconds=seconds,
-               wall_s=wall, compile="eager",
+               wall_s=wall, compile=_run_compile(out / "run.yaml"),
                returncode=p.returncode, steps=int(m[-1]) if m else last.get("step"),
                train_images_per_s=last.get("images_per_s"), train_psnr=last.get("psnr"))
     if not (out / "model.safetensors").is_file():
@@ -198,6 +199,14 @@ def emoji_train(seconds: float, smoke: bool, sink: RowSink) -> None:
         sink.add(name=f"{Path(config).stem} emoji train", **row)
     except Exception as e:  # noqa: BLE001
         sink.error(f"{Path(config).stem} emoji eval", e, **row)
+
+
+def _run_compile(run_yaml: Path) -> str:
+    """How the run trained, from the config it wrote (overrides applied): train.compile."""
+    if not run_yaml.is_file():
+        return "-"
+    train = (yaml.safe_load(run_yaml.read_text()) or {}).get("train", {})
+    return "conv stacks compiled, channels_last" if train.get("compile") else "eager"
 
 
 def _last_metrics(path: Path) -> dict:
