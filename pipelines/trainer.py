@@ -196,7 +196,7 @@ class Trainer:
             loader = DataLoader(SeededDataset(self.dataset, self.config.seed), batch_sampler=self.sampler,
                                 num_workers=self.config.num_workers, pin_memory=torch.cuda.is_available(),
                                 generator=torch.Generator().manual_seed(self.config.seed + epoch),
-                                worker_init_fn=_outlive_sigterm)
+                                worker_init_fn=_ignore_stop_signals)
             self._data_iter = iter(loader)
         try:
             return next(self._data_iter)
@@ -437,11 +437,13 @@ class Trainer:
         return dict(last, step=st["step"], stopped_by=self._stop_signal, checkpoint=str(path) if path else None)
 
 
-def _outlive_sigterm(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM. `timeout`, schedulers and `kill -- -PGID` signal the whole
-    process group; a worker that died of it would make PyTorch raise in the main process while the
-    Trainer writes its last checkpoint. The workers still end with the loader (or their parent)."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT. `timeout`, schedulers, `kill -- -PGID` and Ctrl-C in
+    a terminal signal the whole process group; a worker that died of it would make PyTorch raise in the
+    main process while the Trainer finishes its step and writes its last checkpoint. The workers still
+    end with the loader (or their parent)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _diff(a: Any, b: Any, where: str) -> list[str]:

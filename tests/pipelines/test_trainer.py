@@ -326,15 +326,16 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "run.yaml").is_file()
 
 
-def test_sigterm_to_the_process_group_with_data_workers_still_checkpoints(tmp_path):
-    """`timeout` and schedulers signal the whole group: the DataLoader workers too."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_the_process_group_with_data_workers_still_checkpoints(tmp_path, sig):
+    """`timeout`, schedulers and Ctrl-C signal the whole group: the DataLoader workers too."""
     proc = spawn(tmp_path, new_group=True, sleep=0.05, max_steps=1000, num_workers=2)
     wait_for(tmp_path / "checkpoints/step-0000010", proc)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     step = int(out.split("FINAL_STEP")[1].split()[0])
-    assert "received SIGTERM" in err and "Traceback" not in err
+    assert f"received {sig.name}" in err and "Traceback" not in err
     assert load_checkpoint(tmp_path / f"checkpoints/step-{step:07d}").step == step
 
 
