@@ -26,8 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import roofline
 from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
-                               peak_flops, peak_memory_gb, profile_ops, repo_root, reset_peak_memory, search_max_batch, sync,
-                               time_fn)
+                               peak_flops, peak_memory_gb, profile_ops, repo_root, reset_peak_memory, search_max_batch,
+                               sync, time_fn)
 from benchmarks.setups import TINY_GENERATOR, build_tokenizer, device
 
 PARTS = ["masked-L", "ar-L", "var-d16"]

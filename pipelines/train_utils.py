@@ -27,7 +27,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global grad norm per optimizer; 0 disables clipping
     ema_decay: float = 0.0        # > 0 keeps an fp32 EMA of "model"; saved model dirs then hold the EMA weights
     mixed_precision: str = "auto"   # auto: bf16 on GPU, fp32 on CPU; or "no" / "bf16"
-    compile: bool = False         # torch.compile the "model" module (GPU runs; slow to start on CPU)
+    compile: bool = False         # torch.compile "model" (the tokenizer: its conv stacks); GPU runs
     checkpoint_every: int = 500   # steps between checkpoints (0: only at the end); a SIGTERM also writes one
     keep_checkpoints: int = 3     # older checkpoints are deleted; keep > 1 so a corrupt newest one has a fallback
     log_every: int = 10           # steps between metrics.jsonl lines (averaged over the window)

@@ -139,9 +139,10 @@ class VQGAN(nn.Module):
         """For training speed: NHWC weights (cuDNN's tensor-core layout; feed NHWC images too) and
         torch.compile of the encoder and of the decoder up to its last conv, in place (state_dict keys
         and values unchanged). The quantizer stays eager (its restart bookkeeping), and so does the
-        decoder's last conv: the adaptive GAN weight differentiates the loss w.r.t. that conv's weight with
-        ``retain_graph``, which a compiled backward can refuse (donated buffers: it did for the whole VQGAN compiled); that gradient never reaches
-        the compiled part, whose backward then runs once, in the step's backward."""
+        decoder's last conv: the adaptive GAN weight differentiates the loss w.r.t. that conv's weight
+        with ``retain_graph``, which a compiled backward can refuse (donated buffers: it did with the
+        whole VQGAN compiled); that gradient never reaches the compiled part, whose backward then runs
+        once, in the step's backward. ``backend``: torch.compile's (tests use "aot_eager")."""
         if channels_last:
             self.to(memory_format=torch.channels_last)
         self.encoder.compile(backend=backend)
