@@ -34,7 +34,8 @@ class TrainConfig:
     sample_every: int = 0         # steps between task.sample() grids; 0 disables
     seed: int = 0                 # seeds init, data order, augmentation and dropout: same seed, same run
     num_workers: int = 0          # DataLoader worker processes; results do not depend on it
-    max_nonfinite: int = 10       # stop after this many non-finite steps in a row (each is skipped)
+    max_nonfinite: int = 10       # stop after this many non-finite steps in a row (each is skipped; fused
+                                  # optimizers skip on the device and the count is read every log_every steps)
     max_minutes: float = 0.0      # wall-clock limit: stop with a checkpoint after this long (0 = none)
     distributed: str = "ddp"      # multi-process strategy under `accelerate launch`: ddp | fsdp (full shard)
 
