@@ -72,7 +72,8 @@ def rope_tables(positions_LA: torch.Tensor, head_dim: int, base: float = 10000.0
 
 
 def apply_rope(x_BHLK: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor) -> torch.Tensor:
-    """Rotate (x1, x2) halves of each head by the per-position angles (GPT-NeoX layout)."""
+    """Rotate (x1, x2) halves of each head by the per-position angles (GPT-NeoX layout). The tables
+    broadcast against x's leading dims: (L, F) for (..., L, K), (L, 1, F) for (B, L, H, K)."""
     x1, x2 = x_BHLK.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos_LF - x2 * sin_LF, x2 * cos_LF + x1 * sin_LF], dim=-1)
     return out.type_as(x_BHLK)
@@ -113,6 +114,13 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    # Where the qk-norm and RoPE run. "BHLK": on (B, H, L, K) after moving heads ahead of positions, so
+    # the rotation writes q and k in that order and its backward writes the qkv gradient back across it.
+    # "BLHK": in the projection's own (B, L, H, K) order, handing SDPA transposed views (flash
+    # attention's native layout; LlamaGen's). Same values; an experiment until measured (NOTES A22):
+    # benchmarks/gen_train.py --attention-layout times both.
+    layout = "BHLK"
+
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
@@ -129,9 +137,15 @@ class Attention(nn.Module):
         flex = BlockMask is not None and isinstance(mask_LS, BlockMask)
         if flex and self.kv_cache is not None and cache_pos is not None:
             raise ValueError("a FlexAttention BlockMask is for uncached forwards; cached steps take a bool mask")
-        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)                      # (B, H, L, K)
-        q, k = apply_rope(q, cos_LF, sin_LF), apply_rope(k, cos_LF, sin_LF)
+        qkv_BL3HK = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim)
+        if self.layout == "BLHK":                                  # (B, L, H, K); tables broadcast over heads
+            (q, k, v), cos, sin = qkv_BL3HK.unbind(2), cos_LF[:, None], sin_LF[:, None]
+        else:                                                      # (B, H, L, K)
+            (q, k, v), cos, sin = qkv_BL3HK.permute(2, 0, 3, 1, 4), cos_LF, sin_LF
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.layout == "BLHK":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, K) views
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(k, v, cache_pos)            # (B, H, S, K), all slots
             if isinstance(cache_pos, int) and mask_LS is None:     # a block written at a known start, no mask:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from generator.config import GeneratorConfig
-from generator.transformer import (KVCache, Transformer, apply_rope, flops_per_token, init_weights,
+from generator.transformer import (Attention, KVCache, Transformer, apply_rope, flops_per_token, init_weights,
                                    rope_tables)
 
 
@@ -92,3 +92,46 @@ def test_config_errors():
         tiny(kind="gan")
     with pytest.raises(ValueError, match="end at grid_size"):
         tiny(kind="var", scales=(1, 2), codec_dim=4)
+
+
+def _forwards_and_grads(net, config):
+    """Outputs and parameter gradients of the uncached forward (bool block mask, causal, full) and of
+    cached decoding, on fixed inputs."""
+    torch.manual_seed(5)
+    B, L = 2, 6
+    x, cond = torch.randn(B, L, config.dim), torch.randn(B, config.dim)
+    cos, sin = rope_tables(torch.arange(L).float(), config.head_dim)
+    level = torch.tensor([0, 1, 1, 2, 2, 2])
+    outs = [net(x, cos, sin, cond, mask_LS=level[None, :] <= level[:, None]), net(x, cos, sin, cond, is_causal=True),
+            net(x, cos, sin, cond)]
+    sum(o.square().sum() for o in outs).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    with torch.no_grad():
+        net.setup_caches(B, 8, torch.float32, "cpu")
+        causal = torch.ones(8, 8, dtype=torch.bool).tril()
+        outs.append(net(x[:, :3], cos[:3], sin[:3], cond, mask_LS=causal[:3], cache_pos=0))
+        for i in range(3, L):
+            pos = torch.tensor([i])
+            outs.append(net(x[:, i:i + 1], cos[i:i + 1], sin[i:i + 1], cond, mask_LS=causal[pos], cache_pos=pos))
+    net.remove_caches()
+    return [o.detach() for o in outs], grads
+
+
+def test_attention_layouts_give_the_same_outputs_and_gradients(monkeypatch):
+    """Attention.layout "BLHK" (RoPE in the projection's order, SDPA on transposed views) computes what
+    the default "BHLK" does: forwards under every mask kind, cached decoding and gradients."""
+    config = tiny(adaln=True)
+    torch.manual_seed(0)
+    net = Transformer(config)
+    init_weights(net, config.depth)
+    for p in net.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    results = {}
+    for layout in ("BHLK", "BLHK"):
+        monkeypatch.setattr(Attention, "layout", layout)
+        net.zero_grad(set_to_none=True)
+        results[layout] = _forwards_and_grads(net, config)
+    (out_a, grad_a), (out_b, grad_b) = results["BHLK"], results["BLHK"]
+    assert len(out_a) == len(out_b) == 7 and len(grad_a) == len(grad_b) > 0
+    for a, b in zip(out_a + grad_a, out_b + grad_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
