@@ -102,6 +102,20 @@ def adamw(params, train: TrainConfig, lr: float | None = None) -> torch.optim.Ad
                              fused=fused or None)
 
 
+def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    A checkpoint keeps the moments in the layout of the run that wrote it; a resumed run may lay its
+    parameters out differently (``train.compile`` switched: the tokenizer's ``compile_modules`` makes
+    its convs channels_last). Fused AdamW walks a parameter and its moments as flat arrays, so it
+    would pair the wrong elements, silently."""
+    inner = getattr(optimizer, "optimizer", optimizer)   # accelerate's wrapper holds the torch optimizer
+    for p, state in inner.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 class EMA:
     """An fp32 exponential moving average of a module: ``ema = decay * ema + (1 - decay) * param``.
 

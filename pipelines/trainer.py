@@ -35,7 +35,8 @@ from pipelines.checkpoint import atomic_write_text, latest_checkpoint, list_chec
     save_checkpoint
 from pipelines.config import config_hash
 from pipelines.sampler import SeededDataset, build_batch_sampler
-from pipelines.train_utils import EMA, TrainConfig, adamw, extra_buffers, load_extra_buffers, lr_factor, rng_state
+from pipelines.train_utils import (EMA, TrainConfig, adamw, extra_buffers, load_extra_buffers, lr_factor,
+                                   match_state_layouts, rng_state)
 from pipelines import distributed, fsdp_utils
 
 __all__ = ["TrainConfig", "TrainTask", "Trainer", "adamw", "lr_factor"]
@@ -158,6 +159,8 @@ class Trainer:
         self.optimizers = dict(zip(opt_names, prepared[len(names):]))
         if ckpt is not None and fsdp_utils.is_fsdp(acc):
             fsdp_utils.load_optimizers(self.prepared, self.optimizers, ckpt.optimizer_states)
+        for opt in self.optimizers.values():   # resumed moments vs parameters laid out anew (NHWC or not)
+            match_state_layouts(opt)
         if hasattr(self.task, "bind_modules"):
             self.task.bind_modules(self.prepared)
 

@@ -86,6 +86,21 @@ class FusedToyTask(ToyTask):
         return self.opts
 
 
+class ChannelsLastTask(FusedToyTask):
+    """A conv model whose ``compile_modules`` makes it channels_last (as the tokenizer's does), trained by
+    fused AdamW: resuming must give Adam's moments the parameters' layout again."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(4, 18), nn.Unflatten(1, (2, 3, 3)), nn.Conv2d(2, 3, 3, padding=1),
+                                   nn.Flatten(), nn.Linear(27, 1))
+        self.net = self.model
+
+    def compile_modules(self):
+        self.model.to(memory_format=torch.channels_last)
+
+
 def config(**kw) -> TrainConfig:
     base = dict(batch_size=8, max_steps=12, lr=1e-2, warmup_steps=3, checkpoint_every=4, log_every=2,
                 grad_clip=1.0, keep_checkpoints=2)
@@ -205,6 +220,18 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, 
     with pytest.raises(RuntimeError, match=r"at step 8: 3 non-finite steps in a row.*step-0000004"):
         train(tmp_path, task, max_steps=20, max_nonfinite=3, checkpoint_every=4)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000004"]
+
+
+@pytest.mark.parametrize("first, then", [(False, True), (True, False)])
+def test_resuming_across_a_layout_change_keeps_adams_moments_in_place(tmp_path, first, then):
+    """train.compile may change on --resume (only the model section must match): Adam's moments, saved
+    in the old parameters' layout, must take the new one, or fused AdamW pairs the wrong elements."""
+    train(tmp_path / "straight", ChannelsLastTask(), max_steps=8, checkpoint_every=4, compile=then)
+    train(tmp_path / "resumed", ChannelsLastTask(), max_steps=4, checkpoint_every=4, compile=first)
+    train(tmp_path / "resumed", ChannelsLastTask(), resume=True, max_steps=8, checkpoint_every=4, compile=then)
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for k in straight:   # NHWC and NCHW convs round differently: close, not equal
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
 
 
 def test_fused_optimizers_skip_a_non_finite_step_on_the_device(tmp_path):
