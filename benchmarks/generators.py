@@ -24,8 +24,9 @@ import logging
 import torch
 
 from benchmarks import roofline
-from benchmarks.common import (profile_ops, H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
-                               peak_flops, peak_memory_gb, reset_peak_memory, search_max_batch, sync, time_fn, timing)
+from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
+                               peak_flops, peak_memory_gb, profile_ops, reset_peak_memory, search_max_batch, sync,
+                               time_fn, timing)
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 
 PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-var", "profile-masked", "profile-ar",
