@@ -158,7 +158,6 @@ def test_fingerprint_tells_trainings_apart_and_survives_a_16_bit_copy(tmp_path):
 
 def _gan_step(model: VQGAN, crit, images):
     """One generator loss with the GAN term and the adaptive weight, and its backward."""
-    from tokenizer.losses import LossConfig  # noqa: F401  (crit is a VQGANLoss)
     out = model(images)
     g = crit.generator_loss(images, out.recon, out.quant_loss, model.last_layer, step=0)
     g.loss.backward()
@@ -167,7 +166,7 @@ def _gan_step(model: VQGAN, crit, images):
 
 def test_compiled_conv_stacks_train_like_eager():
     """compile_conv_stacks (the tokenizer's train.compile) keeps the state_dict and the step's loss and
-    gradients, with the adaptive GAN weight's retain_graph gradients (a compiled backward refuses them)."""
+    gradients, with the adaptive GAN weight's retain_graph gradients taken through the eager last conv."""
     from tokenizer.losses import LossConfig, VQGANLoss
     torch.manual_seed(0)
     eager = VQGAN(tiny(restart_dead_codes=False))
