@@ -373,9 +373,9 @@ class Trainer:
             pending.clear()
 
         def flush_log():
-            nonlocal last, window_t0
+            nonlocal last, window_t0, window_step0
             settle()
-            steps = len(window.pop("steps", []))
+            steps = st["step"] - window_step0
             if not steps:
                 return
             elapsed = time.perf_counter() - window_t0   # after settle's sync: the window's GPU work is done
@@ -395,10 +395,10 @@ class Trainer:
                 bar.set_postfix({k.removeprefix("loss/"): f"{v:.4g}" for k, v in rec.items() if k.startswith("loss/")}
                                 | {"lr": f"{rec['lr']:.2e}"}, refresh=False)
             window.clear()
-            window_t0 = time.perf_counter()
+            window_t0, window_step0 = time.perf_counter(), st["step"]
             last = rec
 
-        started, window_t0 = time.monotonic(), time.perf_counter()
+        started, window_t0, window_step0 = time.monotonic(), time.perf_counter(), st["step"]
         while st["step"] < cfg.max_steps and self._stop_signal is None:
             loss_N, step_metrics, bad, wait = self._train_step()
             st["step"] += 1
@@ -406,7 +406,6 @@ class Trainer:
             if st["step_in_epoch"] >= self.sampler.steps_in_epoch(st["epoch"]):
                 st["epoch"], st["step_in_epoch"] = st["epoch"] + 1, 0
             pending.append((st["step"], bad, loss_N, step_metrics))
-            window.setdefault("steps", []).append(1)
             window.setdefault("wait_s", []).append(wait)
             if not self._fused:   # the host already knows (it synced in the step): act on it now
                 settle()
