@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from generator.config import GeneratorConfig
+from generator.masked import masked_counts
+from generator.schedules import get_schedule
 from generator.transformer import flops_per_token
 
 BF16, FP32 = 2, 4
@@ -53,13 +55,17 @@ def impl_bytes_per_elem(fp32_weights: bool) -> int:
 
 def masked_sampling(config: GeneratorConfig, weights: int, batch: int, steps: int, cfg: bool,
                     fp32_weights: bool = True) -> dict:
-    """K = steps full forwards over S sequences of 1 + L tokens (class token + grid), no KV cache."""
+    """K = steps forwards of the blocks over S sequences of 1 + L tokens (class token + grid), no KV
+    cache; the head (2 D V per position) runs at the M_k grid positions still masked at step k
+    (confidence sampler, ``masked_counts``), and the sampler step reads their B M_k V guided logits."""
     S, L, Lp = batch * (2 if cfg else 1), config.num_tokens, config.num_tokens + 1
-    flops = steps * S * Lp * flops_per_token(config, Lp, training=False)
-    logits = batch * L * config.codebook_size
+    head = 2.0 * config.dim * config.codebook_size
+    counts = masked_counts(L, get_schedule(config.schedule), steps)
+    flops = S * (steps * Lp * (flops_per_token(config, Lp, training=False) - head) + sum(counts) * head)
+    logits = batch * sum(counts) * config.codebook_size
     w = impl_bytes_per_elem(fp32_weights)
     return {"flops": flops, "bytes": steps * weights * BF16, "impl_flops": flops,
-            "impl_bytes": steps * (weights * w + logits * MASKED_SAMPLER_BYTES_PER_LOGIT), "passes": steps}
+            "impl_bytes": steps * weights * w + logits * MASKED_SAMPLER_BYTES_PER_LOGIT, "passes": steps}
 
 
 def ar_sampling(config: GeneratorConfig, weights: int, batch: int, cfg: bool, fp32_weights: bool = True) -> dict:

@@ -95,10 +95,10 @@ def confidence_noise(shape_BLV: tuple[int, int, int], s: float, device, *, tempe
     return exp_BLV, choice_BL
 
 
-def confidence_update(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, remain_B: torch.Tensor,
+def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: torch.Tensor,
                       exp_noise_BLV: torch.Tensor | None, choice_noise_BL: torch.Tensor | None, *,
                       mask_id: int, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0) -> torch.Tensor:
+                      top_p: float = 1.0, positions_BM: torch.Tensor | None = None) -> torch.Tensor:
     """The MaskGIT confidence step as a pure tensor function (no generator, no host sync: traceable
     by ``torch.compile(fullgraph=True)``); its noise comes from ``confidence_noise``.
 
@@ -112,27 +112,64 @@ def confidence_update(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
       (M = masked now: at least one unmasks while any remain), every other masked token takes c.
 
     remain_B (B,) long is the scheduled count (``scheduled_masked_count``). Returns ids (B, L) long.
+
+    positions_BM (B, M) long: the grid positions the logits are for, when the head ran only there
+    (``masked_positions``: every masked token among them, in increasing order). The noise (drawn for
+    all L positions) is read there, clean tokens among them rank last as above, and the ranking
+    over the M positions is the one over all L restricted to them (stable sort, same order): the ids
+    are those of the full-grid update on the same logits.
     """
     if cfg_scale is not None:
-        logits_BLV = cfg_combine_doubled(logits_BLV, cfg_scale)
-    masked_BL = ids_BL == mask_id
-    logits_BLV = logits_BLV.float()
-    cand_BL, _ = draw_with_noise(logits_BLV, exp_noise_BLV, temperature, top_k, top_p)   # None: greedy
-    conf_BL = logits_BLV.gather(-1, cand_BL[..., None]).squeeze(-1) - logits_BLV.logsumexp(-1)
+        logits_BMV = cfg_combine_doubled(logits_BMV, cfg_scale)
+    ids_BM = ids_BL
+    if positions_BM is not None:
+        ids_BM = ids_BL.gather(1, positions_BM)
+        if exp_noise_BLV is not None:
+            exp_noise_BLV = exp_noise_BLV.gather(1, positions_BM[..., None].expand(-1, -1, exp_noise_BLV.shape[-1]))
+        if choice_noise_BL is not None:
+            choice_noise_BL = choice_noise_BL.gather(1, positions_BM)
+    masked_BM = ids_BM == mask_id
+    logits_BMV = logits_BMV.float()
+    cand_BM, _ = draw_with_noise(logits_BMV, exp_noise_BLV, temperature, top_k, top_p)   # None: greedy
+    conf_BM = logits_BMV.gather(-1, cand_BM[..., None]).squeeze(-1) - logits_BMV.logsumexp(-1)
     if choice_noise_BL is not None:
-        conf_BL = conf_BL + choice_noise_BL
-    conf_BL = conf_BL.masked_fill(~masked_BL, float("inf"))        # clean tokens rank last: never "kept masked"
-    remain_B = torch.minimum(remain_B, masked_BL.sum(1) - 1)
-    rank_BL = conf_BL.argsort(dim=1, stable=True).argsort(dim=1)   # 0 = least confident
-    stay_BL = rank_BL < remain_B.clamp(min=0)[:, None]
-    return torch.where(masked_BL & ~stay_BL, cand_BL, ids_BL)
+        conf_BM = conf_BM + choice_noise_BL
+    conf_BM = conf_BM.masked_fill(~masked_BM, float("inf"))        # clean tokens rank last: never "kept masked"
+    remain_B = torch.minimum(remain_B, masked_BM.sum(1) - 1)
+    rank_BM = conf_BM.argsort(dim=1, stable=True).argsort(dim=1)   # 0 = least confident
+    stay_BM = rank_BM < remain_B.clamp(min=0)[:, None]
+    new_BM = torch.where(masked_BM & ~stay_BM, cand_BM, ids_BM)
+    return new_BM if positions_BM is None else ids_BL.scatter(1, positions_BM, new_BM)
+
+
+def masked_positions(ids_BL: torch.Tensor, mask_id: int, count: int) -> torch.Tensor:
+    """(B, count) long: each row's masked positions in increasing order, then its clean ones (when a row
+    has fewer than ``count`` masked). ``count`` >= every row's masked count (``masked_counts``)."""
+    return (ids_BL != mask_id).to(torch.uint8).argsort(dim=1, stable=True)[:, :count].contiguous()
+
+
+def time_grid(num_steps: int) -> list[tuple[float, float]]:
+    """(t, s) pairs of the reverse process on a uniform grid from t = 1 to s = 0."""
+    return [(1.0 - i / num_steps, 1.0 - (i + 1) / num_steps) for i in range(num_steps)]
+
+
+def masked_counts(num_masked_start: int, schedule: Schedule, num_steps: int) -> list[int]:
+    """How many tokens are masked at the start of each confidence step, on the host: M_0 = N0 and
+    M_{i+1} = max(min(scheduled_masked_count(s_i), M_i - 1), 0), the count ``confidence_update`` leaves
+    (the same round-half-even of the same double). Monotone in N0, so the largest start count of a
+    batch bounds every row's count at every step."""
+    counts, m = [], num_masked_start
+    for _, s in time_grid(num_steps):
+        counts.append(m)
+        m = max(min(round(num_masked_start * scheduled_masked_fraction(schedule, s)), m - 1), 0)
+    return counts
 
 
 def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, schedule: Schedule, mask_id: int,
                     num_masked_start_B: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, choice_temperature: float = 4.5,
                     generator: torch.Generator | None = None, cfg_scale: float | None = None,
-                    update=confidence_update) -> torch.Tensor:
+                    update=confidence_update, positions_BM: torch.Tensor | None = None) -> torch.Tensor:
     """One MaskGIT step ending at time s: draw a candidate for every masked token, score it by
     log p(candidate) + choice_temperature * s * Gumbel (noise annealed to 0 as progress 1 - s -> 1),
     and unmask the most confident so that exactly R = min(scheduled_masked_count(s), M - 1) tokens
@@ -141,13 +178,14 @@ def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, sc
     Eager part: the noise (``confidence_noise``) and the scheduled count; then ``update`` (default
     ``confidence_update``; ``MaskedGenerator.sample(compile=True)`` passes its compiled one). With
     ``cfg_scale``, logits are the doubled [cond; uncond] batch. Static shapes, no host sync.
+    ``positions_BM``: the logits are for these positions only (``confidence_update``).
     """
     B, L = ids_BL.shape
     exp_BLV, choice_BL = confidence_noise((B, L, logits_BLV.shape[-1]), s, logits_BLV.device, temperature=temperature,
                                           choice_temperature=choice_temperature, generator=generator)
     remain_B = scheduled_masked_count(num_masked_start_B, schedule, s)
     return update(logits_BLV, ids_BL, remain_B, exp_BLV, choice_BL, mask_id=mask_id, cfg_scale=cfg_scale,
-                  temperature=temperature, top_k=top_k, top_p=top_p)
+                  temperature=temperature, top_k=top_k, top_p=top_p, positions_BM=positions_BM)
 
 
 @dataclass
@@ -169,18 +207,21 @@ class MaskedSampler:
             raise ValueError(f"sampler '{self.method}' is not one of {list(SAMPLERS)}")
 
     def timesteps(self) -> list[tuple[float, float]]:
-        n = self.num_steps
-        return [(1.0 - i / n, 1.0 - (i + 1) / n) for i in range(n)]
+        return time_grid(self.num_steps)
 
     def step(self, logits_BLV, ids_BL, t: float, s: float, generator=None, *, num_masked_start_B=None,
              known_ids_BL=None, known_mask_BL=None, cfg_scale: float | None = None,
-             update=confidence_update) -> torch.Tensor:
+             update=confidence_update, positions_BM=None) -> torch.Tensor:
         """logits (B, L, V) of p(x_0 | x_t) (guided already), ids (B, L) at t -> ids (B, L) at s.
         num_masked_start_B (B,) long: tokens masked at t = 1 (confidence; may be omitted at t = 1).
         With ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V), combined here (the
-        confidence sampler fuses that into ``update``, a ``confidence_update`` or a compiled one)."""
+        confidence sampler fuses that into ``update``, a ``confidence_update`` or a compiled one).
+        positions_BM (B, M) long (confidence only): the logits are (B, M, V) for these grid positions,
+        which hold every masked token (``masked_positions``)."""
         opts = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator)
         if self.method == "ancestral":
+            if positions_BM is not None:
+                raise ValueError("the ancestral sampler takes logits for every position (no positions_BM)")
             if cfg_scale is not None:
                 logits_BLV = cfg_combine_doubled(logits_BLV, cfg_scale)
             ids_BL = ancestral_step(logits_BLV, ids_BL, t, s, self.schedule, self.mask_id, **opts)
@@ -191,8 +232,16 @@ class MaskedSampler:
                 num_masked_start_B = (ids_BL == self.mask_id).sum(1)
             ids_BL = confidence_step(logits_BLV, ids_BL, s, self.schedule, self.mask_id, num_masked_start_B,
                                      choice_temperature=self.choice_temperature, cfg_scale=cfg_scale, update=update,
-                                     **opts)
+                                     positions_BM=positions_BM, **opts)
         return keep_known(ids_BL, known_ids_BL, known_mask_BL)
+
+
+def dynamic_dim(x: torch.Tensor, compile: bool) -> torch.Tensor:
+    """Mark dim 1 (M, the positions the head runs at) dynamic for torch.compile: one graph serves every
+    step's count instead of a recompile per count (dynamo's recompile limit is 8)."""
+    if compile:
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+    return x
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -209,13 +258,18 @@ class MaskedGenerator(Generator):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
 
-    def forward(self, ids_BL: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L, V) of p(x_0 | x_t) at every grid position. ids may hold [MASK] (= V)."""
+    def forward(self, ids_BL: torch.Tensor, classes_B: torch.Tensor,
+                positions_BM: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of p(x_0 | x_t) at every grid position, or (B, M, V) at ``positions_BM``
+        (B, M) long only (the sampler's masked positions: the head is ~1/8 of the FLOPs at the B size).
+        ids may hold [MASK] (= V)."""
         cls_BD = self.class_emb(classes_B)
         x_BLD = torch.cat([cls_BD[:, None], self.tok_emb(ids_BL)], dim=1)     # (B, 1 + L, D)
         cond_BD = cls_BD if self.config.adaln else None
-        h_BLD = self.backbone(x_BLD, self.rope_cos, self.rope_sin, cond_BD)   # mask None: full attention
-        return self.head(h_BLD[:, 1:])
+        h_BLD = self.backbone(x_BLD, self.rope_cos, self.rope_sin, cond_BD)[:, 1:]   # mask None: full attention
+        if positions_BM is not None:
+            h_BLD = h_BLD.gather(1, positions_BM[..., None].expand(-1, -1, h_BLD.shape[-1]))
+        return self.head(h_BLD)
 
     def logits(self, ids_BL: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
         """Same as ``self(ids_BL, classes_B)`` (goes through a compiled forward after ``compile()``)."""
@@ -379,15 +433,25 @@ class MaskedGenerator(Generator):
         guided = cfg_scale != 1.0 and classes is not None
         both_B = torch.cat([classes_B, torch.full_like(classes_B, self.config.null_class)]) if guided else None
         forward, update = self._sampling_fns(compile)
+        # confidence: the head runs at the (at most) M_i positions masked at step i, a host count, so no
+        # sync per step (one, for inpainting's largest start count); at least one position (M_i = 0
+        # only when nothing is left to generate, and the step still draws its noise)
+        counts = None
+        if sampler == "confidence":
+            start = L if known_mask_BL is None else int(num_masked_start_B.max())
+            counts = [max(m, 1) for m in masked_counts(start, self.schedule, num_steps)]
         for i, (t, s) in enumerate(steps.timesteps()):
-            if guided:      # one forward on [cond; uncond] (2B, L, V); the sampler step combines the halves
-                logits = forward(torch.cat([ids_BL, ids_BL]), both_B)
+            pos_BM = None if counts is None else dynamic_dim(masked_positions(ids_BL, self.mask_id, counts[i]), compile)
+            if guided:      # one forward on [cond; uncond] (2B, M, V); the sampler step combines the halves
+                pos_2BM = None if pos_BM is None else dynamic_dim(torch.cat([pos_BM, pos_BM]), compile)
+                logits = forward(torch.cat([ids_BL, ids_BL]), both_B, pos_2BM)
                 scale = cfg_scale_at(cfg_scale, i / max(num_steps - 1, 1), cfg_schedule)
-            else:           # (B, L, V)
-                logits, scale = forward(ids_BL, classes_B), None
+            else:           # (B, M, V)
+                logits, scale = forward(ids_BL, classes_B, pos_BM), None
+            logits = dynamic_dim(logits, compile and pos_BM is not None)
             ids_BL = steps.step(logits, ids_BL, t, s, generator, num_masked_start_B=num_masked_start_B,
                                 known_ids_BL=known_ids_BL, known_mask_BL=known_mask_BL, cfg_scale=scale,
-                                update=update)
+                                update=update, positions_BM=pos_BM)
         g = self.config.grid_size
         return ids_BL.view(B, g, g)
 

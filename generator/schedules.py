@@ -103,8 +103,9 @@ def as_time(t) -> torch.Tensor:
 
 
 def alpha_at(schedule: Schedule, t: float) -> float:
-    """alpha(t) as a Python float, for the sampler's host-side time grid (t in [0, 1], unclamped)."""
-    return float(schedule.alpha(torch.tensor(float(t), dtype=torch.float64)))
+    """alpha(t) as a Python float, for the sampler's host-side time grid (t in [0, 1], unclamped); on the
+    CPU whatever the default device (e.g. under ``torch.device("meta")``)."""
+    return float(schedule.alpha(torch.tensor(float(t), dtype=torch.float64, device="cpu")))
 
 
 def loss_weight(t: torch.Tensor, schedule: Schedule, weighting: str) -> torch.Tensor:

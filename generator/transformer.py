@@ -114,12 +114,12 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    # Where the qk-norm and RoPE run. "BHLK": on (B, H, L, K) after moving heads ahead of positions, so
-    # the rotation writes q and k in that order and its backward writes the qkv gradient back across it.
-    # "BLHK": in the projection's own (B, L, H, K) order, handing SDPA transposed views (flash
-    # attention's native layout; LlamaGen's). Same values; an experiment until measured (NOTES A22):
-    # benchmarks/gen_train.py --attention-layout times both.
-    layout = "BHLK"
+    # Where the qk-norm and RoPE run. "BLHK" (default): in the projection's own (B, L, H, K) order,
+    # handing SDPA transposed views (flash attention's native layout; AR-L training 50.1% -> 54.3% MFU,
+    # NOTES A22). "BHLK": on (B, H, L, K) after moving heads ahead of positions (the rotation writes q
+    # and k in that order, its backward writes the qkv gradient back across it). Same values; kept
+    # until the sampling rows of both are measured (benchmarks' --attention-layout).
+    layout = "BLHK"
 
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()

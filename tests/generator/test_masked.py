@@ -6,7 +6,7 @@ import torch
 from generator.base import Generator
 from generator.config import GeneratorConfig
 from generator.masked import (MaskedGenerator, MaskedSampler, ancestral_step, confidence_noise, confidence_update,
-                              scheduled_masked_count, unmask_probability)
+                              masked_counts, masked_positions, scheduled_masked_count, unmask_probability)
 from generator.sampling import cfg_combine, gumbel_noise, sample_logits
 from generator.schedules import SCHEDULES, alpha_at, get_schedule
 
@@ -187,6 +187,55 @@ def test_cfg_scale_one_is_the_conditional_prediction():
     for t, s in sampler.timesteps():
         ids = sampler.step(model.logits(ids, classes), ids, t, s, g, num_masked_start_B=n0)
     assert torch.equal(out.view(2, L), ids)
+
+
+def test_masked_positions_and_host_counts_follow_the_sampler():
+    """masked_counts (host ints) is the largest masked count of the batch at the start of every step, and
+    masked_positions lists each row's masked positions first, in increasing order."""
+    sched, B, n = get_schedule("cosine"), 3, 64
+    sampler = MaskedSampler(sched, V, num_steps=8)
+    known = torch.zeros(B, n, dtype=torch.bool)
+    known[1, ::3], known[2, :60] = True, True
+    ids = torch.where(known, torch.randint(0, V, (B, n)), V)
+    n0 = (ids == V).sum(1)
+    counts = masked_counts(int(n0.max()), sched, 8)
+    g = gen(0)
+    for (t, s), m in zip(sampler.timesteps(), counts):
+        assert int((ids == V).sum(1).max()) == m
+        pos = masked_positions(ids, V, m)
+        for b in range(B):
+            where = (ids[b] == V).nonzero().flatten()
+            assert torch.equal(pos[b, :len(where)], where) and (ids[b, pos[b, len(where):]] != V).all()
+        ids = sampler.step(torch.randn(B, n, V), ids, t, s, g, num_masked_start_B=n0)
+    maskgit = [256] + [round(256 * math.cos(math.pi / 2 * i / 16)) for i in range(1, 16)]   # gamma(r) = cos(pi r / 2)
+    assert masked_counts(256, sched, 16) == maskgit
+
+
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_sampling_at_masked_positions_gives_the_full_grid_ids(inpaint):
+    """sample() runs the head at the masked positions only; a loop that computes logits at every
+    position and steps with them (guided, top-k) picks the same ids and draws the same noise."""
+    model = randomised(tiny())
+    B, classes = 3, torch.tensor([0, 2, 1])
+    kw = dict(num_steps=6, cfg_scale=2.5, temperature=0.9, top_k=5, generator=gen(4))
+    known_ids, known_mask = torch.randint(0, V, (B, G, G)), torch.rand(B, G, G) < 0.4
+    if inpaint:
+        kw.update(known_ids=known_ids, known_mask=known_mask)
+    out = model.sample(classes, **kw)
+    sampler = MaskedSampler(model.schedule, V, num_steps=6, temperature=0.9, top_k=5)
+    k_ids, k_mask = (known_ids.view(B, L), known_mask.view(B, L)) if inpaint else (None, None)
+    ids, g = torch.full((B, L), V), gen(4)
+    if inpaint:
+        ids = torch.where(k_mask, k_ids, ids)
+    n0 = (ids == V).sum(1)
+    both = torch.cat([classes, torch.full_like(classes, model.config.null_class)])
+    for t, s in sampler.timesteps():
+        logits = model.logits(torch.cat([ids, ids]), both)
+        assert logits.shape == (2 * B, L, V)
+        ids = sampler.step(logits, ids, t, s, g, num_masked_start_B=n0, known_ids_BL=k_ids, known_mask_BL=k_mask,
+                           cfg_scale=2.5)
+    assert torch.equal(out.view(B, L), ids)
+    assert torch.equal(kw["generator"].get_state(), g.get_state())
 
 
 # ---- training objective and likelihood ----------------------------------------------------------

@@ -65,6 +65,33 @@ def test_compiled_sample_gives_the_eager_ids(kw, monkeypatch, caplog):
         assert torch.equal(compiled[kw["known_mask"]], kw["known_ids"][kw["known_mask"]])
 
 
+def test_every_step_count_shares_the_compiled_graphs(monkeypatch, caplog):
+    """The head runs at a different number of positions each step, marked dynamic: the forward and the
+    update each trace one graph for every count from the first call (plus, at this tiny size, the count
+    1 that dynamo specialises and the update's last step without Gumbel noise), instead of a static
+    graph first; 16, 8 and 5 steps at two batch sizes stay compiled (no fallback) with the eager ids."""
+    model = randomised(tiny())
+    graphs = []
+
+    def counting_backend(fn, **kw):
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return REAL_COMPILE(fn, backend=backend, fullgraph=kw.get("fullgraph", False))
+
+    monkeypatch.setattr(torch, "compile", counting_backend)
+    model.sample([0, 1, 2], num_steps=16, cfg_scale=2.0, generator=gen(0), compile=True)
+    model.sample([0, 1, 2], num_steps=8, cfg_scale=2.0, generator=gen(0), compile=True)
+    assert len(graphs) == 5                                         # 7 without the marks: a static graph each first
+    calls = [(b, n) for n in (16, 8, 5) for b in (3, 1)]
+    eager = [model.sample(list(range(b)), num_steps=n, cfg_scale=2.0, generator=gen(n)) for b, n in calls]
+    with caplog.at_level(logging.WARNING, logger="generator.masked"):
+        compiled = [model.sample(list(range(b)), num_steps=n, cfg_scale=2.0, generator=gen(n), compile=True)
+                    for b, n in calls]
+    assert FALLBACK not in caplog.text and all(fn.compiled for fn in model._compiled)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
 @pytest.mark.parametrize("where", ["build", "first call"])
 def test_compile_failure_falls_back_to_eager(where, monkeypatch, caplog):
     model = randomised(tiny())
