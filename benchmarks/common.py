@@ -155,9 +155,6 @@ TABLE_KEYS = ("name", "batch", "compile", "median_s", "images_per_s", "tokens_pe
               "memory_floor_s", "gap", "peak_mem_gb", "error", "note")
 
 
-ROW_EXTRA: dict = {}   # facts every row of this process carries (job_args sets them from its flags)
-
-
 class RowSink:
     """Appends one JSON line per result row to ``path`` (flushed at once, so a job killed by its
     time limit or an OOM still leaves every row it finished). Adds device facts and the smoke flag;
@@ -170,9 +167,7 @@ class RowSink:
         self.rows: list[dict] = []
 
     def add(self, **row) -> dict:
-        row = {"job": self.job, **self.facts, **row, **ROW_EXTRA, "smoke": self.smoke}
-        if ROW_EXTRA.get("attention_layout"):   # a variant: its own rows beside the default's
-            row["name"] = f"{row['name']} [{ROW_EXTRA['attention_layout']}]"
+        row = {"job": self.job, **self.facts, **row, "smoke": self.smoke}
         if row.get("floor_s") and row.get("median_s"):
             row["gap"] = row["median_s"] / row["floor_s"]
         self.rows.append(row)
@@ -201,16 +196,10 @@ def job_args(description: str, parts: list[str], extra: Callable[[argparse.Argum
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--compile-mode", default=compile_mode,
                    help=f"torch.compile mode of the compiled variants; 'none' skips them (default {compile_mode})")
-    p.add_argument("--attention-layout", choices=["BHLK", "BLHK"],
-                   help="generator.transformer.Attention.layout for this job, its rows named '... [LAYOUT]' "
-                        "(NOTES A22); default: the library's")
     if extra is not None:
         extra(p)
     args = p.parse_args()
     args.part = args.part or parts
-    if args.attention_layout:
-        from generator.transformer import Attention
-        Attention.layout = ROW_EXTRA["attention_layout"] = args.attention_layout
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     if args.smoke:
         torch.set_num_threads(1)

@@ -59,12 +59,6 @@ JOBS = [
     Job("train-var-d16", "benchmarks.gen_train", ["--part", "var-d16"], 180),
     Job("profile-train-ar", "benchmarks.gen_train", ["--part", "ar-L", "--profile"], 130),
     Job("profile-train-masked", "benchmarks.gen_train", ["--part", "masked-L", "--profile"], 135),
-    # NOTES A22: the former "BHLK" attention layout, beside the default's rows of the same run (the flag
-    # first: a smoke run never merges these into the default's process)
-    Job("train-ar-L-bhlk", "benchmarks.gen_train", ["--attention-layout", "BHLK", "--part", "ar-L"], 115),
-    Job("train-masked-L-bhlk", "benchmarks.gen_train", ["--attention-layout", "BHLK", "--part", "masked-L"], 120),
-    Job("sample-masked-fused-bhlk", "benchmarks.generators",
-        ["--attention-layout", "BHLK", "--part", "sample-masked-fused"], 250),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -83,7 +77,7 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
          "quality": ["quality", "inpainting"]}
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
 EXPLICIT_ONLY = {"sample-masked-fused", "profile-masked", "profile-ar", "profile-var", "profile-train-ar",
-                 "profile-train-masked", "train-ar-L-bhlk", "train-masked-L-bhlk", "sample-masked-fused-bhlk"}
+                 "profile-train-masked"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]

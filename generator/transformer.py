@@ -71,12 +71,12 @@ def rope_tables(positions_LA: torch.Tensor, head_dim: int, base: float = 10000.0
     return angles_LF.cos().float(), angles_LF.sin().float()
 
 
-def apply_rope(x_BHLK: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor) -> torch.Tensor:
     """Rotate (x1, x2) halves of each head by the per-position angles (GPT-NeoX layout). The tables
     broadcast against x's leading dims: (L, F) for (..., L, K), (L, 1, F) for (B, L, H, K)."""
-    x1, x2 = x_BHLK.float().chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos_LF - x2 * sin_LF, x2 * cos_LF + x1 * sin_LF], dim=-1)
-    return out.type_as(x_BHLK)
+    return out.type_as(x)
 
 
 class KVCache(nn.Module):
@@ -114,13 +114,6 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    # Where the qk-norm and RoPE run. "BLHK" (default): in the projection's own (B, L, H, K) order,
-    # handing SDPA transposed views (flash attention's native layout; AR-L training 50.1% -> 54.3% MFU,
-    # NOTES A22). "BHLK": on (B, H, L, K) after moving heads ahead of positions (the rotation writes q
-    # and k in that order, its backward writes the qkv gradient back across it). Same values; kept
-    # until the sampling rows of both are measured (benchmarks' --attention-layout).
-    layout = "BLHK"
-
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
@@ -137,15 +130,13 @@ class Attention(nn.Module):
         flex = BlockMask is not None and isinstance(mask_LS, BlockMask)
         if flex and self.kv_cache is not None and cache_pos is not None:
             raise ValueError("a FlexAttention BlockMask is for uncached forwards; cached steps take a bool mask")
-        qkv_BL3HK = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim)
-        if self.layout == "BLHK":                                  # (B, L, H, K); tables broadcast over heads
-            (q, k, v), cos, sin = qkv_BL3HK.unbind(2), cos_LF[:, None], sin_LF[:, None]
-        else:                                                      # (B, H, L, K)
-            (q, k, v), cos, sin = qkv_BL3HK.permute(2, 0, 3, 1, 4), cos_LF, sin_LF
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.layout == "BLHK":
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, L, K) views
+        # qk-norm and RoPE in the projection's own (B, L, H, K) order (the tables broadcast over heads), then
+        # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
+        # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim).unbind(2)
+        cos, sin = cos_LF[:, None], sin_LF[:, None]
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(k, v, cache_pos)            # (B, H, S, K), all slots
             if isinstance(cache_pos, int) and mask_LS is None:     # a block written at a known start, no mask:

@@ -94,44 +94,52 @@ def test_config_errors():
         tiny(kind="var", scales=(1, 2), codec_dim=4)
 
 
-def _forwards_and_grads(net, config):
-    """Outputs and parameter gradients of the uncached forward (bool block mask, causal, full) and of
-    cached decoding, on fixed inputs."""
-    torch.manual_seed(5)
-    B, L = 2, 6
-    x, cond = torch.randn(B, L, config.dim), torch.randn(B, config.dim)
-    cos, sin = rope_tables(torch.arange(L).float(), config.head_dim)
-    level = torch.tensor([0, 1, 1, 2, 2, 2])
-    outs = [net(x, cos, sin, cond, mask_LS=level[None, :] <= level[:, None]), net(x, cos, sin, cond, is_causal=True),
-            net(x, cos, sin, cond)]
-    sum(o.square().sum() for o in outs).backward()
-    grads = [p.grad.clone() for p in net.parameters()]
-    with torch.no_grad():
-        net.setup_caches(B, 8, torch.float32, "cpu")
-        causal = torch.ones(8, 8, dtype=torch.bool).tril()
-        outs.append(net(x[:, :3], cos[:3], sin[:3], cond, mask_LS=causal[:3], cache_pos=0))
-        for i in range(3, L):
-            pos = torch.tensor([i])
-            outs.append(net(x[:, i:i + 1], cos[i:i + 1], sin[i:i + 1], cond, mask_LS=causal[pos], cache_pos=pos))
-    net.remove_caches()
-    return [o.detach() for o in outs], grads
+def attention_by_formula(attn: Attention, x, cos, sin, mask):
+    """softmax(rope(norm(x W_q)) rope(norm(x W_k))^T / sqrt(K) + mask) x W_v, heads joined, W_o: written out
+    per head in (B, H, L, K) with an explicit softmax (mask: bool (L, L), True = attend, or None)."""
+    B, L, D = x.shape
+    H, K = attn.heads, attn.head_dim
+    w_q, w_k, w_v = attn.qkv.weight.chunk(3)
+
+    def heads(w):
+        return (x @ w.T).view(B, L, H, K).transpose(1, 2)
+
+    def rms(t, gain):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+
+    def rotate(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
+
+    q, k = rotate(rms(heads(w_q), attn.q_norm.weight)), rotate(rms(heads(w_k), attn.k_norm.weight))
+    scores = q @ k.transpose(-1, -2) / K ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.softmax(-1) @ heads(w_v)
+    return out.transpose(1, 2).reshape(B, L, D) @ attn.proj.weight.T
 
 
-def test_attention_layouts_give_the_same_outputs_and_gradients(monkeypatch):
-    """Attention.layout "BLHK" (RoPE in the projection's order, SDPA on transposed views) computes what
-    the default "BHLK" does: forwards under every mask kind, cached decoding and gradients."""
-    config = tiny(adaln=True)
+def test_attention_is_the_formula_with_gradients():
+    """Attention (qk-norm and RoPE in the projection's (B, L, H, K) order, SDPA on transposed views)
+    against the formula, full / causal / block-causal, outputs and gradients of x and every weight."""
     torch.manual_seed(0)
-    net = Transformer(config)
-    init_weights(net, config.depth)
-    for p in net.parameters():
-        p.data.add_(torch.randn_like(p) * 0.05)
-    results = {}
-    for layout in ("BHLK", "BLHK"):
-        monkeypatch.setattr(Attention, "layout", layout)
-        net.zero_grad(set_to_none=True)
-        results[layout] = _forwards_and_grads(net, config)
-    (out_a, grad_a), (out_b, grad_b) = results["BHLK"], results["BLHK"]
-    assert len(out_a) == len(out_b) == 7 and len(grad_a) == len(grad_b) > 0
-    for a, b in zip(out_a + grad_a, out_b + grad_b):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    attn = Attention(32, 4, qk_norm=True)
+    for p in attn.parameters():
+        p.data.normal_(0, 0.3)
+    B, L = 2, 6
+    cos, sin = rope_tables(torch.arange(L).float(), attn.head_dim)
+    level = torch.tensor([0, 1, 1, 2, 2, 2])
+    cases = [(dict(), None), (dict(is_causal=True), torch.ones(L, L, dtype=torch.bool).tril()),
+             (dict(mask_LS=level[None, :] <= level[:, None]), level[None, :] <= level[:, None])]
+    for kw, mask in cases:
+        results = []
+        for fn in (lambda x: attn(x, cos, sin, **kw), lambda x: attention_by_formula(attn, x, cos, sin, mask)):
+            attn.zero_grad(set_to_none=True)
+            x = torch.randn(B, L, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            out = fn(x)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append([out.detach(), x.grad] + [p.grad for p in attn.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
