@@ -48,7 +48,7 @@ JOBS = [
     Job("sample-masked", "benchmarks.generators", ["--part", "sample-masked"], 240),
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 110),
-    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 250),  # subset of sample-masked
+    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 170),  # subset of sample-masked
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 60),
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),
