@@ -1,5 +1,5 @@
 """Small pieces of the training loop, each testable alone: TrainConfig, the LR schedule, AdamW
-construction, the EMA copy of a model and RNG-state capture.
+construction, the EMA copy of a model, RNG-state capture and the ranks' stop vote.
 """
 from __future__ import annotations
 
@@ -149,6 +149,41 @@ class EMA:
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state_dict, strict=True)
+
+
+class StopVote:
+    """The ranks of a multi-process run agree to stop at the same step without a host sync per step.
+
+    Each step starts the all-reduce (max) of this rank's stop request (a signal, the time limit) and
+    returns the result of the one started a step earlier. On CUDA that result was copied to pinned host
+    memory behind the earlier step's work and is waited for through an event: the host waits for step
+    N-1 to finish, never for step N that it has just queued (``.item()`` on the device tensor would).
+    The request flags live on the device, so starting a vote copies nothing from the host. All ranks
+    read the same reduced value at the same step, so they stop together, one step after the request.
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        device = accelerator.device
+        self.flags = (torch.zeros((), device=device), torch.ones((), device=device))   # no request / request
+        self.cuda = device.type == "cuda"
+        self.result = torch.zeros((), pin_memory=self.cuda)
+        self.done = torch.cuda.Event() if self.cuda else None
+        self.started = False
+
+    def __call__(self, request: bool) -> bool:
+        """Start this step's vote with ``request``; True when the previous step's vote was to stop."""
+        stop = False
+        if self.started:
+            if self.done is not None:
+                self.done.synchronize()
+            stop = bool(self.result.item() > 0)
+        reduced = self.accelerator.reduce(self.flags[int(request)], "max")
+        self.result.copy_(reduced, non_blocking=self.cuda)
+        if self.done is not None:
+            self.done.record()
+        self.started = True
+        return stop
 
 
 def rng_state() -> dict[str, torch.Tensor]:

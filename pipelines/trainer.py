@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from pipelines.checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint, \
     save_checkpoint
-from pipelines.config import config_hash
+from pipelines.config import config_hash, parse_yaml
 from pipelines.sampler import SeededDataset, build_batch_sampler
-from pipelines.train_utils import (EMA, TrainConfig, adamw, extra_buffers, load_extra_buffers, lr_factor,
-                                   match_state_layouts, rng_state)
+from pipelines.train_utils import (EMA, StopVote, TrainConfig, adamw, extra_buffers, load_extra_buffers,
+                                   lr_factor, match_state_layouts, rng_state)
 from pipelines import distributed, fsdp_utils
 
 __all__ = ["TrainConfig", "TrainTask", "Trainer", "adamw", "lr_factor"]
@@ -119,7 +119,7 @@ class Trainer:
                 run_yaml = self.output_dir / "run.yaml"
                 saved = ckpt.state.get("run_config")
                 if saved is None and run_yaml.is_file():
-                    saved = yaml.safe_load(run_yaml.read_text())
+                    saved = parse_yaml(run_yaml.read_text())
                 self._check_run_config(saved)
         elif list_checkpoints(self.output_dir):
             raise ValueError(f"{self.output_dir} already holds checkpoints; pass --resume to continue that run "
@@ -399,7 +399,9 @@ class Trainer:
             last = rec
 
         started, window_t0, window_step0 = time.monotonic(), time.perf_counter(), st["step"]
-        while st["step"] < cfg.max_steps and self._stop_signal is None:
+        vote = StopVote(acc) if acc.num_processes > 1 else None   # all ranks stop at the same step
+        stop = vote is None and self._stop_signal is not None
+        while st["step"] < cfg.max_steps and not stop:
             loss_N, step_metrics, bad, wait = self._train_step()
             st["step"] += 1
             st["step_in_epoch"] += 1
@@ -421,15 +423,15 @@ class Trainer:
                 window_t0 += time.perf_counter() - t   # sampling is not training time
             if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes and self._stop_signal is None:
                 self._stop_signal = f"the time limit (train.max_minutes = {cfg.max_minutes})"
-            if acc.num_processes > 1:  # all ranks stop at the same step
-                flag = torch.tensor(float(self._stop_signal is not None), device=acc.device)
-                if acc.reduce(flag, "max").item() > 0 and self._stop_signal is None:
-                    self._stop_signal = "a peer's signal"
             if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
                 settle()   # the checkpoint's counters include every step before it
                 t = time.perf_counter()
                 path, saved_at = self._save(), st["step"]
                 window_t0 += time.perf_counter() - t   # nor is writing checkpoints
+            if vote is None:
+                stop = self._stop_signal is not None
+            elif vote(self._stop_signal is not None):   # some rank's request, one step ago
+                stop, self._stop_signal = True, self._stop_signal or "a peer's signal"
         flush_log()
         bar.close()
         if saved_at != st["step"] and (st["step"] > 0 or cfg.max_steps == 0):

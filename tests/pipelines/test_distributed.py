@@ -1,8 +1,9 @@
 """Multi-process training on the CPU (gloo): the shard-aware sampler, and real 2-process
-`accelerate launch` runs of train-generator and train-tokenizer, loaded and resumed on 1 process.
+`accelerate launch` runs of train-generator and train-tokenizer, loaded and resumed on 1 process,
+and a run whose ranks stop together.
 
-The two launches (each mostly interpreter start-up: ~20 s on 2 busy cores) start together in a
-module fixture, so the two launch tests (marked slow) cost about one launch; all else takes seconds.
+The three launches (each mostly interpreter start-up: ~20 s on 2 busy cores) start together in a
+module fixture, so the launch tests (marked slow) cost about one launch; all else takes seconds.
 """
 from __future__ import annotations
 
@@ -235,11 +236,14 @@ def launched(art):
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
     root = art["root"]
-    gen_port, tok_port = free_ports(2)
+    gen_port, tok_port, stop_port = free_ports(3)
     runs = {"gen": (root / "gen2", launch(generator_args(root / "gen2", art["tokens"]), gen_port, root / "gen.log"),
                     root / "gen.log"),
             "tok": (root / "tok2", launch(tokenizer_args(root / "tok2", art["images"]), tok_port, root / "tok.log"),
-                    root / "tok.log")}
+                    root / "tok.log"),
+            "stop": (root / "stop2", launch([*generator_args(root / "stop2", art["tokens"]), "--max-steps", "50",
+                                             "--set", "train.max_minutes=1.0e-9"], stop_port, root / "stop.log"),
+                     root / "stop.log")}
     yield runs
     for _, proc, _ in runs.values():
         if proc.poll() is None:
@@ -288,6 +292,17 @@ def test_two_process_generator_run_loads_and_resumes_on_one_process(launched, ar
     assert "rng_ranks" not in resumed.tensors
     assert "trained a masked generator to step 5" in capsys.readouterr().out
     Generator.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_one_step_after_the_request(launched):
+    """Both ranks ask to stop after step 1 (train.max_minutes ~ 0). The vote each step starts is read one
+    step later (StopVote: no host sync per step), so both stop at step 2 and write one final checkpoint;
+    a rank that stopped alone would leave the other waiting in a collective (the launch would time out)."""
+    out, _, log = finished(launched["stop"])
+    assert "stopped by the time limit (train.max_minutes = 1e-09) at step 2" in log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+    assert load_checkpoint(out / "checkpoints/step-0000002").state["world_size"] == 2
 
 
 @pytest.mark.slow

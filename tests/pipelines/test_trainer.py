@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from pipelines.checkpoint import load_checkpoint, load_model_dir, save_model_dir
 from pipelines.sampler import ResumableBatchSampler, SeededDataset
+from pipelines.train_utils import StopVote
 from pipelines.trainer import EMA, TrainConfig, Trainer, adamw, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -364,6 +365,26 @@ def test_a_stop_signal_to_the_process_group_with_data_workers_still_checkpoints(
     step = int(out.split("FINAL_STEP")[1].split()[0])
     assert f"received {sig.name}" in err and "Traceback" not in err
     assert load_checkpoint(tmp_path / f"checkpoints/step-{step:07d}").step == step
+
+
+class TwoRanks:
+    """A stand-in accelerator for StopVote: reduce(max) of this rank's flag and a scripted peer's."""
+    device = torch.device("cpu")
+
+    def __init__(self, peer_requests):
+        self.peer = iter(peer_requests)
+
+    def reduce(self, flag, reduction):
+        assert reduction == "max" and flag.device == self.device
+        return torch.maximum(flag, torch.tensor(float(next(self.peer))))
+
+
+def test_stop_vote_reads_the_max_over_ranks_one_step_late():
+    """Step k starts the vote on this step's requests and returns step k-1's: a peer's request at step 3
+    stops this rank at step 4, its own at step 5 at step 6; nothing before a vote was started."""
+    vote = StopVote(TwoRanks([0, 0, 1, 0, 0, 0]))
+    mine = [False, False, False, False, True, False]
+    assert [vote(r) for r in mine] == [False, False, False, True, False, True]
 
 
 def test_max_minutes_stops_with_a_checkpoint_like_a_signal(tmp_path):
