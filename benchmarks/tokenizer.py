@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks import roofline
 from benchmarks.common import (H100, RowSink, autocast, compiled, default_emoji_cache, first_call_or_eager, floors,
                                free_memory, is_oom, job_args, make_lpips_importable, peak_flops, peak_memory_gb, repo_root,
                                reset_peak_memory, sync, time_fn, timing)
 from benchmarks.setups import F16_CONFIG, build_tokenizer, device, tokenizer_sections
+from pipelines.config import parse_yaml
 
 PARTS = ["decode", "encode", "train"]
 EMOJI_CONFIGS = ("configs/tokenizer/emoji-f8.yaml", "configs/demo/tokenizer.yaml")
@@ -205,7 +205,7 @@ def _run_compile(run_yaml: Path) -> str:
     """How the run trained, from the config it wrote (overrides applied): train.compile."""
     if not run_yaml.is_file():
         return "-"
-    train = (yaml.safe_load(run_yaml.read_text()) or {}).get("train", {})
+    train = (parse_yaml(run_yaml.read_text()) or {}).get("train", {})
     return "conv stacks compiled, channels_last" if train.get("compile") else "eager"
 
 

@@ -102,6 +102,11 @@ def adamw(params, train: TrainConfig, lr: float | None = None) -> torch.optim.Ad
                              fused=fused or None)
 
 
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer itself: accelerate's ``AcceleratedOptimizer`` wraps it as ``.optimizer``."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Give every per-parameter state tensor (Adam's moments) its parameter's memory layout.
 
@@ -109,8 +114,7 @@ def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
     parameters out differently (``train.compile`` switched: the tokenizer's ``compile_modules`` makes
     its convs channels_last). Fused AdamW walks a parameter and its moments as flat arrays, so it
     would pair the wrong elements, silently."""
-    inner = getattr(optimizer, "optimizer", optimizer)   # accelerate's wrapper holds the torch optimizer
-    for p, state in inner.state.items():
+    for p, state in torch_optimizer(optimizer).state.items():
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                 state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
@@ -166,9 +170,9 @@ class StopVote:
         self.accelerator = accelerator
         device = accelerator.device
         self.flags = (torch.zeros((), device=device), torch.ones((), device=device))   # no request / request
-        self.cuda = device.type == "cuda"
-        self.result = torch.zeros((), pin_memory=self.cuda)
-        self.done = torch.cuda.Event() if self.cuda else None
+        cuda = device.type == "cuda"
+        self.result = torch.zeros((), pin_memory=cuda)
+        self.done = torch.cuda.Event() if cuda else None   # None: the reduce was synchronous (CPU)
         self.started = False
 
     def __call__(self, request: bool) -> bool:
@@ -179,7 +183,7 @@ class StopVote:
                 self.done.synchronize()
             stop = bool(self.result.item() > 0)
         reduced = self.accelerator.reduce(self.flags[int(request)], "max")
-        self.result.copy_(reduced, non_blocking=self.cuda)
+        self.result.copy_(reduced, non_blocking=self.done is not None)
         if self.done is not None:
             self.done.record()
         self.started = True

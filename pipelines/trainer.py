@@ -36,7 +36,7 @@ from pipelines.checkpoint import atomic_write_text, latest_checkpoint, list_chec
 from pipelines.config import config_hash, parse_yaml
 from pipelines.sampler import SeededDataset, build_batch_sampler
 from pipelines.train_utils import (EMA, StopVote, TrainConfig, adamw, extra_buffers, load_extra_buffers,
-                                   lr_factor, match_state_layouts, rng_state)
+                                   lr_factor, match_state_layouts, rng_state, torch_optimizer)
 from pipelines import distributed, fsdp_utils
 
 __all__ = ["TrainConfig", "TrainTask", "Trainer", "adamw", "lr_factor"]
@@ -211,7 +211,7 @@ class Trainer:
     @property
     def _fused(self) -> bool:
         """Every optimizer is a fused torch one (CUDA AdamW): non-finite steps are skipped on the device."""
-        return all(getattr(getattr(o, "optimizer", o), "defaults", {}).get("fused") for o in self.optimizers.values())
+        return all(torch_optimizer(o).defaults.get("fused") for o in self.optimizers.values())
 
     def _train_step(self) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, float]:
         """One optimizer step. Returns the losses (one per optimizer), the metrics (tensors stay on the
@@ -260,7 +260,7 @@ class Trainer:
             for name, opt in self.optimizers.items():
                 for group, base in zip(opt.param_groups, self.base_lrs[name]):
                     group["lr"] = base * factor
-                inner = getattr(opt, "optimizer", opt)   # accelerate's wrapper holds the torch optimizer
+                inner = torch_optimizer(opt)
                 inner.found_inf = bad if skip_on_device else None
                 try:
                     opt.step()
