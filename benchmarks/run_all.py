@@ -59,6 +59,7 @@ JOBS = [
     Job("train-var-d16", "benchmarks.gen_train", ["--part", "var-d16"], 180),
     Job("profile-train-ar", "benchmarks.gen_train", ["--part", "ar-L", "--profile"], 130),
     Job("profile-train-masked", "benchmarks.gen_train", ["--part", "masked-L", "--profile"], 135),
+    Job("profile-train-var", "benchmarks.gen_train", ["--part", "var-d16", "--profile"], 150),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -77,7 +78,7 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
          "quality": ["quality", "inpainting"]}
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
 EXPLICIT_ONLY = {"sample-masked-fused", "profile-masked", "profile-ar", "profile-var", "profile-train-ar",
-                 "profile-train-masked"}
+                 "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]

@@ -21,6 +21,7 @@ without a mask (flash attention) and without reading the empty slots.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,10 +30,6 @@ import torch.nn.functional as F
 from generator.config import GeneratorConfig
 from generator.decode_attention import attend_one_query
 
-try:    # torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:
-    BlockMask = flex_attention = None
 
 
 class RMSNorm(nn.Module):
@@ -113,6 +110,38 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class BlockCausal(NamedTuple):
+    """Block-causal attention (VAR: a token sees its own block, a scale, and every earlier one) without a
+    mask over the whole sequence: the queries of each group of rows [start, end) attend to keys [0, end)
+    in one unmasked SDPA call (flash / cuDNN, forward and backward); only the first group, the small
+    blocks merged, takes the bool mask. The query-key pairs computed are the mask's nonzero blocks plus
+    the first group's masked part (VAR-d16: 289k, the mask has 286k of 462k), where one SDPA call with
+    the mask runs the memory-efficient kernel over all pairs, and a FlexAttention BlockMask computes
+    the pairs of every partly masked 128 x 128 tile (NOTES A25)."""
+    first_mask: torch.Tensor | None     # bool (P, P) mask of the first group's rows [0, P); None: one block
+    ends: tuple[int, ...]               # each group's end row, the first group's (P) included
+
+    @classmethod
+    def from_bounds(cls, bounds: Sequence[int], mask_LL: torch.Tensor, min_alone: int) -> "BlockCausal":
+        """``bounds`` = [0, end of block 1, ..., L]; ``mask_LL`` the block-causal bool mask (its first P rows
+        and columns are used). A block of at least ``min_alone`` rows is a group of its own; the blocks
+        before the first such block are merged into the masked first group."""
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        first = max(1, next((i for i, n in enumerate(sizes) if n >= min_alone), len(sizes)))
+        P = bounds[first]
+        return cls(mask_LL[:P, :P] if first > 1 else None, tuple(bounds[first:]))
+
+    def attend(self, q_BHLK: torch.Tensor, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor) -> torch.Tensor:
+        """SDPA per group -> (B, H, L, K), a transposed view of a contiguous (B, L, H, K)."""
+        outs, start = [], 0
+        for i, end in enumerate(self.ends):
+            out = F.scaled_dot_product_attention(q_BHLK[:, :, start:end], k_BHLK[:, :, :end], v_BHLK[:, :, :end],
+                                                 attn_mask=self.first_mask if i == 0 else None)
+            outs.append(out.transpose(1, 2))
+            start = end
+        return torch.cat(outs, dim=1).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
@@ -124,12 +153,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None):
-        """``mask_LS``: None, a bool (L, S) tensor (True = attend), or a FlexAttention ``BlockMask``
-        (uncached forwards only: VAR's compiled training, where it skips the masked blocks)."""
+        """``mask_LS``: None, a bool (L, S) tensor (True = attend), or a ``BlockCausal`` (uncached forwards
+        only: VAR's teacher-forced training and scoring)."""
         B, L, D = x_BLD.shape
-        flex = BlockMask is not None and isinstance(mask_LS, BlockMask)
-        if flex and self.kv_cache is not None and cache_pos is not None:
-            raise ValueError("a FlexAttention BlockMask is for uncached forwards; cached steps take a bool mask")
+        grouped = isinstance(mask_LS, BlockCausal)
+        if grouped and self.kv_cache is not None and cache_pos is not None:
+            raise ValueError("a BlockCausal mask is for uncached forwards; cached steps take a bool mask")
         # qk-norm and RoPE in the projection's own (B, L, H, K) order (the tables broadcast over heads), then
         # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
         # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
@@ -144,8 +173,8 @@ class Attention(nn.Module):
             elif mask_LS is not None:                             # the mask covers the first S slots
                 k, v = k[:, :, :mask_LS.shape[-1]], v[:, :, :mask_LS.shape[-1]]
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if flex:
-            out = flex_attention(q, k, v, block_mask=mask_LS)
+        if grouped:
+            out = mask_LS.attend(q, k, v)
         elif L == 1 and mask_LS is not None:                        # a cached decoding step
             out = attend_one_query(q, k, v, mask_LS)
         else:
@@ -198,25 +227,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 2 * config.dim)) if config.adaln else None
 
-    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None,
-                run_block=None):
-        """``run_block(block, x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)`` replaces the
-        plain ``block(...)`` call when given: e.g. one torch.compile'd function that serves every block."""
+    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None):
         for block in self.blocks:
-            if run_block is None:
-                x_BLD = block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
-            else:
-                x_BLD = run_block(block, x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
+            x_BLD = block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
         h = self.norm(x_BLD)
         if self.final_ada is not None:
             shift, scale = self.final_ada(cond_BD)[:, None].chunk(2, dim=-1)
             h = h * (1 + scale) + shift
         return h
 
-    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype, device) -> None:
-        """Pre-allocate a KV cache in every attention module (replacing any previous one)."""
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype, device, reuse: bool = False) -> None:
+        """Pre-allocate a KV cache in every attention module (replacing any previous one). ``reuse``: keep
+        the present caches when they already have this shape, dtype and device (same buffers, so CUDA
+        graphs that read them in place stay valid; their contents are stale, not zeroed)."""
         c = self.config
+        shape, device = (batch, c.heads, max_len, c.head_dim), torch.empty(0, device=device).device   # cuda -> cuda:0
         for block in self.blocks:
+            cache = block.attn.kv_cache
+            if (reuse and cache is not None and tuple(cache.k.shape) == shape and cache.k.dtype == dtype
+                    and cache.k.device == device):
+                continue
             block.attn.kv_cache = KVCache(batch, c.heads, max_len, c.head_dim, dtype, device)
 
     def reset_caches(self) -> None:

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine_doubled, cfg_scale_at, keep_known, sample_logits
-from generator.transformer import flex_attention, rope_tables
-
-if flex_attention is not None:
-    from torch.nn.attention.flex_attention import create_block_mask
+from generator.transformer import BlockCausal, rope_tables
 
 log = logging.getLogger(__name__)
+# teacher forcing: a scale of at least this many tokens attends in its own SDPA call (flash / cuDNN tiles of
+# 64-128 rows), the smaller ones before it in one call with the block-causal mask (transformer.BlockCausal)
+ALONE_TOKENS = 64
 
 
 @runtime_checkable
@@ -59,12 +59,6 @@ class ScaleCodec(Protocol):
         """Add scale k's ids to f_hat (None before the first scale); return (f_hat_BChw, input of
         scale k+1 (B, s_{k+1}^2, C), or None when k is the last scale)."""
         ...
-
-
-def call_block(block, x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos):
-    """A transformer block's forward as a plain function: what ``sample(compile=True)`` compiles once,
-    with dynamic shapes, for all blocks (they share the code; their weights and caches are inputs)."""
-    return block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
 
 
 def split_scales(ids_BL: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
@@ -124,7 +118,6 @@ class VARGenerator(Generator):
         self.register_buffer("rope_cos", cos_LF, persistent=False)
         self.register_buffer("rope_sin", sin_LF, persistent=False)
         self._codec_ref: _CodecRef | None = None
-        self._block_masks: dict = {}                       # (Lp, device) -> BlockMask (compiled training)
         self._init_weights()
 
     # ---- the codec ---------------------------------------------------------------------------
@@ -175,25 +168,9 @@ class VARGenerator(Generator):
         start_BlD = cond_BD[:, None].expand(-1, self.first_l, -1)
         x_BLD = torch.cat([start_BlD, self.word_embed(inputs_BlC.to(self.word_embed.weight))], dim=1)
         x_BLD = x_BLD + self.lvl_embed(self.level_L[:Lp])
-        mask = self.mask_LL[:Lp, :Lp]
-        if x_BLD.is_cuda and torch.compiler.is_compiling() and flex_attention is not None:
-            mask = self._block_mask(Lp, x_BLD.device)
+        mask = BlockCausal.from_bounds([b for b in self.bounds if b <= Lp], self.mask_LL, ALONE_TOKENS)
         h_BLD = self.backbone(x_BLD, self.rope_cos[:Lp], self.rope_sin[:Lp], cond_BD, mask_LS=mask)
         return self.head(h_BLD)
-
-    @torch.compiler.disable
-    def _block_mask(self, Lp: int, device: torch.device):
-        """The block-causal mask of the first Lp tokens as a FlexAttention BlockMask, built once per
-        (Lp, device) and never saved; looked up outside the compiled graph (one graph break in the
-        compiled loss, where building it inside the graph is not supported on every torch we run). Only under torch.compile on CUDA: there flex_attention is one fused kernel
-        that skips the all-masked blocks, where SDPA with a bool mask runs the memory-efficient kernel over
-        all 680 x 680 scores; eager flex_attention would materialise the scores, so eager keeps SDPA."""
-        key = (Lp, str(device))
-        if key not in self._block_masks:
-            level_L = self.level_L[:Lp].to(device)
-            self._block_masks[key] = create_block_mask(lambda b, h, q, kv: level_L[kv] <= level_L[q],
-                                                       B=None, H=None, Q_LEN=Lp, KV_LEN=Lp, device=device)
-        return self._block_masks[key]
 
     def _ce_BL(self, ids_BL, labels_B, codec_inputs_BlC):
         """Per-token cross-entropy (B, L) and logits (B, L, V); ids_BL long of the right length."""
@@ -262,18 +239,27 @@ class VARGenerator(Generator):
             out_mask.append(mask.to(device))
         return out_ids, out_mask
 
-    def _run_block(self, compile: bool):
-        """None (blocks run eagerly), or with ``compile`` one torch.compile'd ``call_block`` (dynamic
-        shapes, default mode) for every block and scale, kept on the module (``compiled_once``): a
-        handful of graphs, not one per block or scale (dynamo specialises the 1-token first scale; 2
-        with the 'eager' backend in the tests, 3 with inductor on the CPU; the first call took 20.7 s
-        on the H100). Compiling fuses the elementwise work around the matmuls (norms, adaLN, RoPE,
-        SwiGLU), most of the eager sampler's GPU time. A compile failure falls back to eager for good
-        with a warning (``CompiledOrEager``)."""
+    def scale_logits(self, x_BlD: torch.Tensor, cos_lF: torch.Tensor, sin_lF: torch.Tensor, cond_BD: torch.Tensor,
+                     cache_pos: int) -> torch.Tensor:
+        """One scale of cached sampling: its inputs (B, l, D), written at cache slots [cache_pos, cache_pos + l)
+        and attending to every filled slot (block-causal: all coarser scales and itself, no mask) -> logits
+        (B, l, V) float32. The function ``sample(compile=True)`` compiles."""
+        return self.head(self.backbone(x_BlD, cos_lF, sin_lF, cond_BD, cache_pos=cache_pos)).float()
+
+    def _scale_fn(self, compile: bool):
+        """``scale_logits``, or with ``compile`` its torch.compile'd version (dynamic shapes; on CUDA mode
+        reduce-overhead: one CUDA graph replay per scale, its graph recorded at the first call of each
+        scale size), kept on the module (``compiled_once``). The whole scale is one graph: at batch 1 the
+        host, not the GPU, bounded the earlier compile of one function per block (16 compiled calls per
+        scale: 133 ms of wall time around 22 ms of GPU work on an H200, NOTES A24). Dynamo specialises the
+        1-token first scale, so two graphs. A compile failure falls back to eager for good with a warning
+        (``CompiledOrEager``)."""
         if not compile:
-            return None
-        return self.compiled_once(lambda: CompiledOrEager(call_block, call_block, "VAR sampler's blocks", log,
-                                                          "running the blocks eagerly", dynamic=True))
+            return self.scale_logits
+        options = dict(dynamic=True, mode="reduce-overhead" if self.head.weight.device.type == "cuda" else None)
+        return self.compiled_once(lambda: CompiledOrEager(self.scale_logits, self.scale_logits,
+                                                          "VAR sampler's scale forward", log, "running it eagerly",
+                                                          **options))
 
     @torch.no_grad()
     def sample(self, classes=None, *, codec: ScaleCodec | None = None, num_steps: int | None = None,
@@ -287,9 +273,11 @@ class VARGenerator(Generator):
         cfg_scale: guidance at the last scale; with cfg_schedule "linear" it ramps from 1 at the
         first scale (VAR). known_ids / known_mask: lists of (B, s, s) per scale (e.g. the tokenizer's
         encode_scales of an image) forced at every scale before the next scale's input is built.
-        num_steps is ignored (one step per scale). ``compile``: the transformer blocks run through
-        one torch.compile'd function (``_run_block``); the first call compiles (tens of seconds on a
-        GPU), and compiled kernels may round differently from eager ones, so a few tokens can differ.
+        num_steps is ignored (one step per scale). ``compile``: each scale's forward runs through one
+        torch.compile'd function (``_scale_fn``; CUDA graphs on a GPU); the first call compiles (tens of
+        seconds on a GPU), and compiled kernels may round differently from eager ones, so a few tokens can
+        differ. The compiled path keeps its KV caches for the next call of the same batch (the CUDA graphs
+        read them in place; ``backbone.remove_caches()`` frees them); eager sampling removes them.
         Returns [(B, s, s) long] coarse -> fine.
         """
         if ignored:
@@ -309,8 +297,10 @@ class VARGenerator(Generator):
         if guided:
             labels_B = torch.cat([labels_B, torch.full_like(labels_B, self.config.null_class)])
         cond_BD = self.class_emb(labels_B)
-        run_block = self._run_block(compile)
-        self.backbone.setup_caches(labels_B.shape[0], self.config.num_tokens, self.compute_dtype(), device)
+        scale_logits = self._scale_fn(compile)
+        # every slot a scale reads was written earlier in this call, so kept caches need no reset
+        self.backbone.setup_caches(labels_B.shape[0], self.config.num_tokens, self.compute_dtype(), device,
+                                   reuse=compile)
         try:
             ids_list, f_hat_BChw, next_BlC = [], None, None
             for k, s in enumerate(self.config.scales):
@@ -320,10 +310,7 @@ class VARGenerator(Generator):
                 else:
                     x_BlD = self.word_embed(next_BlC.to(self.word_embed.weight))
                 x_BlD = x_BlD + self.lvl_embed.weight[k]
-                # block-causal = scale k sees slots [0, b), all filled: no mask (flash attention), no empty slots
-                h_BlD = self.backbone(x_BlD, self.rope_cos[a:b], self.rope_sin[a:b], cond_BD, cache_pos=a,
-                                      run_block=run_block)
-                logits_BlV = self.head(h_BlD).float()
+                logits_BlV = scale_logits(x_BlD, self.rope_cos[a:b], self.rope_sin[a:b], cond_BD, a)
                 if guided:
                     w = cfg_scale_at(cfg_scale, k / max(K - 1, 1), cfg_schedule)
                     logits_BlV = cfg_combine_doubled(logits_BlV, w)
@@ -336,7 +323,8 @@ class VARGenerator(Generator):
                 if guided and next_BlC is not None:
                     next_BlC = torch.cat([next_BlC, next_BlC])      # same input for the unconditional half
         finally:
-            self.backbone.remove_caches()
+            if not compile:
+                self.backbone.remove_caches()
         return ids_list
 
 

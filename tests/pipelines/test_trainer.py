@@ -369,14 +369,14 @@ def test_a_stop_signal_to_the_process_group_with_data_workers_still_checkpoints(
 
 class TwoRanks:
     """A stand-in accelerator for StopVote: reduce(max) of this rank's flag and a scripted peer's."""
-    device = torch.device("cpu")
 
-    def __init__(self, peer_requests):
+    def __init__(self, peer_requests, device="cpu"):
         self.peer = iter(peer_requests)
+        self.device = torch.device(device)
 
     def reduce(self, flag, reduction):
-        assert reduction == "max" and flag.device == self.device
-        return torch.maximum(flag, torch.tensor(float(next(self.peer))))
+        assert reduction == "max" and flag.device.type == self.device.type
+        return torch.maximum(flag, torch.tensor(float(next(self.peer)), device=flag.device))
 
 
 def test_stop_vote_reads_the_max_over_ranks_one_step_late():
@@ -385,6 +385,22 @@ def test_stop_vote_reads_the_max_over_ranks_one_step_late():
     vote = StopVote(TwoRanks([0, 0, 1, 0, 0, 0]))
     mine = [False, False, False, False, True, False]
     assert [vote(r) for r in mine] == [False, False, False, True, False, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stop_vote_on_cuda_reads_through_pinned_memory_and_an_event():
+    """The CUDA branch: the result lands in pinned host memory behind queued GPU work (a long matmul
+    chain before each vote), and the lagged answers are the CPU ones."""
+    vote = StopVote(TwoRanks([0, 0, 1, 0, 0, 0], device="cuda"))
+    assert vote.result.is_pinned() and vote.done is not None
+    x = torch.randn(2048, 2048, device="cuda")
+    answers = []
+    for request in [False, False, False, False, True, False]:
+        for _ in range(20):
+            x = torch.tanh(x @ x)                     # the vote queues behind this work
+        answers.append(vote(request))
+    assert answers == [False, False, False, True, False, True]
 
 
 def test_max_minutes_stops_with_a_checkpoint_like_a_signal(tmp_path):

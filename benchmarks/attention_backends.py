@@ -1,0 +1,146 @@
+"""Micro-benchmark (GPU): attention at the generators' shapes through each SDPA backend, FlexAttention
+and VAR's grouped block-causal calls, and which kernel a compiled training step picks.
+
+    python3 -m benchmarks.attention_backends
+
+bf16, q/k/v as transposed (B, L, H, K) views (transformer.Attention's layout), head dim 64:
+masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), masked-L training
+(256 sequences, 16 heads, full, forward + backward), each at 257 and 256 tokens (what the class prefix
+costs in 128-row tiles), AR-L training (256 tokens, causal) and VAR-d16 training (128 sequences, 16
+heads, 680 tokens, block-causal: the bool mask, a FlexAttention BlockMask, ``BlockCausal`` groups).
+Milliseconds per call (CUDA events, median of 20 after warm-up) and TFLOP/s on the attention's
+4 L S K FLOPs per head over the pairs the mask keeps (x3.5 with the backward). Then the kernels a
+compiled forward + backward through SDPA runs, with the default backend order and with cuDNN first.
+Prints; not in run_all (it informs choices; the sampling and training jobs measure their effect).
+"""
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from generator.transformer import BlockCausal
+from generator.var import ALONE_TOKENS
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:      # torch < 2.5
+    flex_attention = None
+
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+VAR_SIZES = [s * s for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+
+
+def time_ms(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def qkv_views(B, L, H, backward):
+    qkv = torch.randn(B, L, 3, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+    return qkv, [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+
+def measure(label, candidates, pairs, B, H, backward):
+    flops = 4 * B * H * pairs * 64 * (3.5 if backward else 1.0)
+    row = [label]
+    for name, fn in candidates.items():
+        try:
+            out = fn()
+            grad = torch.randn_like(out)
+            run = (lambda fn=fn: fn().backward(grad)) if backward else fn
+            with torch.set_grad_enabled(backward):
+                ms = time_ms(run)
+            row.append(f"{name} {ms:6.2f} ms {flops / ms / 1e9:4.0f} TF/s")
+        except RuntimeError as e:
+            row.append(f"{name} n/a ({str(e).splitlines()[0][:50]})")
+    print(" | ".join(row), flush=True)
+
+
+def sdpa(backend, q, k, v, **kw):
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def backend_rows(flex) -> None:
+    for label, B, H, backward, causal in [("masked-B sample", 128, 12, False, False),
+                                          ("masked-L train", 256, 16, True, False),
+                                          ("AR-L train", 256, 16, True, True)]:
+        for L in ((257, 256) if not causal else (256,)):
+            _, (q, k, v) = qkv_views(B, L, H, backward)
+            cands = {"default": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+            cands.update({n: (lambda be=be: sdpa(be, q, k, v, is_causal=causal)) for n, be in BACKENDS.items()})
+            if flex is not None and not causal:
+                cands["flex"] = lambda: flex(q, k, v)
+            measure(f"{label:16s} L={L}", cands, L * L // (2 if causal else 1), B, H, backward)
+
+
+def var_rows(flex) -> None:
+    level = torch.cat([torch.full((n,), i) for i, n in enumerate(VAR_SIZES)]).cuda()
+    mask = level[None, :] <= level[:, None]
+    bounds = [0]
+    for n in VAR_SIZES:
+        bounds.append(bounds[-1] + n)
+    L = bounds[-1]
+    _, (q, k, v) = qkv_views(128, L, 16, True)
+    cands = {"bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+    if flex is not None:
+        block_mask = create_block_mask(lambda b, h, qi, ki: level[ki] <= level[qi], None, None, L, L, device="cuda")
+        cands["flex BlockMask"] = lambda: flex(q, k, v, block_mask=block_mask)
+    for alone in (ALONE_TOKENS, 1):
+        groups = BlockCausal.from_bounds(bounds, mask, alone)
+        cands[f"groups (alone >= {alone}: {len(groups.ends)} calls)"] = lambda g=groups: g.attend(q, k, v)
+    measure(f"{'VAR-d16 train':16s} L={L}", cands, int(mask.sum()), 128, 16, True)
+
+
+def compiled_kernels() -> None:
+    """Which attention kernels a compiled forward + backward runs (torch.profiler's kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+    qkv, _ = qkv_views(64, 257, 16, True)
+
+    def plain(qkv):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return F.scaled_dot_product_attention(q, k, v).float().square().sum()
+
+    def cudnn_first(qkv):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH], set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v).float().square().sum()
+
+    for name, fn in (("eager default", plain), ("compiled default", torch.compile(plain)),
+                     ("compiled cudnn-first", torch.compile(cudnn_first))):
+        try:
+            for _ in range(2):
+                fn(qkv).backward()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(qkv).backward()
+                torch.cuda.synchronize()
+            names = sorted({e.key[:70] for e in prof.key_averages()
+                            if any(w in e.key.lower() for w in ("attention", "flash", "cudnn", "sdpa", "fmha"))})
+            print(f"{name}: {names}", flush=True)
+        except Exception as e:   # noqa: BLE001 - a diagnostic: report and go on
+            print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, head dim 64")
+    flex = torch.compile(flex_attention, dynamic=False) if flex_attention is not None else None
+    backend_rows(flex)
+    var_rows(flex)
+    compiled_kernels()
+
+
+if __name__ == "__main__":
+    main()
