@@ -1,7 +1,7 @@
 """Micro-benchmark (GPU): attention at the generators' shapes through each SDPA backend, FlexAttention
 and VAR's grouped block-causal calls, and which kernel a compiled training step picks.
 
-    python3 -m benchmarks.attention_backends
+    python3 -m benchmarks.attention_backends [backends] [var] [compiled]    (default: all three)
 
 bf16, q/k/v as transposed (B, L, H, K) views (transformer.Attention's layout), head dim 64:
 masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), masked-L training
@@ -14,6 +14,7 @@ compiled forward + backward through SDPA runs, with the default backend order an
 Prints; not in run_all (it informs choices; the sampling and training jobs measure their effect).
 """
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,12 @@ def var_rows(flex) -> None:
     for alone in (ALONE_TOKENS, 1):
         groups = BlockCausal.from_bounds(bounds, mask, alone)
         cands[f"groups (alone >= {alone}: {len(groups.ends)} calls)"] = lambda g=groups: g.attend(q, k, v)
+        attend = torch.compile(groups.attend, dynamic=False)     # the training step runs it compiled
+        cands[f"compiled groups (alone >= {alone})"] = lambda attend=attend: attend(q, k, v)
     measure(f"{'VAR-d16 train':16s} L={L}", cands, int(mask.sum()), 128, 16, True)
 
 
-def compiled_kernels() -> None:
+def compiled_kernels(flex=None) -> None:
     """Which attention kernels a compiled forward + backward runs (torch.profiler's kernel names)."""
     from torch.profiler import ProfilerActivity, profile
     qkv, _ = qkv_views(64, 257, 16, True)
@@ -134,12 +137,15 @@ def compiled_kernels() -> None:
 
 
 def main() -> None:
+    sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels}
+    chosen = sys.argv[1:] or list(sections)
+    if unknown := set(chosen) - set(sections):
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, head dim 64")
     flex = torch.compile(flex_attention, dynamic=False) if flex_attention is not None else None
-    backend_rows(flex)
-    var_rows(flex)
-    compiled_kernels()
+    for name in chosen:
+        sections[name](flex)
 
 
 if __name__ == "__main__":

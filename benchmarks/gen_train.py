@@ -15,14 +15,12 @@ DataLoader, accelerate's send_to_device) against steps on a resident tensor.
 """
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import roofline
 from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
@@ -33,7 +31,6 @@ from benchmarks.setups import TINY_GENERATOR, build_tokenizer, device
 PARTS = ["masked-L", "ar-L", "var-d16"]
 CONFIGS = {"masked-L": "configs/generator/masked-L.yaml", "ar-L": "configs/generator/ar-L.yaml",
            "var-d16": "configs/generator/var-d16.yaml"}
-TRAIN_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]   # VAR's block-causal mask: efficient
 DATA_STEPS = 10
 
 
@@ -70,11 +67,10 @@ class Step:
         self.fwd = self.wrapper
         self.dev, self.smoke = dev, smoke
 
-    def sdpa(self):
-        return sdpa_kernel(TRAIN_SDPA) if self.dev.type == "cuda" else contextlib.nullcontext()
-
     def __call__(self, ids_BL: torch.Tensor, labels_B: torch.Tensor) -> None:
-        with self.sdpa(), autocast(self.dev):
+        # SDPA picks its backend as the Trainer's step does (cuDNN attention on an H100/H200 with torch 2.11;
+        # until session 8 this step forced flash / memory-efficient, the Trainer never did: NOTES A25)
+        with autocast(self.dev):
             out = self.fwd(ids_BL, labels_B)
         out.loss.backward()
         if self.train.grad_clip > 0:
@@ -109,7 +105,7 @@ def train_model(name: str, args, sink: RowSink) -> None:
     facts = dict(bench="train", model=name, config=CONFIGS[name], params_M=round(params / 1e6, 1), batch=B,
                  seq_len=c.num_tokens, lr=step.train.lr, grad_clip=step.train.grad_clip,
                  dtype="bf16 autocast" if dev.type == "cuda" else "fp32 (cpu smoke)",
-                 sdpa="flash / mem-efficient" if dev.type == "cuda" else "cpu default",
+                 sdpa="default choice" if dev.type == "cuda" else "cpu default",
                  optimizer="AdamW fused" if dev.type == "cuda" else "AdamW", dropout=c.dropout)
     common = {**facts, **floors(model["flops"], model["bytes"], H100 if args.smoke else None)}
     pf = peak_flops()

@@ -47,7 +47,7 @@ JOBS = [
     Job("peers", "benchmarks.peers", ["--batch", "64"], 75, ["--batch", "2"]),   # smoke: our smoke batch
     Job("sample-masked", "benchmarks.generators", ["--part", "sample-masked"], 240),
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
-    Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 110),
+    Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 170),  # subset of sample-masked
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 60),
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
