@@ -297,9 +297,9 @@ def sample_ar(args, sink: RowSink) -> None:
 
 # ---- next-scale (VAR) ----------------------------------------------------------------------------
 def sample_var(args, sink: RowSink) -> None:
-    """VAR-d16 eager, then ``sample(compile=True)`` (one compiled function for every block and scale,
-    dynamic shapes) with the decoder compiled as the pipeline's compile option does; incl. decoding,
-    as the peer's number is."""
+    """VAR-d16 eager, then ``sample(compile=True)`` (one compiled forward for every scale, dynamic shapes,
+    CUDA graphs) with the decoder compiled as the pipeline's compile option does; incl. decoding, as the
+    peer's number is."""
     b = Bench(args, sink, "var-d16")
     B = b.batch
     b.guarded("eager", lambda: b.sample(B), batch=B, compile="eager", decode=False)
@@ -308,9 +308,9 @@ def sample_var(args, sink: RowSink) -> None:
     if args.compile_mode != "none":
         from pipelines.generate import compile_decoder
         with _Warnings("generator.var", "pipelines.generate") as warn, builtin_compile(b.smoke):
-            first = {"compile": "blocks: dynamic"}
+            first = {"compile": "scale forward: dynamic"}
             first_call_or_eager(lambda: b.sample(B, compile=True), None, first)   # compiles both graphs
-            status = warn.status("blocks: default, dynamic")
+            status = warn.status("scale forward: reduce-overhead, dynamic")
             b.guarded("compiled", lambda: b.sample(B, compile=True), batch=B, compile=status, decode=False,
                       compile_s=first.get("compile_s"))
             compile_decoder(b.tok)
