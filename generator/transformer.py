@@ -16,7 +16,9 @@ query positions (AR decoding: the slot is a device tensor, so the step can be gr
 narrower than the cache covers its first S slots, and only those are read. When
 a block is written at an int start with no mask, the queries attend to every filled slot
 [0, start + L): VAR's scale-by-scale sampling, where scale k sees all coarser scales and itself,
-without a mask (flash attention) and without reading the empty slots.
+without a mask (flash attention) and without reading the empty slots. Without a cache, a
+``BlockCausal`` is the same block-causal attention as one SDPA call per group of blocks (VAR's
+teacher forcing).
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import torch.nn.functional as F
 
 from generator.config import GeneratorConfig
 from generator.decode_attention import attend_one_query
-
 
 
 class RMSNorm(nn.Module):

@@ -274,8 +274,8 @@ class VARGenerator(Generator):
         first scale (VAR). known_ids / known_mask: lists of (B, s, s) per scale (e.g. the tokenizer's
         encode_scales of an image) forced at every scale before the next scale's input is built.
         num_steps is ignored (one step per scale). ``compile``: each scale's forward runs through one
-        torch.compile'd function (``_scale_fn``; CUDA graphs on a GPU); the first call compiles (tens of
-        seconds on a GPU), and compiled kernels may round differently from eager ones, so a few tokens can
+        torch.compile'd function (``_scale_fn``; CUDA graphs on a GPU); the first call compiles (VAR-d16:
+        ~150 s on an H200), and compiled kernels may round differently from eager ones, so a few tokens can
         differ. The compiled path keeps its KV caches for the next call of the same batch (the CUDA graphs
         read them in place; ``backbone.remove_caches()`` frees them); eager sampling removes them.
         Returns [(B, s, s) long] coarse -> fine.
