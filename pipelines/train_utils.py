@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from generator.transformer import KVCache
+
 MIXED_PRECISION = ("auto", "no", "bf16")   # bf16 needs no loss scaling; fp16 is not offered
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -206,9 +208,12 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def extra_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     """Non-persistent buffers (left out of state_dict, e.g. codebook usage tracking): an exact resume
-    needs them, a saved model does not."""
+    needs them, a saved model does not. KV caches are sampling scratch, not state (VAR's compiled sampler
+    keeps them between calls): never saved."""
     persistent = set(module.state_dict())
-    return {name: b for name, b in module.named_buffers() if name not in persistent}
+    scratch = {f"{prefix}.{name}" for prefix, m in module.named_modules() if isinstance(m, KVCache)
+               for name, _ in m.named_buffers(recurse=False)}
+    return {name: b for name, b in module.named_buffers() if name not in persistent and name not in scratch}
 
 
 @torch.no_grad()

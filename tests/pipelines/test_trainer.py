@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from pipelines.checkpoint import load_checkpoint, load_model_dir, save_model_dir
 from pipelines.sampler import ResumableBatchSampler, SeededDataset
-from pipelines.train_utils import StopVote
+from pipelines.train_utils import StopVote, extra_buffers
 from pipelines.trainer import EMA, TrainConfig, Trainer, adamw, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -365,6 +365,19 @@ def test_a_stop_signal_to_the_process_group_with_data_workers_still_checkpoints(
     step = int(out.split("FINAL_STEP")[1].split()[0])
     assert f"received {sig.name}" in err and "Traceback" not in err
     assert load_checkpoint(tmp_path / f"checkpoints/step-{step:07d}").step == step
+
+
+def test_kept_kv_caches_are_not_checkpointed():
+    """VAR's compiled sampler keeps its KV caches on the model between calls: they are scratch, so a checkpoint
+    of a model that sampled saves the same extra buffers as one that never did (and resumes into a fresh one)."""
+    from generator.transformer import Transformer
+    from tests.generator.test_var import tiny_config
+    backbone = Transformer(tiny_config())
+    backbone.register_buffer("usage", torch.zeros(3), persistent=False)      # a real extra buffer stays
+    before = set(extra_buffers(backbone))
+    backbone.setup_caches(2, 16, torch.float32, "cpu")
+    assert any("kv_cache" in n for n, _ in backbone.named_buffers())
+    assert set(extra_buffers(backbone)) == before and "usage" in before
 
 
 class TwoRanks:
