@@ -28,8 +28,9 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
                                peak_flops, peak_memory_gb, profile_ops, reset_peak_memory, search_max_batch, sync,
                                time_fn, timing)
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
+from generator.autoregressive import ARGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-var", "profile-masked", "profile-ar",
+PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar",
          "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -260,39 +261,54 @@ def sampler_step(b: Bench) -> None:
 
 
 # ---- autoregressive ----------------------------------------------------------------------------
-def sample_ar(args, sink: RowSink) -> None:
+def sample_ar(args, sink: RowSink, decode_mode: str | None = None) -> None:
+    """AR-B eager, then ``sample(compile=True)`` with fp32 frozen and with bf16 Linear weights (batch B,
+    B + decoding, and batch 1 on the pipelines' bf16 path). The compiled path: the decode step compiled
+    (dynamic cache length), its first call per setup uncaptured, the second captures one CUDA graph per
+    32 tokens, later calls replay them (``timing``'s two warm-ups). ``decode_mode``: the step's compile
+    mode instead of the default (bf16 weights only, rows named ``[mode]``)."""
     b = Bench(args, sink, "ar-B")
     B, on_gpu = b.batch, b.dev.type == "cuda"
+    tag = f" [{decode_mode}]" if decode_mode else ""
+    saved = ARGenerator.decode_compile_options
+    if decode_mode:
+        ARGenerator.decode_compile_options = {**saved, "mode": decode_mode}
     with _Warnings("generator.autoregressive") as warn:
         def status() -> str:
             if not on_gpu:
                 return "eager (the built-in compile is CUDA-only)"
-            return warn.status("built-in decode step (reduce-overhead)")
+            return warn.status(f"built-in decode step ({decode_mode or 'default'} mode) + CUDA graph per 32 tokens")
 
-        b.guarded("eager", lambda: b.sample(B, compile=False), batch=B, compile="eager", decode=False, slow=True)
-        for suffix, weights in (("", None), (" autocast-weights", torch.bfloat16)):
-            if weights is not None:       # what the pipelines load on a GPU: the same ids, no per-step cast
-                if not on_gpu:            # needs bf16 autocast, which the benchmarks turn on on CUDA only
+        if not decode_mode:
+            b.guarded("eager", lambda: b.sample(B, compile=False), batch=B, compile="eager", decode=False, slow=True)
+        try:
+            for suffix, weights in (("", None), (" autocast-weights", torch.bfloat16)):
+                if weights is None and decode_mode:
                     continue
-                b.model.autocast_weights(weights)
-                # compile afresh (the model drops its compiled step; dynamo's caches go too): replaying the
-                # step compiled for the fp32 weights after they were freed faulted (illegal address, H100,
-                # torch 2.11); the pipelines cast before any compile
-                torch._dynamo.reset()
-                free_memory()
-            wlabel = "bf16 Linear (autocast_weights)" if weights is not None else FP32_FROZEN
-            status_first = {"compile": status()}
-            if first_call_or_eager(lambda: b.sample(B, compile=on_gpu), None, status_first) is None:
-                sink.add(name=f"ar-B compiled{suffix}", batch=B, error=status_first["compile"])
-                continue
-            variants = [(f"compiled{suffix}", B, False), (f"compiled{suffix}", B, True)]
-            if weights is not None or not on_gpu:   # batch 1 recompiles: once, on the pipelines' path
-                variants.append((f"compiled{suffix} b1", 1, False))
-            for label, batch, decode in variants:
-                fn = (lambda n=batch: b.decode(b.sample(n, compile=on_gpu))) if decode else \
-                    (lambda n=batch: b.sample(n, compile=on_gpu))
-                b.guarded(label, fn, batch=batch, compile=status(), decode=decode, slow=True, weights=wlabel,
-                          compile_s=status_first.get("compile_s") if batch == B and not decode else None)
+                if weights is not None:       # what the pipelines load on a GPU: the same ids, no per-step cast
+                    if not on_gpu:            # needs bf16 autocast, which the benchmarks turn on on CUDA only
+                        continue
+                    b.model.autocast_weights(weights)
+                    # compile afresh (the model drops its compiled step; dynamo's caches go too): replaying the
+                    # step compiled for the fp32 weights after they were freed faulted (illegal address, H100,
+                    # torch 2.11); the pipelines cast before any compile
+                    torch._dynamo.reset()
+                    free_memory()
+                wlabel = "bf16 Linear (autocast_weights)" if weights is not None else FP32_FROZEN
+                status_first = {"compile": status()}
+                if first_call_or_eager(lambda: b.sample(B, compile=on_gpu), None, status_first) is None:
+                    sink.add(name=f"ar-B compiled{suffix}{tag}", batch=B, error=status_first["compile"])
+                    continue
+                variants = [(f"compiled{suffix}{tag}", B, False), (f"compiled{suffix}{tag}", B, True)]
+                if weights is not None or not on_gpu:   # batch 1 recompiles: once, on the pipelines' path
+                    variants.append((f"compiled{suffix}{tag} b1", 1, False))
+                for label, batch, decode in variants:
+                    fn = (lambda n=batch: b.decode(b.sample(n, compile=on_gpu))) if decode else \
+                        (lambda n=batch: b.sample(n, compile=on_gpu))
+                    b.guarded(label, fn, batch=batch, compile=status(), decode=decode, slow=True, weights=wlabel,
+                              compile_s=status_first.get("compile_s") if batch == B and not decode else None)
+        finally:
+            ARGenerator.decode_compile_options = saved
 
 
 # ---- next-scale (VAR) ----------------------------------------------------------------------------
@@ -341,6 +357,7 @@ def profile_sampling(args, sink: RowSink, name: str) -> None:
     for batch in (b.batch, 1):
         run = lambda n=batch: b.sample(n, compile=on_gpu, **steps)   # noqa: E731
         run()                                                        # warm-up: compile, allocator, cuBLAS plans
+        run()                                                        # AR: the second call captures its graphs
         sink.add(name=f"{name} profile {label} b{batch}", bench="profile", model=name, batch=batch, compile=label,
                  **profile_ops(run, on_gpu))
 
@@ -420,6 +437,7 @@ def main() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only, "sample-ar": sample_ar,
+            "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
                for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}

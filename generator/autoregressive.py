@@ -29,12 +29,13 @@ import torch.nn.functional as F
 
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise, keep_known
+from generator.sampling import cfg_combine_doubled, cfg_scale_at, draw_with_noise, keep_known
 from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
 
 KV_BUCKET = 32      # cached decoding reads cache slots in multiples of this many
+GRAPH_TOKENS = 32   # tokens per chunk: one noise buffer and, on CUDA, one captured graph each
 
 
 def kv_slots(pos: int, num_slots: int, bucket: int | None = None) -> int:
@@ -72,6 +73,9 @@ def pick_token(logits_BV: torch.Tensor, pos_1: torch.Tensor, scales_N: torch.Ten
 
 class ARGenerator(Generator):
     kind = "ar"
+    # torch.compile options of the decode step; a benchmark may add e.g. mode="max-autotune-no-cudagraphs"
+    # (CUDA graphs come from the captured chunks, not from the compile mode)
+    decode_compile_options = {"fullgraph": True}
 
     def __init__(self, config: GeneratorConfig):
         super().__init__(config)
@@ -169,62 +173,68 @@ class ARGenerator(Generator):
         ids_B = pick_token(logits_BV, pos_1, scales_N, noise_BV, known_BN, known_mask_BN, temperature, top_k, top_p)
         return ids_B, (torch.cat([ids_B, ids_B]) if scales_N is not None else ids_B)
 
-    def _decode_step(self, compile: bool):
-        """The decode step to call: ``decode_step``, or with ``compile`` its torch.compile'd version
-        (reduce-overhead = CUDA graphs, fullgraph), built once per module (``compiled_once``); a compile
-        failure (at build, first call or later) falls back to eager for good with a warning
-        (``CompiledOrEager``)."""
+    def _decoder(self, compile: bool) -> "ARDecoder":
+        """The decode step and its buffers: with ``compile`` the torch.compile'd step (fullgraph, dynamic in
+        the cache length) with the buffers of the last setup and, on CUDA, their graphs, built once per
+        module (``compiled_once``); a compile failure (at build, first call or later) falls back to eager
+        for good with a warning (``CompiledOrEager``). Without, the eager step and fresh buffers."""
         if not compile:
-            return self.decode_step
-        return self.compiled_once(lambda: CompiledOrEager(self.decode_step, self.decode_step, "AR decode step", logger,
-                                                          "decoding eagerly", mode="reduce-overhead", fullgraph=True))
+            return ARDecoder(self.decode_step)
+        return self.compiled_once(lambda: ARDecoder(CompiledOrEager(
+            self.decode_step, self.decode_step, "AR decode step", logger, "decoding eagerly",
+            **self.decode_compile_options)))
 
-    def decode_n_tokens(self, logits_BV: torch.Tensor, classes_B: torch.Tensor, scales: list[float], guided: bool,
-                        temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
-                        known_BN: torch.Tensor | None, known_mask_BN: torch.Tensor | None,
-                        compile: bool) -> torch.Tensor:
-        """From the prefill logits, draw t_0 .. t_{N-1} one token per step -> ids (B, N) long.
+    def run_tokens(self, step, buf: "DecodeBuffers", start: int, stop: int, temperature: float, top_k: int,
+                   top_p: float) -> None:
+        """Decode tokens start .. stop-1 from and into ``buf`` (what a CUDA graph of one chunk captures).
+        Token 0 comes from the prefill (which writes the class token into cache slot 0), token i >= 1 from
+        ``step`` fed t_{i-1}; token i draws with ``buf.noise[i - start]``; each id goes into ``buf.ids_BN``
+        and (doubled with guidance) into ``buf.prev_B``, the next step's input."""
+        N, guided = self.config.num_tokens, buf.scales_N is not None
+        for i in range(start, stop):
+            noise_BV = None if buf.noise is None else buf.noise[i - start]
+            if i == 0:
+                logits_BV = self.prefill(buf.classes_B)     # cached steps attend without SDPA: attend_one_query
+                ids_B = pick_token(logits_BV, buf.pos[0], buf.scales_N, noise_BV, buf.known_BN, buf.mask_BN,
+                                   temperature, top_k, top_p)
+                next_B = torch.cat([ids_B, ids_B]) if guided else ids_B
+            else:
+                ids_B, next_B = step(buf.prev_B, buf.pos[i], buf.classes_B, buf.causal[kv_slots(i, N)],
+                                     buf.scales_N, noise_BV, buf.known_BN, buf.mask_BN, temperature, top_k, top_p)
+            buf.ids_BN[:, i] = ids_B
+            buf.prev_B.copy_(next_B)
+
+    def decode_n_tokens(self, classes_B: torch.Tensor, scales: list[float], guided: bool, temperature: float,
+                        top_k: int, top_p: float, generator: torch.Generator | None, known_BN: torch.Tensor | None,
+                        known_mask_BN: torch.Tensor | None, compile: bool) -> torch.Tensor:
+        """Draw t_0 .. t_{N-1} one token per step -> ids (B, N) long.
 
         ``classes_B`` is doubled [cond; null] when ``guided``; ``scales[i]`` is the guidance scale of
-        token i (1 = the conditional half as it is), copied to the device once as a table the step
-        indexes by position. Per token the loop only draws E ~ Exp(1) (B, V) from ``generator`` (the
-        draw ``sample_logits`` makes, in the same order; none at temperature 0), steps the position,
-        calls ``decode_step`` and copies its outputs out (CUDA-graph outputs are overwritten by the
-        next replay). Token 0 is picked eagerly from the prefill logits by the same ``pick_token``.
-        No host syncs in the loop: only Python numbers branch, the position is a device tensor.
+        token i (1 = the conditional half as it is), a table the step indexes by position. The tokens go
+        in chunks of ``GRAPH_TOKENS``: per chunk the loop first draws E ~ Exp(1) (B, V) for each of its
+        tokens from ``generator`` into the buffers (the draws ``sample_logits`` makes, in the same order:
+        the generator is used for nothing else; none at temperature 0), then decodes the chunk
+        (``run_tokens``): eagerly, through the compiled step, or on CUDA from the second call of the same
+        setup by replaying the chunk's CUDA graph, so the host launches one graph per 32 tokens instead
+        of a compiled call per token (NOTES A28). No host syncs in the loop.
         """
         N = self.config.num_tokens
-        B = classes_B.shape[0] // 2 if guided else classes_B.shape[0]
-        V, device = self.config.codebook_size, classes_B.device
-        cache = self.backbone.blocks[0].attn.kv_cache
-        if cache is None or cache.max_len < N or cache.k.shape[0] != classes_B.shape[0]:
-            # the bounds check the graph-captured step cannot do: slots 1..N-1 exist for this batch
-            raise ValueError(f"decoding needs KV caches of batch {classes_B.shape[0]} and >= {N} slots: "
-                             "call backbone.setup_caches first")
         if (known_BN is None) != (known_mask_BN is None):
             raise ValueError("inpainting needs both known_BN and known_mask_BN")
-        scales_N = torch.tensor(scales, dtype=torch.float32, device=device) if guided else None   # one copy
-        draw = (lambda: exponential_noise((B, V), generator, device)) if temperature > 0 else (lambda: None)
-        pos_1 = torch.zeros(1, dtype=torch.long, device=device)
-        ids_BN = torch.empty(B, N, dtype=torch.long, device=device)
-        ids_B = pick_token(logits_BV, pos_1, scales_N, draw(), known_BN, known_mask_BN, temperature, top_k, top_p)
-        ids_BN[:, 0] = ids_B
-        prev_B = torch.cat([ids_B, ids_B]) if guided else ids_B     # the step's input, refilled in place
-        step = self._decode_step(compile)
-        causal = {}                                # S -> the causal mask's first S columns (one copy per S)
-        for i in range(1, N):
-            pos_1 = pos_1 + 1                      # fresh aligned tensor each step; no sync
-            S = kv_slots(i, N)
-            if S not in causal:
-                causal[S] = self.causal[:, :S].contiguous()
-                # one compile for every length (the CUDA graphs are still recorded per length)
-                torch._dynamo.maybe_mark_dynamic(causal[S], 1)
-            causal_NS = causal[S]
-            ids_B, next_B = step(prev_B, pos_1, classes_B, causal_NS, scales_N, draw(), known_BN, known_mask_BN,
-                                 temperature, top_k, top_p)
-            ids_BN[:, i] = ids_B
-            prev_B.copy_(next_B)
-        return ids_BN
+        decoder = self._decoder(compile)
+        buf = decoder.buffers_for(self, classes_B, guided, temperature, top_k, top_p, known_BN is not None)
+        buf.load(self, classes_B, scales, known_BN, known_mask_BN)
+        graphs = decoder.graphs(self, buf, temperature, top_k, top_p)
+        for j, start in enumerate(range(0, N, GRAPH_TOKENS)):
+            stop = min(start + GRAPH_TOKENS, N)
+            if buf.noise is not None:
+                for k in range(stop - start):
+                    buf.noise[k].exponential_(1.0, generator=generator)   # as exponential_noise draws
+            if graphs is not None:
+                graphs[j].replay()
+            else:
+                self.run_tokens(decoder.step, buf, start, stop, temperature, top_k, top_p)
+        return buf.ids_BN.clone()
 
     @torch.no_grad()
     def sample(self, classes, *, num_steps: int | None = None, temperature: float = 1.0, top_k: int = 0,
@@ -290,17 +300,105 @@ class ARGenerator(Generator):
 
         was_training = self.training
         self.eval()
-        # one slot more than needed: a step's view of the first S slots is then never the whole cache, whose
-        # other strides would make the compiled step recompile for S = N
-        self.backbone.setup_caches(classes_B.shape[0], N + 1, self.compute_dtype(), device)
         try:
-            logits_BV = self.prefill(classes_B)      # cached steps attend without SDPA: attend_one_query
-            ids_BN = self.decode_n_tokens(logits_BV, classes_B, scales, guided, temperature, top_k, top_p,
-                                          generator, known_BN, mask_BN, compile)
+            ids_BN = self.decode_n_tokens(classes_B, scales, guided, temperature, top_k, top_p, generator, known_BN,
+                                          mask_BN, compile)
         finally:
-            self.backbone.remove_caches()
+            self.backbone.remove_caches()     # the decode buffers own the caches (kept with their graphs)
             self.train(was_training)
         return ids_BN.reshape(B, g, g)
+
+
+class DecodeBuffers:
+    """The tensors one sampling setup decodes from and into, allocated once so that CUDA graphs read and
+    write them in place: the inputs (copied in by ``load``), the Exp(1) noise of one chunk of tokens, one
+    (1,) position tensor per token and the causal mask's column prefixes the steps index (separate tensors:
+    no storage offsets for the compiled step to specialise on), the step's input, the output ids, and the
+    KV caches (owned here, installed in the blocks by ``load``, so they outlive ``remove_caches``)."""
+
+    def __init__(self, model: ARGenerator, batch2: int, guided: bool, draws: bool, inpainting: bool):
+        c, device = model.config, model.head.weight.device
+        N, B = c.num_tokens, batch2 // 2 if guided else batch2
+        self.classes_B = torch.empty(batch2, dtype=torch.long, device=device)
+        self.scales_N = torch.empty(N, dtype=torch.float32, device=device) if guided else None
+        self.known_BN = torch.empty(B, N, dtype=torch.long, device=device) if inpainting else None
+        self.mask_BN = torch.empty(B, N, dtype=torch.bool, device=device) if inpainting else None
+        self.noise = ([torch.empty(B, c.codebook_size, device=device) for _ in range(GRAPH_TOKENS)]
+                      if draws else None)
+        self.pos = [torch.full((1,), i, dtype=torch.long, device=device) for i in range(N)]
+        self.causal = {}
+        for S in sorted({kv_slots(i, N) for i in range(1, N)}):
+            self.causal[S] = model.causal[:, :S].contiguous()
+            torch._dynamo.maybe_mark_dynamic(self.causal[S], 1)   # one compile for every length
+        self.prev_B = torch.empty(batch2, dtype=torch.long, device=device)
+        self.ids_BN = torch.empty(B, N, dtype=torch.long, device=device)
+        # one slot more than needed: a step's view of the first S slots is then never the whole cache, whose
+        # other strides would make the compiled step recompile for S = N
+        model.backbone.setup_caches(batch2, N + 1, model.compute_dtype(), device)
+        self.caches = [block.attn.kv_cache for block in model.backbone.blocks]
+        self.calls = 0
+
+    def load(self, model: ARGenerator, classes_B: torch.Tensor, scales: list[float],
+             known_BN: torch.Tensor | None, mask_BN: torch.Tensor | None) -> None:
+        self.classes_B.copy_(classes_B)
+        if self.scales_N is not None:
+            self.scales_N.copy_(torch.tensor(scales, dtype=torch.float32))
+        if self.known_BN is not None:
+            self.known_BN.copy_(known_BN)
+            self.mask_BN.copy_(mask_BN)
+        for block, cache in zip(model.backbone.blocks, self.caches):
+            block.attn.kv_cache = cache
+
+
+class ARDecoder:
+    """The decode step (``ARGenerator.decode_step`` or its compiled version) and, for the compiled one,
+    the buffers of the last sampling setup and their CUDA graphs (one per chunk of ``GRAPH_TOKENS``
+    tokens, captured at the setup's second call). A new setup (batch, guidance, filters, inpainting or
+    autocast) replaces them; an eager decoder makes fresh buffers per call."""
+
+    def __init__(self, step):
+        self.step = step
+        self.key = self.buffers = self._graphs = None
+
+    def __deepcopy__(self, memo) -> "ARDecoder":
+        # a copy (e.g. an EMA) rebuilds its own decoder (``compiled_once``); buffers and graphs stay here
+        return ARDecoder(self.step)
+
+    @property
+    def keeps(self) -> bool:
+        return isinstance(self.step, CompiledOrEager)
+
+    def buffers_for(self, model: ARGenerator, classes_B: torch.Tensor, guided: bool, temperature: float,
+                    top_k: int, top_p: float, inpainting: bool) -> DecodeBuffers:
+        key = (classes_B.shape[0], guided, temperature, top_k, top_p, inpainting, model.compute_dtype(),
+               torch.is_autocast_enabled(classes_B.device.type))
+        if not self.keeps or key != self.key:
+            self.key, self.buffers, self._graphs = key, None, None      # free the old setup first
+            self.buffers = DecodeBuffers(model, classes_B.shape[0], guided, temperature > 0, inpainting)
+        self.buffers.calls += 1
+        return self.buffers
+
+    def graphs(self, model: ARGenerator, buf: DecodeBuffers, temperature: float, top_k: int, top_p: float
+               ) -> list[torch.cuda.CUDAGraph] | None:
+        """The chunks' CUDA graphs for ``buf`` (compiled step on CUDA, from its second call), else None. A
+        capture that fails warns once and the setup decodes through the compiled step uncaptured."""
+        if not (self.keeps and self.step.compiled and buf.calls >= 2 and buf.classes_B.is_cuda):
+            return None
+        if self._graphs is None:
+            N, pool, graphs = model.config.num_tokens, torch.cuda.graph_pool_handle(), []
+            try:
+                for start in range(0, N, GRAPH_TOKENS):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        model.run_tokens(self.step, buf, start, min(start + GRAPH_TOKENS, N), temperature, top_k,
+                                         top_p)
+                    graphs.append(graph)
+                self._graphs = graphs
+            except Exception as e:       # noqa: BLE001 - e.g. an op that cannot be captured
+                logger.warning("capturing the AR decode loop in CUDA graphs failed (%s: %s); decoding through "
+                               "the compiled step", type(e).__name__, e)
+                self._graphs = False
+        return self._graphs or None
 
 
 # ---- named sizes (LlamaGen c2i: 16x16 tokens of a 16384-code tokenizer, 1000 classes) -------------

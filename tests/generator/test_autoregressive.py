@@ -216,13 +216,43 @@ def test_compiled_step_is_cached_per_module_and_not_shared_by_a_copy(monkeypatch
     model = tiny()
     model.sample([0], compile=True)
     model.sample([1], compile=True)
-    assert compiled == [dict(mode="reduce-overhead", fullgraph=True)]        # built once, then reused
+    assert compiled == [dict(fullgraph=True)]        # built once, then reused
     ema = copy.deepcopy(model)                     # e.g. an EMA copy: must not decode with the original's weights
     for p in ema.parameters():
         p.data.mul_(-1.0)
     assert torch.equal(ema.sample([0, 1], compile=True, generator=make_generator(0, "cpu")),
                        ema.sample([0, 1], compile=False, generator=make_generator(0, "cpu")))
     assert len(compiled) == 2
+
+
+@pytest.mark.parametrize("chunk", [5, 32])
+def test_compiled_decoding_keeps_its_buffers_per_setup(chunk, monkeypatch):
+    """Tokens decoded in chunks (noise of a chunk drawn before its tokens) give the old loop's ids; the
+    compiled decoder keeps one setup's buffers (and KV caches) across calls, replaced by a new setup,
+    and the module itself is left without caches."""
+    monkeypatch.setattr(autoregressive, "GRAPH_TOKENS", chunk)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **opts: real_compile(fn, backend="eager", fullgraph=True))
+    kw = dict(cfg_scale=2.0, top_k=6)
+    model, classes = tiny(adaln=True), torch.tensor([0, 1, 2])
+    ref = old_loop_sample(model, classes, seed=6, **kw)
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(model.sample(classes, generator=make_generator(6, "cpu"), compile=False, **kw), ref)
+        assert model._compiled is None                                 # eager decoding keeps nothing
+        first = model.sample(classes, generator=make_generator(6, "cpu"), compile=True, **kw)
+        buf = model._compiled.buffers
+        assert torch.equal(first, ref) and buf.calls == 1 and len(buf.noise) == chunk
+        assert all(block.attn.kv_cache is None for block in model.backbone.blocks)
+        again = model.sample(classes, generator=make_generator(6, "cpu"), compile=True, **kw)
+        assert torch.equal(again, ref) and model._compiled.buffers is buf and buf.calls == 2
+        other = model.sample(classes[:2], generator=make_generator(6, "cpu"), compile=True, **kw)
+        assert model._compiled.buffers is not buf and model._compiled.buffers.calls == 1
+        assert torch.equal(other, old_loop_sample(model, classes[:2], seed=6, **kw))
+        ema = copy.deepcopy(model)
+        assert ema._compiled.buffers is None
+    finally:
+        torch._dynamo.reset()
 
 
 def test_save_load_gives_identical_logits(tmp_path):
@@ -309,7 +339,7 @@ def test_fused_decode_step_matches_the_old_eager_loop(case, monkeypatch, caplog)
     try:
         with caplog.at_level(logging.WARNING, logger="generator.autoregressive"):
             ids = model.sample(classes, generator=make_generator(4, "cpu"), compile=True, **kw)
-        assert "eagerly" not in caplog.text
+        assert "eagerly" not in caplog.text and "capturing" not in caplog.text
         assert torch.equal(ids, ref)
     finally:
         torch._dynamo.reset()
@@ -390,7 +420,8 @@ def test_compiled_cuda_sampling_matches_eager(caplog):
             kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
             n = 3 if "known_ids" in kw else 4
             eager = model.sample(classes[:n], generator=make_generator(0, "cuda"), compile=False, **kw)
-            for _ in range(2):                   # second call: cached compiled step, fresh caches
+            for call in range(3):      # first call compiles, the second captures the CUDA graphs, then replays
                 ids = model.sample(classes[:n], generator=make_generator(0, "cuda"), compile=True, **kw)
                 assert torch.equal(ids, eager)
-    assert "eagerly" not in caplog.text
+                assert bool(model._compiled._graphs) == (call > 0)
+    assert "eagerly" not in caplog.text and "capturing" not in caplog.text
