@@ -18,8 +18,10 @@ HEADS, HEAD_DIM, CACHE_SLOTS = 12, 64, 257          # AR-B, 256 tokens + the spa
 CONFIGS = [(slots, warps) for slots in (32, 64, 128) for warps in (2, 4, 8)]
 
 
-def graph_time_us(fn, replays: int = 300) -> float:
-    """Microseconds per call of ``fn`` replayed from one CUDA graph (after eager and side-stream warm-up)."""
+def graph_time_us(fn, replays: int = 300, calls: int = 1) -> float:
+    """Microseconds per call of ``fn`` replayed from one CUDA graph (after eager and side-stream warm-up).
+    ``calls`` > 1 captures that many calls in the graph: the time of a call among others in a graph (as a
+    graph-captured decoding step runs them), without the replay's own launch."""
     for _ in range(5):
         fn()
     side = torch.cuda.Stream()
@@ -30,13 +32,14 @@ def graph_time_us(fn, replays: int = 300) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(replays):
         graph.replay()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / replays * 1e6
+    return (time.perf_counter() - t0) / replays / calls * 1e6
 
 
 def main() -> None:

@@ -4,69 +4,103 @@ to choose a replacement before changing the sampler.
     python3 -m benchmarks.decode_matvec
 
 1. The five Linear shapes of an AR-B step (qkv, proj, gate_up, down, head) at M = 2 rows (batch 1 with CFG)
-   and M = 128 (batch 64): ``F.linear`` (cuBLAS, what runs now) against split-K, the input dimension cut
-   into s chunks computed as one batched matmul over a weight stored once in that layout (s x more
-   thread blocks streaming it) and summed in float32 (``split_k_linear``: the same products, another
-   summation order, so bf16-rounding differences only).
-2. The k-th largest logit of top-k 2000 over 16384 codes, one row and 64 rows: ``torch.topk`` (what
-   ``top_k_top_p_filter`` runs) against ``torch.kthvalue`` and a full sort.
+   and M = 128 (batch 64): ``F.linear`` (cuBLAS, what runs now) against a Triton mat-vec (``matvec``: one
+   program per BLOCK_N outputs streams its weight rows once, float32 sums; the best of a small sweep of
+   block sizes and warps is shown with its configuration). Session 8's other candidate, split-K batched
+   matmuls, was slower than cuBLAS at every shape and split on an H200 (NOTES A28) and is gone.
+2. The k-th largest logit of top-k 2000 over 16384 codes at 1, 64, 1024 and 16384 rows: ``torch.topk``,
+   ``torch.kthvalue``, a full sort, and ``generator.kth_largest``'s Triton kernel (what sampling runs on
+   CUDA up to ``MAX_ROWS`` rows; called directly here at every row count, to place that limit).
 
-bf16 weights (as the pipelines store them on a GPU), microseconds per call replayed from one CUDA graph
-(``decode_attention.graph_time_us``), with the weight bytes each shape reads and the bandwidth reached.
-Prints a table; not in run_all.
+bf16 weights (as the pipelines store them on a GPU), microseconds per call among 20 calls replayed from one
+CUDA graph (``decode_attention.graph_time_us``: the time a call takes inside a captured decoding step),
+with the weight bytes each shape reads and the bandwidth reached. Prints a table; not in run_all.
 """
+import itertools
+
 import torch
 import torch.nn.functional as F
 
 from benchmarks.decode_attention import graph_time_us
+from generator import kth_largest as kl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 D, HIDDEN, V = 768, 2048, 16384                      # AR-B
 SHAPES = {"qkv": (D, 3 * D), "proj": (D, D), "gate_up": (D, 2 * HIDDEN), "down": (HIDDEN, D), "head": (D, V)}
-SPLITS = (2, 4, 8, 16)
 TOP_K = 2000
+SWEEP = list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)))     # BLOCK_N, BLOCK_K, warps
+
+if triton is not None:
+    @triton.jit
+    def _matvec_kernel(X, W, Y, N, K, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Y (M, N) = X (M, K) @ W (N, K)^T for a few rows M (a power of two): program p reads weight rows
+        [p BLOCK_N, (p + 1) BLOCK_N) once, in BLOCK_K chunks along K, summing products in float32."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, M)
+        acc = tl.zeros((M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+            x = tl.load(X + m[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0)
+            acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+        tl.store(Y + m[:, None] * N + n[None, :], acc.to(Y.dtype.element_ty), mask=n[None, :] < N)
 
 
-def split_weight(weight_NK: torch.Tensor, splits: int) -> torch.Tensor:
-    """A Linear weight (N, K) stored once as (splits, K/s, N) contiguous, the layout ``split_k_linear`` reads."""
-    N, K = weight_NK.shape
-    return weight_NK.t().reshape(splits, K // splits, N).contiguous()
-
-
-def split_k_linear(x_MK: torch.Tensor, w_skN: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T with the K dimension in s chunks: one batched matmul (s, M, K/s) @ (s, K/s, N), partial
-    products summed in float32 -> (M, N) in x's dtype."""
+def matvec(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: int, warps: int) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a few contiguous rows through ``_matvec_kernel``."""
     M, K = x_MK.shape
-    x_sMk = x_MK.view(M, w_skN.shape[0], K // w_skN.shape[0]).transpose(0, 1)
-    return torch.bmm(x_sMk, w_skN).sum(0, dtype=torch.float32).to(x_MK.dtype)
+    N = weight_NK.shape[0]
+    y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
+    _matvec_kernel[(triton.cdiv(N, block_n),)](x_MK, weight_NK, y, N, K, M=M, BLOCK_N=block_n, BLOCK_K=block_k,
+                                               num_warps=warps)
+    return y
+
+
+def time_us(fn) -> float:
+    return graph_time_us(fn, replays=100, calls=20)
 
 
 def main() -> None:
     torch.manual_seed(0)
     dev = "cuda"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, AR-B shapes")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, AR-B shapes; "
+          "us per call among 20 in one CUDA graph")
     for name, (K, N) in SHAPES.items():
         weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         mb = weight.numel() * 2 / 1e6
         for M in (2, 128):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             expected = F.linear(x.float(), weight.float())
-            us = graph_time_us(lambda: F.linear(x, weight))
+            us = time_us(lambda: F.linear(x, weight))
             row = [f"{name:8s} {K:5d}->{N:5d} M={M:3d} [{mb:5.1f} MB]", f"F.linear {us:6.1f} us ({mb / us:4.2f} TB/s)"]
-            for s in SPLITS:
-                w_skN = split_weight(weight, s)
-                err = (split_k_linear(x, w_skN).float() - expected).abs().max().item()
-                us = graph_time_us(lambda w_skN=w_skN: split_k_linear(x, w_skN))
-                row.append(f"split {s:2d} {us:6.1f}" + ("" if err < 0.05 else f" (max error {err:.3f})"))
+            if M <= 16 and triton is not None:
+                best = None
+                for cfg in SWEEP:
+                    err = (matvec(x, weight, *cfg).float() - expected).abs().max().item()
+                    if err > 0.05:
+                        row.append(f"matvec {cfg} max error {err:.3f}")
+                        continue
+                    us = time_us(lambda cfg=cfg: matvec(x, weight, *cfg))
+                    best = min(best or (us, cfg), (us, cfg))
+                if best:
+                    row.append(f"matvec {best[0]:6.1f} us ({mb / best[0]:4.2f} TB/s) BLOCK_N, BLOCK_K, warps = {best[1]}")
             print("  ".join(row), flush=True)
-    for rows in (1, 64):
+    for rows in (1, 64, 1024, 16384):
         logits = torch.randn(rows, V, device=dev)
-        kth = torch.topk(logits, TOP_K, dim=-1, sorted=False).values.amin(dim=-1)
+        kth = kl.kth_largest_reference(logits, TOP_K)[:, 0]
         assert torch.equal(torch.kthvalue(logits, V - TOP_K + 1, dim=-1).values, kth)
-        timings = {"topk": lambda: torch.topk(logits, TOP_K, dim=-1, sorted=False).values.amin(dim=-1),
+        assert torch.equal(torch.ops.tessera.kth_largest(logits, TOP_K), kth)
+        timings = {"topk": lambda: kl.kth_largest_reference(logits, TOP_K),
                    "kthvalue": lambda: torch.kthvalue(logits, V - TOP_K + 1, dim=-1).values,
-                   "sort": lambda: torch.sort(logits, dim=-1, descending=True).values[:, TOP_K - 1]}
-        print(f"top-{TOP_K} threshold of {V}, {rows:2d} rows: "
-              + "  ".join(f"{n} {graph_time_us(fn):6.1f} us" for n, fn in timings.items()), flush=True)
+                   "sort": lambda: torch.sort(logits, dim=-1, descending=True).values[:, TOP_K - 1],
+                   "kernel": lambda: torch.ops.tessera.kth_largest(logits, TOP_K)}
+        print(f"top-{TOP_K} threshold of {V}, {rows:5d} rows: "
+              + "  ".join(f"{n} {time_us(fn):7.1f} us" for n, fn in timings.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from generator.kth_largest import kth_largest
+
 CFG_SCHEDULES = ("constant", "linear")
 
 
@@ -38,8 +40,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
     (always at least one token).
     """
     if top_k and top_k < logits.shape[-1]:
-        # the k-th largest value; unsorted top-k (no sort of the k kept) has the same smallest member
-        kth = torch.topk(logits, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        kth = kth_largest(logits, top_k)        # one Triton program per row on CUDA, else torch.topk
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
