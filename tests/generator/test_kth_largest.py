@@ -50,5 +50,5 @@ def test_dispatch_and_filter_keep_exactly_the_top_k():
 def test_cuda_dispatch_uses_the_kernel_within_its_limits():
     x = torch.randn(3, 16384, device="cuda")
     assert kl.use_kernel(x, 2000) and not kl.use_kernel(x.half(), 2000)
-    assert not kl.use_kernel(torch.randn(kl.MAX_ROWS + 1, 64, device="cuda"), 2)
+    assert not kl.use_kernel(torch.randn(3, kl.MAX_COLUMNS + 1, device="cuda"), 2)
     assert torch.equal(kl.kth_largest(x, 2000), kl.kth_largest_reference(x, 2000))
