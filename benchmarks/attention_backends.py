@@ -1,7 +1,7 @@
 """Micro-benchmark (GPU): attention at the generators' shapes through each SDPA backend, FlexAttention
 and VAR's grouped block-causal calls, and which kernel a compiled training step picks.
 
-    python3 -m benchmarks.attention_backends [backends] [var] [compiled] [prefix]    (default: all four)
+    python3 -m benchmarks.attention_backends [backends] [var] [compiled]    (default: all three)
 
 bf16, q/k/v as transposed (B, L, H, K) views (transformer.Attention's layout), head dim 64:
 masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), masked-L training
@@ -10,9 +10,7 @@ costs in 128-row tiles), AR-L training (256 tokens, causal) and VAR-d16 training
 heads, 680 tokens, block-causal: the bool mask, a FlexAttention BlockMask, ``BlockCausal`` groups).
 Milliseconds per call (CUDA events, median of 20 after warm-up) and TFLOP/s on the attention's
 4 L S K FLOPs per head over the pairs the mask keeps (x3.5 with the backward). Then the kernels a
-compiled forward + backward through SDPA runs, with the default backend order and with cuDNN first. Then
-masked-B sampling's attention with the class token's key merged in by the log-sum-exp (``PrefixSplit``,
-NOTES A27) against one SDPA call over the 257 tokens.
+compiled forward + backward through SDPA runs, with the default backend order and with cuDNN first.
 Prints; not in run_all (it informs choices; the sampling and training jobs measure their effect).
 """
 import statistics
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from generator.transformer import BlockCausal, PrefixSplit
+from generator.transformer import BlockCausal
 from generator.var import ALONE_TOKENS
 
 try:
@@ -138,44 +136,8 @@ def compiled_kernels(flex=None) -> None:
             print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
 
 
-def prefix_rows(flex=None) -> None:
-    """Masked-B sampling's attention (128 sequences, 12 heads, 257 tokens, forward): one SDPA call over the 257
-    tokens vs ``PrefixSplit(1)`` (the 256 grid queries on the 256 grid keys in one call that returns the
-    log-sum-exp, the class key merged in float32, the class query's own row), eager and compiled as the sampler's
-    forward is (reduce-overhead: CUDA graphs); SDPA over 256 tokens is the floor. NOTES A27 predicts ~0.1 ms less
-    per call than SDPA at 257 (cuDNN: 0.19-0.20 ms vs 0.10-0.13 ms at 256). Then each one's largest difference
-    from float32 attention (bf16 rounding: ~1e-2)."""
-    B, H, L = 128, 12, 257
-    with torch.no_grad():
-        _, (q, k, v) = qkv_views(B, L, H, False)
-        _, (q256, k256, v256) = qkv_views(B, L - 1, H, False)
-
-        def full(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v)
-
-        cands = {"sdpa L=256": lambda: full(q256, k256, v256), "sdpa": lambda: full(q, k, v),
-                 "sdpa cudnn": lambda: sdpa(BACKENDS["cudnn"], q, k, v)}
-        compiled = torch.compile(full, mode="reduce-overhead", dynamic=False)
-        cands["compiled sdpa"] = lambda: compiled(q, k, v)
-        for kernel in ("cudnn", "flash"):
-            split = PrefixSplit(1, kernel)
-            cands[f"split {kernel}"] = lambda split=split: split.attend(q, k, v)
-            attend = torch.compile(split.attend, mode="reduce-overhead", dynamic=False)
-            cands[f"compiled split {kernel}"] = lambda attend=attend: attend(q, k, v)
-        measure(f"{'masked-B sample':16s} L={L}", cands, L * L, B, H, False)
-        expected = full(q.float(), k.float(), v.float())
-        errors = []
-        for name, fn in cands.items():
-            if name != "sdpa L=256":
-                try:
-                    errors.append(f"{name} {(fn().float() - expected).abs().max().item():.1e}")
-                except RuntimeError as e:
-                    errors.append(f"{name} n/a ({str(e).splitlines()[0][:50]})")
-        print("largest |out - float32 attention|: " + " | ".join(errors), flush=True)
-
-
 def main() -> None:
-    sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels, "prefix": prefix_rows}
+    sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels}
     chosen = sys.argv[1:] or list(sections)
     if unknown := set(chosen) - set(sections):
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")

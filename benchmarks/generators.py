@@ -29,9 +29,8 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
                                time_fn, timing)
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
-from generator.masked import MaskedGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-fused-nosplit", "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar",
+PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar",
          "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -44,7 +43,6 @@ class Bench:
 
     def __init__(self, args, sink: RowSink, name: str, classes: int | None = None):
         self.args, self.sink, self.name, self.smoke = args, sink, name, args.smoke
-        self.tag = ""            # appended to every row name (a variant of the same model)
         self.dev = device(args.smoke)
         self.model = frozen(build_generator(name, args.smoke, self.dev))
         self.tok = build_tokenizer(tokenizer_for(name), args.smoke, self.dev)
@@ -83,7 +81,7 @@ class Bench:
             flops, bytes_, impl = flops + d["flops"], bytes_ + d["bytes"], impl + d["impl_bytes"]
         pf = peak_flops()
         return self.sink.add(
-            name=f"{self.name} {label}" + (" +decode" if decode else "") + self.tag, bench="sample", model=self.name,
+            name=f"{self.name} {label}" + (" +decode" if decode else ""), bench="sample", model=self.name,
             params_M=round(self.model.num_params() / 1e6, 1), batch=batch, steps=steps if c.kind == "masked" else None,
             config=SAMPLING[self.name], dtype="bf16 autocast" if self.dev.type == "cuda" else "fp32 (cpu smoke)",
             weights=weights, compile=compile, decode=decode, **t, images_per_s=batch / t["median_s"],
@@ -364,18 +362,10 @@ def profile_sampling(args, sink: RowSink, name: str) -> None:
                  **profile_ops(run, on_gpu))
 
 
-def sample_masked_fused_only(args, sink: RowSink, prefix_split: bool = True) -> None:
-    """The sampler step and ``sample_masked_fused``; ``prefix_split`` False runs the attention over all 257
-    tokens in one call as before A27 (rows named ``[no PrefixSplit]``, to pair with the default's)."""
+def sample_masked_fused_only(args, sink: RowSink) -> None:
     b = Bench(args, sink, "masked-B")
-    b.tag = "" if prefix_split else " [no PrefixSplit]"
-    saved, MaskedGenerator.prefix_split = MaskedGenerator.prefix_split, prefix_split
-    try:
-        if prefix_split:
-            sampler_step(b)
-        sample_masked_fused(b)
-    finally:
-        MaskedGenerator.prefix_split = saved
+    sampler_step(b)
+    sample_masked_fused(b)
 
 
 # ---- largest batch ------------------------------------------------------------------------------
@@ -446,8 +436,7 @@ def main() -> None:
     # the kernels a fixed-batch user gets; AR's decode step compiles for 2 batch sizes x 2 dtypes
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only,
-            "sample-masked-fused-nosplit": functools.partial(sample_masked_fused_only, prefix_split=False), "sample-ar": sample_ar,
+    jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)

@@ -49,7 +49,6 @@ JOBS = [
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 240),  # A28's other mode
-    Job("sample-masked-fused-nosplit", "benchmarks.generators", ["--part", "sample-masked-fused-nosplit"], 150),
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 170),  # subset of sample-masked
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
@@ -79,7 +78,7 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
                    "maxbatch", "tok-encode", "tok-emoji"],
          "quality": ["quality", "inpainting"]}
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
-EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-fused-nosplit", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var", "profile-train-ar",
+EXPLICIT_ONLY = {"sample-masked-fused", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var", "profile-train-ar",
                  "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",

@@ -32,7 +32,7 @@ from generator.config import GeneratorConfig
 from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise,
                                 gumbel_noise, keep_known, sample_logits)
 from generator.schedules import Schedule, alpha_at, as_time, get_schedule, loss_weight
-from generator.transformer import PrefixSplit, rope_tables
+from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("confidence", "ancestral")
@@ -247,7 +247,6 @@ def dynamic_dim(x: torch.Tensor, compile: bool) -> torch.Tensor:
 # ---- the model ----------------------------------------------------------------------------------
 class MaskedGenerator(Generator):
     kind = "masked"
-    prefix_split = True      # forwards without gradients merge the class key by the log-sum-exp (PrefixSplit)
 
     def __init__(self, config: GeneratorConfig):
         super().__init__(config)
@@ -267,10 +266,7 @@ class MaskedGenerator(Generator):
         cls_BD = self.class_emb(classes_B)
         x_BLD = torch.cat([cls_BD[:, None], self.tok_emb(ids_BL)], dim=1)     # (B, 1 + L, D)
         cond_BD = cls_BD if self.config.adaln else None
-        # full attention; without gradients (sampling) the class key is merged in by the log-sum-exp, as flash
-        # kernels pay a whole extra 128-row tile for the 257th token (NOTES A27)
-        mask = PrefixSplit(1) if self.prefix_split and not torch.is_grad_enabled() else None
-        h_BLD = self.backbone(x_BLD, self.rope_cos, self.rope_sin, cond_BD, mask)[:, 1:]
+        h_BLD = self.backbone(x_BLD, self.rope_cos, self.rope_sin, cond_BD)[:, 1:]   # mask None: full attention
         if positions_BM is not None:
             h_BLD = h_BLD.gather(1, positions_BM[..., None].expand(-1, -1, h_BLD.shape[-1]))
         return self.head(h_BLD)

@@ -7,7 +7,7 @@ pre-allocated KV cache that lives inside each attention module (gpt-fast style, 
 compiled and graph-captured).
 
 Letters: B batch, L query length, S key length (cache slots), D width, H heads, K head dim,
-F = K/2 rotary frequencies, A position axes, P prefix tokens and G = L - P the tokens after them.
+F = K/2 rotary frequencies, A position axes.
 
 Masks: ``mask=None`` is full attention; ``is_causal=True`` is causal over the inputs themselves;
 a bool tensor (L, S) says which keys each query sees (True = visible). With a KV cache the keys are
@@ -18,8 +18,7 @@ a block is written at an int start with no mask, the queries attend to every fil
 [0, start + L): VAR's scale-by-scale sampling, where scale k sees all coarser scales and itself,
 without a mask (flash attention) and without reading the empty slots. Without a cache, a
 ``BlockCausal`` is the same block-causal attention as one SDPA call per group of blocks (VAR's
-teacher forcing), and a ``PrefixSplit`` is full attention with the prefix's keys merged in by the
-log-sum-exp (masked sampling: no gradients).
+teacher forcing).
 """
 from __future__ import annotations
 
@@ -144,80 +143,6 @@ class BlockCausal(NamedTuple):
         return torch.cat(outs, dim=1).transpose(1, 2)
 
 
-def lse_kernel(q_BHLK: torch.Tensor) -> str:
-    """The kernel ``attention_with_lse`` runs for these queries: "cudnn" on an NVIDIA GPU of compute capability 8
-    or more for fp16 / bf16 and head dims that are multiples of 8 up to 128 (the fastest at masked-B's sampling
-    shape, NOTES A16/A27), "flash" there when cuDNN is off (``torch.backends.cudnn.enabled = False``) or on
-    ROCm, "math" (plain torch ops) otherwise. Decided from the dtype, the shape and a device query that
-    torch.compile folds to a constant, so the choice traces without a graph break."""
-    K = q_BHLK.shape[-1]
-    if not q_BHLK.is_cuda or q_BHLK.dtype not in (torch.float16, torch.bfloat16) or K % 8 or K > 128:
-        return "math"
-    if torch.cuda.get_device_properties(q_BHLK.device).major < 8:
-        return "math"
-    return "cudnn" if torch.backends.cudnn.enabled and torch.version.hip is None else "flash"
-
-
-def attention_with_lse(q_BHLK: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.Tensor, scale: float,
-                       kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full attention and its log-sum-exp, forward only: out (B, H, L, K) in q's dtype and lse (B, H, L) float32
-    (float64 for float64 inputs) = log sum_s exp(scale q . k_s). ``kernel``: "cudnn" / "flash" (aten's SDPA
-    kernels called directly, the only way to get the log-sum-exp they compute anyway; no backward through it
-    here), "math" (the scores in float32, as written), or None for ``lse_kernel``'s choice."""
-    kernel = kernel or lse_kernel(q_BHLK)
-    if kernel == "cudnn":
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q_BHLK, k_BHSK, v_BHSK, None, True, 0.0, False, False, scale=scale)[:2]
-    elif kernel == "flash":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q_BHLK, k_BHSK, v_BHSK, 0.0, False, False, scale=scale)[:2]
-    elif kernel == "math":
-        dtype = torch.promote_types(q_BHLK.dtype, torch.float32)
-        s_BHLS = q_BHLK.to(dtype) @ k_BHSK.to(dtype).transpose(-1, -2) * scale
-        lse = s_BHLS.logsumexp(-1)
-        out = ((s_BHLS - lse[..., None]).exp() @ v_BHSK.to(dtype)).to(q_BHLK.dtype)
-    else:
-        raise ValueError(f"attention kernel '{kernel}' is not one of ['cudnn', 'flash', 'math']")
-    return out, lse.reshape(out.shape[:-1])          # cuDNN's is (B, H, L, 1)
-
-
-class PrefixSplit(NamedTuple):
-    """Full attention over [P prefix tokens; G others] with the prefix's keys split off, for forwards without
-    gradients (masked sampling: the class token + 256 grid tokens). Flash-style kernels pay a whole extra 128-row
-    tile for a 257th token (cuDNN's forward at masked-B's sampling shape: 0.19-0.20 ms at 257 tokens, 0.10-0.13 ms
-    at 256, NOTES A27), so the G queries attend to the G keys in one call that also returns the log-sum-exp, and
-    the prefix keys are merged in exactly, in float32, with s_p = scale q . k_p:
-        out = (e^lse out_G + sum_p e^s_p v_p) / (e^lse + sum_p e^s_p)
-    (one prefix key: sigmoid(lse - s_p) out_G + sigmoid(s_p - lse) v_p), each weight an exp of a difference with
-    m = logsumexp(lse, s_1..s_P), so at most 1. The P prefix queries attend to all L keys (a (B, H, P, L) product).
-    The kernels' log-sum-exp has no backward here: with gradients, a clear error."""
-    prefix: int = 1
-    kernel: str | None = None      # attention_with_lse's kernel for the G x G part; None: lse_kernel's choice
-
-    def attend(self, q_BHLK: torch.Tensor, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor) -> torch.Tensor:
-        """(B, H, L, K) -> (B, H, L, K), a transposed view of a contiguous (B, L, H, K) (as ``BlockCausal``'s)."""
-        P, L = self.prefix, q_BHLK.shape[2]
-        if not 0 < P < L:
-            raise ValueError(f"a PrefixSplit needs 0 < prefix < {L} tokens, got prefix {P}")
-        if torch.is_grad_enabled() and q_BHLK.requires_grad:
-            raise ValueError("a PrefixSplit is for forwards without gradients (sampling): its attention kernels' "
-                             "log-sum-exp has no backward here; run it under torch.no_grad() or pass mask None")
-        scale = q_BHLK.shape[-1] ** -0.5
-        q_BHGK, k_BHPK, v_BHPK = q_BHLK[:, :, P:], k_BHLK[:, :, :P], v_BHLK[:, :, :P]
-        out_BHGK, lse_BHG = attention_with_lse(q_BHGK, k_BHLK[:, :, P:], v_BHLK[:, :, P:], scale, self.kernel)
-        # the merge in float32: a broadcast product summed, not a matmul (TF32 would round the scores). It and the
-        # prefix rows move ~250 MB per call at masked-B's sampling shape (q and out_G read, out written; K and V
-        # read): ~0.06 ms at 4.3 TB/s when inductor fuses the merge, to set against the tile saved
-        dtype = lse_BHG.dtype
-        s_BHGP = (q_BHGK.to(dtype)[:, :, :, None] * k_BHPK.to(dtype)[:, :, None]).sum(-1) * scale
-        m_BHG1 = torch.cat([lse_BHG[..., None], s_BHGP], dim=-1).logsumexp(-1, keepdim=True)
-        merged_BHGK = ((lse_BHG[..., None] - m_BHG1).exp() * out_BHGK.to(dtype)
-                       + ((s_BHGP - m_BHG1).exp()[..., None] * v_BHPK.to(dtype)[:, :, None]).sum(-2))
-        out_BHPK = F.scaled_dot_product_attention(q_BHLK[:, :, :P], k_BHLK, v_BHLK, scale=scale)
-        out_BLHK = torch.cat([out_BHPK.transpose(1, 2), merged_BHGK.to(q_BHLK.dtype).transpose(1, 2)], dim=1)
-        return out_BLHK.transpose(1, 2)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
@@ -229,12 +154,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None):
-        """``mask_LS``: None, a bool (L, S) tensor (True = attend), a ``BlockCausal`` or a ``PrefixSplit`` (uncached
-        forwards only: VAR's teacher-forced training and scoring; masked sampling)."""
+        """``mask_LS``: None, a bool (L, S) tensor (True = attend), or a ``BlockCausal`` (uncached forwards
+        only: VAR's teacher-forced training and scoring)."""
         B, L, D = x_BLD.shape
-        grouped = isinstance(mask_LS, (BlockCausal, PrefixSplit))
+        grouped = isinstance(mask_LS, BlockCausal)
         if grouped and self.kv_cache is not None and cache_pos is not None:
-            raise ValueError(f"a {type(mask_LS).__name__} mask is for uncached forwards; cached steps take a bool mask")
+            raise ValueError("a BlockCausal mask is for uncached forwards; cached steps take a bool mask")
         # qk-norm and RoPE in the projection's own (B, L, H, K) order (the tables broadcast over heads), then
         # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
         # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
