@@ -88,7 +88,8 @@ def main() -> None:
                     us = time_us(lambda cfg=cfg: matvec(x, weight, *cfg))
                     best = min(best or (us, cfg), (us, cfg))
                 if best:
-                    row.append(f"matvec {best[0]:6.1f} us ({mb / best[0]:4.2f} TB/s) BLOCK_N, BLOCK_K, warps = {best[1]}")
+                    us, cfg = best
+                    row.append(f"matvec {us:6.1f} us ({mb / us:4.2f} TB/s) BLOCK_N, BLOCK_K, warps = {cfg}")
             print("  ".join(row), flush=True)
     for rows in (1, 64, 1024, 16384):
         logits = torch.randn(rows, V, device=dev)

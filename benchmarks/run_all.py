@@ -48,12 +48,12 @@ JOBS = [
     Job("sample-masked", "benchmarks.generators", ["--part", "sample-masked"], 240),
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
-    Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 240),  # A28's other mode
-    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 170),  # subset of sample-masked
+    Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
+    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 210),  # subset of sample-masked
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),
-    Job("peers-b1", "benchmarks.peers", ["--batch", "1"], 75),      # last: the latency ratios are the extra
+    Job("peers-b1", "benchmarks.peers", ["--batch", "1"], 80),      # last: the latency ratios are the extra
     # call 2: training MFU, the tokenizer (its decode ratio needs the VQ-16 decoder of the same run)
     Job("train-masked-L", "benchmarks.gen_train", ["--part", "masked-L"], 120),
     Job("train-ar-L", "benchmarks.gen_train", ["--part", "ar-L"], 115),
@@ -78,8 +78,8 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
                    "maxbatch", "tok-encode", "tok-emoji"],
          "quality": ["quality", "inpainting"]}
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
-EXPLICIT_ONLY = {"sample-masked-fused", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var", "profile-train-ar",
-                 "profile-train-masked", "profile-train-var"}
+EXPLICIT_ONLY = {"sample-masked-fused", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var",
+                 "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]

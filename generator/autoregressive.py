@@ -12,9 +12,10 @@ order; attention to the class token (angle 0, like cell (0, 0)) exposes the abso
 Sampling lives outside the network, gpt-fast style: ``prefill`` writes the class token into a
 static KV cache of N slots, ``decode_one_token`` runs one cached forward, ``pick_token`` guides,
 filters, draws (from Exp(1) noise drawn beforehand) and forces known tokens, ``decode_step`` is the
-two together (compiled and graph-captured on CUDA: one graph replay per token), and
-``decode_n_tokens`` is the loop, which only draws the noise from the ``torch.Generator`` and moves
-ids and position along.
+two together (the function that is compiled), ``run_tokens`` decodes a chunk of tokens from and into
+static ``DecodeBuffers``, and ``decode_n_tokens`` is the loop over chunks: it draws each chunk's noise
+from the ``torch.Generator`` and runs the chunk, on CUDA from a setup's second call as one CUDA-graph
+replay of the compiled steps (``ARDecoder``).
 
 Letters: B batch (2B with CFG), N = h*w tokens, V codebook size, D width, F rotary frequencies.
 """
@@ -256,13 +257,16 @@ class ARGenerator(Generator):
         the hole (use the masked generator when that matters).
 
         ``compile`` (default: True on CUDA) runs the whole decode step (``decode_step``: forward, guidance,
-        top-k / top-p, softmax, the draw and the inpainting rule) through torch.compile (reduce-overhead,
-        fullgraph) and falls back to eager with a warning if that fails. The Exp(1) noise of each draw
+        top-k / top-p, softmax, the draw and the inpainting rule) through torch.compile (fullgraph,
+        ``decode_compile_options``) and falls back to eager with a warning if that fails. The Exp(1) noise of each draw
         is taken from ``generator`` outside the step, in the same order either way. Same seed, same ids
         holds on CPU and with ``compile=False`` on CUDA; the compiled step's fused kernels may round
         differently from eager ones, and with the CUDA-graph step last-bit run-to-run differences (H100,
-        torch 2.11) changed a few late draws. Runs in the caller's autocast context. The KV caches are
-        removed afterwards.
+        torch 2.11) changed a few late draws. Runs in the caller's autocast context. On CUDA the second
+        call of the same setup (batch, guidance, filters, inpainting, autocast) captures the decoding in
+        CUDA graphs, one per 32 tokens, which later calls replay; the compiled decoder keeps that setup's
+        buffers and KV caches (AR-B at batch 64 with CFG: ~1.3 GB) until a new setup replaces them. The
+        module itself is left without KV caches.
         """
         if ignored:
             logger.debug("ARGenerator.sample ignores %s", sorted(ignored))
