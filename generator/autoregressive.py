@@ -21,6 +21,7 @@ Letters: B batch (2B with CFG), N = h*w tokens, V codebook size, D width, F rota
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -258,9 +259,9 @@ class ARGenerator(Generator):
 
         ``compile`` (default: True on CUDA) runs the whole decode step (``decode_step``: forward, guidance,
         top-k / top-p, softmax, the draw and the inpainting rule) through torch.compile (fullgraph,
-        ``decode_compile_options``) and falls back to eager with a warning if that fails. The Exp(1) noise of each draw
-        is taken from ``generator`` outside the step, in the same order either way. Same seed, same ids
-        holds on CPU and with ``compile=False`` on CUDA; the compiled step's fused kernels may round
+        ``decode_compile_options``) and falls back to eager with a warning if that fails. The Exp(1)
+        noise of each draw is taken from ``generator`` outside the step, in the same order either way.
+        Same seed, same ids holds on CPU and with ``compile=False`` on CUDA; the compiled step's fused kernels may round
         differently from eager ones, and with the CUDA-graph step last-bit run-to-run differences (H100,
         torch 2.11) changed a few late draws. Runs in the caller's autocast context. On CUDA the second
         call of the same setup (batch, guidance, filters, inpainting, autocast) captures the decoding in
@@ -357,8 +358,8 @@ class DecodeBuffers:
 class ARDecoder:
     """The decode step (``ARGenerator.decode_step`` or its compiled version) and, for the compiled one,
     the buffers of the last sampling setup and their CUDA graphs (one per chunk of ``GRAPH_TOKENS``
-    tokens, captured at the setup's second call). A new setup (batch, guidance, filters, inpainting or
-    autocast) replaces them; an eager decoder makes fresh buffers per call."""
+    tokens, captured at the setup's second call). A new setup (batch, guidance, filters, inpainting,
+    autocast, or weights in new storage) replaces them; an eager decoder makes fresh buffers per call."""
 
     def __init__(self, step):
         self.step = step
@@ -374,8 +375,11 @@ class ARDecoder:
 
     def buffers_for(self, model: ARGenerator, classes_B: torch.Tensor, guided: bool, temperature: float,
                     top_k: int, top_p: float, inpainting: bool) -> DecodeBuffers:
+        # the graphs read the weights and tables in place: new storage (e.g. after ``model.half()``) is a new setup
+        storage = tuple(t.data_ptr() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                        if "kv_cache" not in name)
         key = (classes_B.shape[0], guided, temperature, top_k, top_p, inpainting, model.compute_dtype(),
-               torch.is_autocast_enabled(classes_B.device.type))
+               torch.is_autocast_enabled(classes_B.device.type), storage)
         if not self.keeps or key != self.key:
             self.key, self.buffers, self._graphs = key, None, None      # free the old setup first
             self.buffers = DecodeBuffers(model, classes_B.shape[0], guided, temperature > 0, inpainting)

@@ -7,10 +7,10 @@ sign bit down, each of the 32 rounds keeps the next bit set when at least k keys
 (one count over the row per round). The result is the exact k-th largest key, mapped back.
 
 Why a kernel: at batch 1 an AR-B decoding step's ``torch.topk`` of 2000 out of 16384 logits runs one
-thread block of radix passes, 79 us per token on an H200 against 18 us here (NOTES A26, A28: the largest
-single kernel of the step after the mat-vecs). Only -0.0 vs 0.0 order differently here than in torch (the key puts
--0.0 below 0.0, where topk ties them), which moves the threshold only when the k-th largest logit is
-exactly zero with both signs present.
+thread block of radix passes, 79 us per token on an H200 against 18 us here (NOTES A26, A28: the
+largest single kernel of the step after the mat-vecs). Only -0.0 and 0.0 order differently here than
+in torch (the key puts -0.0 below 0.0, where topk ties them), which moves the threshold only when the
+k-th largest logit is exactly zero with both signs present.
 """
 from __future__ import annotations
 

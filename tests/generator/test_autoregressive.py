@@ -249,6 +249,10 @@ def test_compiled_decoding_keeps_its_buffers_per_setup(chunk, monkeypatch):
         other = model.sample(classes[:2], generator=make_generator(6, "cpu"), compile=True, **kw)
         assert model._compiled.buffers is not buf and model._compiled.buffers.calls == 1
         assert torch.equal(other, old_loop_sample(model, classes[:2], seed=6, **kw))
+        buf = model._compiled.buffers
+        model.head.weight.data = model.head.weight.data.clone()     # new storage (as model.half() makes)
+        model.sample(classes[:2], generator=make_generator(6, "cpu"), compile=True, **kw)
+        assert model._compiled.buffers is not buf                    # a graph must not read the freed weights
         ema = copy.deepcopy(model)
         assert ema._compiled.buffers is None
     finally:
