@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
-from generator.sampling import cfg_combine_doubled, cfg_scale_at, draw_with_noise, keep_known
+from generator.sampling import cfg_combine_doubled, cfg_scale_at, draw_with_noise, fill_exponential_, keep_known
 from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class ARGenerator(Generator):
             stop = min(start + GRAPH_TOKENS, N)
             if buf.noise is not None:
                 for k in range(stop - start):
-                    buf.noise[k].exponential_(1.0, generator=generator)   # as exponential_noise draws
+                    fill_exponential_(buf.noise[k], generator)
             if graphs is not None:
                 graphs[j].replay()
             else:

@@ -54,7 +54,13 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
 
 def exponential_noise(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
     """Exp(1) noise drawn from ``generator``; argmax(p / E) is a draw from p (the Gumbel-max trick)."""
-    return torch.empty(shape, device=device, dtype=dtype).exponential_(1.0, generator=generator)
+    return fill_exponential_(torch.empty(shape, device=device, dtype=dtype), generator)
+
+
+def fill_exponential_(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``exponential_noise``'s draw into an existing tensor (a buffer a CUDA graph reads): the same
+    numbers as ``exponential_noise(out.shape, ...)`` from the same generator state."""
+    return out.exponential_(1.0, generator=generator)
 
 
 def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:

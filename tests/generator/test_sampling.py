@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from generator.sampling import (cfg_combine, cfg_combine_doubled, cfg_scale_at, exponential_noise, keep_known,
-                                make_generator, sample_logits, top_k_top_p_filter)
+from generator.sampling import (cfg_combine, cfg_combine_doubled, cfg_scale_at, exponential_noise, fill_exponential_,
+                                keep_known, make_generator, sample_logits, top_k_top_p_filter)
 
 # probabilities 5/32, 16/32, 3/32, 8/32: dyadic, so softmax(log p) and its cumulative sums are exact in float32
 PROBS = torch.tensor([5.0, 16.0, 3.0, 8.0]) / 32
@@ -102,3 +102,6 @@ def test_exponential_noise_is_seeded():
     b = exponential_noise((4, 5), make_generator(3, "cpu"), "cpu")
     assert torch.equal(a, b) and (a > 0).all()
     assert make_generator(None, "cpu") is None
+    gen = make_generator(3, "cpu")
+    out = [fill_exponential_(torch.empty(4, 5), gen) for _ in range(2)]     # into buffers: the same stream
+    assert torch.equal(out[0], a) and not torch.equal(out[1], a)
