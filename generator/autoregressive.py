@@ -42,8 +42,8 @@ GRAPH_TOKENS = 32   # tokens per chunk: one noise buffer and, on CUDA, one captu
 
 def kv_slots(pos: int, num_slots: int, bucket: int | None = None) -> int:
     """Cache slots the step at position ``pos`` attends over: slots 0..pos are filled, rounded up to a
-    multiple of ``bucket`` (default ``KV_BUCKET``; the compiled step, dynamic in this length, records one
-    CUDA graph per length: N / bucket of them) and capped at ``num_slots``. The slots above ``pos`` are
+    multiple of ``bucket`` (default ``KV_BUCKET``; the compiled step is dynamic in this length, so one
+    compile serves all N / bucket of them) and capped at ``num_slots``. The slots above ``pos`` are
     masked out anyway, so this only saves reading empty ones (about 44% of the reads at 16x16 tokens)."""
     bucket = bucket or KV_BUCKET
     return min(num_slots, -(-(pos + 1) // bucket) * bucket)
