@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def end_distributed() -> None:
+    """Under ``accelerate launch``, wait for every rank (rank 0 may still be validating or saving after
+    training) and destroy the process group before the interpreter exits. A rank that exits with a live
+    gloo group while its peer still uses it can abort in C++ ("terminate called without an active
+    exception"), which fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        end_distributed()
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
