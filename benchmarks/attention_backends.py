@@ -1,13 +1,14 @@
 """Micro-benchmark (GPU): attention at the generators' shapes through each SDPA backend, FlexAttention
 and VAR's grouped block-causal calls, and which kernel a compiled training step picks.
 
-    python3 -m benchmarks.attention_backends [backends] [var] [compiled]    (default: all three)
+    python3 -m benchmarks.attention_backends [backends] [var] [compiled] [fused]    (default: all four)
 
 bf16, q/k/v as transposed (B, L, H, K) views (transformer.Attention's layout), head dim 64:
 masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), masked-L training
 (256 sequences, 16 heads, full, forward + backward), each at 257 and 256 tokens (what the class prefix
 costs in 128-row tiles), AR-L training (256 tokens, causal) and VAR-d16 training (128 sequences, 16
-heads, 680 tokens, block-causal: the bool mask, a FlexAttention BlockMask, ``BlockCausal`` groups).
+heads, 680 tokens, block-causal: the bool mask, a FlexAttention BlockMask, ``BlockCausal`` groups);
+``fused``: masked-B sampling's qk-norm + RoPE + attention, compiled torch ops vs generator/fused_attention.py.
 Milliseconds per call (CUDA events, median of 20 after warm-up) and TFLOP/s on the attention's
 4 L S K FLOPs per head over the pairs the mask keeps (x3.5 with the backward). Then the kernels a
 compiled forward + backward through SDPA runs, with the default backend order and with cuDNN first.
@@ -136,8 +137,50 @@ def compiled_kernels(flex=None) -> None:
             print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})", flush=True)
 
 
+def fused_rows(flex=None) -> None:
+    """Masked-B sampling's attention from the qkv projection (128 sequences, 12 heads, 257 tokens):
+    qk-norm + RoPE + SDPA compiled (what the compiled sampler ran before A29) vs the fused kernel
+    (generator/fused_attention.py: its autotuner's pick, then every candidate config)."""
+    from generator import fused_attention as fa
+    from generator.transformer import RMSNorm, apply_rope, rope_tables
+
+    B, L, H, K = 128, 257, 12, 64
+    qkv = torch.randn(B, L, 3, H, K, device="cuda", dtype=torch.bfloat16)
+    q_norm, k_norm = RMSNorm(K).cuda(), RMSNorm(K).cuda()
+    positions = torch.stack([torch.arange(256) // 16, torch.arange(256) % 16], dim=-1)
+    cos, sin = (t.cuda() for t in rope_tables(positions, K, num_prefix=1))
+
+    def torch_path(qkv):
+        q, k, v = qkv.unbind(2)
+        q, k = apply_rope(q_norm(q), cos[:, None], sin[:, None]), apply_rope(k_norm(k), cos[:, None], sin[:, None])
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    compiled = torch.compile(torch_path)
+    with torch.no_grad():
+        ref = compiled(qkv).transpose(1, 2).reshape(B, L, H * K)
+        out = fa.fused_attention(qkv, q_norm, k_norm, cos, sin)
+        err = (out.float() - ref.float()).abs().max().item()
+        cands = {"qk-norm+RoPE+SDPA compiled": lambda: compiled(qkv),
+                 "fused kernel": lambda: fa.fused_attention(qkv, q_norm, k_norm, cos, sin)}
+        measure(f"{'masked-B sample':16s} L={L}", cands, L * L, B, H, False)
+        print(f"fused kernel: autotuned {fa._tuned_kernel.best_config}; max |fused - compiled| {err:.4f}")
+        P, scale = L % fa.PREFIX_BLOCK, K ** -0.5 * 1.4426950408889634
+        for bm, bn, warps, stages in fa.CONFIGS:
+            o = torch.empty(B, L, H * K, device="cuda", dtype=torch.bfloat16)
+            grid = ((L - P + bm - 1) // bm, B * H)
+
+            def run(bm=bm, bn=bn, warps=warps, stages=stages, grid=grid, o=o):
+                fa._fused_attention_kernel[grid](qkv, q_norm.weight, k_norm.weight, cos, sin, o, L, P, P, L,
+                                                 qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), 1e-6, scale,
+                                                 H=H, K=K, F_=K // 2, NORM=True, BM=bm, BN=bn, num_warps=warps,
+                                                 num_stages=stages)
+                return o
+            measure(f"  grid rows only, BM {bm} BN {bn} warps {warps} stages {stages}", {"kernel": run},
+                    (L - P) * L, B, H, False)
+
+
 def main() -> None:
-    sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels}
+    sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels, "fused": fused_rows}
     chosen = sys.argv[1:] or list(sections)
     if unknown := set(chosen) - set(sections):
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")

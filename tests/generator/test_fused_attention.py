@@ -1,0 +1,120 @@
+"""qk-norm + RoPE + full attention in one kernel (generator/fused_attention.py), against
+``transformer.Attention``'s torch path. The kernel runs on CUDA, or on Triton's CPU interpreter with
+TRITON_INTERPRET=1 set before the import (there in float16: the interpreter's bfloat16 matmuls are wrong)."""
+import os
+
+import pytest
+import torch
+
+from generator import fused_attention as fa
+from generator.transformer import Attention, apply_rope, rope_tables
+
+KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1"
+                 else None)
+needs_kernel = pytest.mark.skipif(fa.triton is None or KERNEL_DEVICE is None,
+                                  reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
+DTYPE = torch.bfloat16 if KERNEL_DEVICE == "cuda" else torch.float16
+
+
+def attention(heads: int, head_dim: int, qk_norm: bool, seed: int) -> Attention:
+    torch.manual_seed(seed)
+    attn = Attention(heads * head_dim, heads, qk_norm)
+    if qk_norm:                                   # weights away from 1, so a skipped or swapped norm shows
+        with torch.no_grad():
+            attn.q_norm.weight.uniform_(0.5, 1.5)
+            attn.k_norm.weight.uniform_(0.5, 1.5)
+    return attn.to(KERNEL_DEVICE, DTYPE).eval()
+
+
+def tables(L: int, head_dim: int):
+    """RoPE tables with the L mod 16 leading rows at the identity (a class prefix), the rest 2D positions."""
+    P = L % fa.PREFIX_BLOCK
+    positions = torch.stack([torch.arange(L - P) // 5, torch.arange(L - P) % 5], dim=-1)
+    return [t.to(KERNEL_DEVICE) for t in rope_tables(positions, head_dim, num_prefix=P)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, L, heads, head_dim, qk_norm", [
+    (2, 257, 2, 64, True),      # masked-B's shape per head: a 1-row prefix, two 128-row tiles of grid queries
+    (1, 37, 3, 32, False),      # 5 prefix rows, a grid of 32 rows in one partly filled 64-row tile
+    (3, 64, 1, 64, True),       # no prefix
+    (1, 300, 2, 128, True),     # a partly filled last key block and query tile after a 12-row prefix
+])
+def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm):
+    """attn.proj(kernel(qkv)) equals Attention's own torch path (grad enabled, so it does not dispatch to
+    the kernel) to the input dtype's rounding of P (the kernel rounds P for P V as flash attention does)."""
+    attn = attention(heads, head_dim, qk_norm, seed=L)
+    cos, sin = tables(L, head_dim)
+    x = torch.randn(B, L, heads * head_dim, device=KERNEL_DEVICE).to(DTYPE)
+    with torch.no_grad():
+        qkv = attn.qkv(x).view(B, L, 3, heads, head_dim)
+        out = fa.fused_attention(qkv, attn.q_norm, attn.k_norm, cos, sin)
+    ref = attn(x, cos, sin)
+    assert out.shape == (B, L, heads * head_dim) and out.dtype == DTYPE
+    torch.testing.assert_close(attn.proj(out), ref.detach(), atol=2e-2, rtol=2e-2)
+    # and the formula in float64 on the same rounded q, k: softmax(q k^T / sqrt(K)) v
+    q, k, v = qkv.unbind(2)
+    q, k = apply_rope(attn.q_norm(q), cos[:, None], sin[:, None]), apply_rope(attn.k_norm(k), cos[:, None], sin[:, None])
+    w = torch.softmax(torch.einsum("blhk,bmhk->bhlm", q.double(), k.double()) * head_dim ** -0.5, dim=-1)
+    exact = torch.einsum("bhlm,bmhk->blhk", w, v.double()).reshape(B, L, -1)
+    torch.testing.assert_close(out.double(), exact, atol=1e-2, rtol=1e-2)
+    assert (out.double() - exact).abs().mean() < 1e-3
+
+
+@needs_kernel
+def test_kernel_sees_every_key_and_only_its_own_head_and_batch():
+    """A huge value at one key of one head and one sequence moves only that head's and sequence's rows,
+    all of them (the prefix key and the grid keys alike)."""
+    B, L, heads, head_dim = 2, 33, 2, 32
+    attn = attention(heads, head_dim, False, seed=0)
+    cos, sin = tables(L, head_dim)
+    qkv = torch.randn(B, L, 3, heads, head_dim, device=KERNEL_DEVICE).to(DTYPE) * 0.1
+    with torch.no_grad():
+        base = fa.fused_attention(qkv, attn.q_norm, attn.k_norm, cos, sin).view(B, L, heads, head_dim)
+        for key in (0, 20, 32):                   # the prefix key (L mod 16 = 1), a grid key, the last one
+            moved = qkv.clone()
+            moved[1, key, 2, 0] = 100.0           # v of sequence 1, head 0
+            out = fa.fused_attention(moved, attn.q_norm, attn.k_norm, cos, sin).view(B, L, heads, head_dim)
+            changed = (out - base).abs().amax(-1) > 1e-3
+            assert changed[1, :, 0].all() and not changed[0].any() and not changed[1, :, 1].any()
+
+
+@needs_kernel
+def test_kernel_reads_a_strided_qkv_view():
+    """A non-contiguous qkv (a slice along the batch of a larger projection) gives the same as its copy."""
+    B, L, heads, head_dim = 4, 20, 2, 32
+    attn = attention(heads, head_dim, True, seed=1)
+    cos, sin = tables(L, head_dim)
+    qkv = torch.randn(B, L, 3, heads, head_dim, device=KERNEL_DEVICE).to(DTYPE)[::2]
+    with torch.no_grad():
+        a = fa.fused_attention(qkv, attn.q_norm, attn.k_norm, cos, sin)
+        b = fa.fused_attention(qkv.contiguous(), attn.q_norm, attn.k_norm, cos, sin)
+    assert torch.equal(a, b)
+
+
+def test_attention_takes_the_kernel_only_for_no_grad_cuda_full_attention():
+    x = torch.zeros(1, 4, 3, 2, 16)
+    attn = Attention(32, 2, qk_norm=True)
+    assert not fa.use_kernel(x.to(torch.bfloat16), attn.q_norm, attn.k_norm)     # CPU
+    if torch.cuda.is_available() and fa.triton is not None:
+        xc = x.cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            assert fa.use_kernel(xc, attn.q_norm, attn.k_norm)
+            assert not fa.use_kernel(xc.float(), attn.q_norm, attn.k_norm)           # float32 activations
+            assert not fa.use_kernel(xc[..., :8], attn.q_norm, attn.k_norm)          # head size 8
+        assert not fa.use_kernel(xc, attn.q_norm, attn.k_norm)                      # autograd on
+
+
+@pytest.mark.gpu
+def test_gpu_attention_module_dispatch_matches_the_torch_path():
+    """Attention.forward under no_grad on CUDA (the kernel) agrees with the same call under autograd (torch
+    ops, cuDNN/flash SDPA), with and without qk-norm; a mask still takes the torch path."""
+    for qk_norm in (True, False):
+        attn = Attention(128, 2, qk_norm).cuda().to(torch.bfloat16)
+        cos, sin = tables(257, 64)
+        x = torch.randn(3, 257, 128, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            fused = attn(x, cos, sin)
+            masked = attn(x, cos, sin, mask_LS=torch.ones(257, 257, dtype=torch.bool, device="cuda"))
+        torch.testing.assert_close(fused, attn(x, cos, sin).detach(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(masked, fused, atol=2e-2, rtol=2e-2)   # an all-visible mask: same attention
