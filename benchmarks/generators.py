@@ -3,8 +3,9 @@
     python3 -m benchmarks.generators [--part PART ...] [--smoke] [--rows-out F]
 
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
-and the sampler step), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
-compiled sampler's GPU time goes), maxbatch.
+and the sampler step), sample-masked-fused-attn (``sample(compile=True)`` with the fused attention
+kernel of generator/fused_attention.py opted in), sample-ar, sample-var, profile-masked / profile-ar /
+profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
@@ -30,7 +31,7 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked",
+PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-fused-attn", "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked",
          "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -187,11 +188,12 @@ def sample_masked(args, sink: RowSink) -> None:
     sample_masked_fused(b)
 
 
-def sample_masked_fused(b: Bench) -> None:
+def sample_masked_fused(b: Bench, tag: str = "") -> None:
     """``sample(compile=True)``: the model's own compiled path, the forward through torch.compile
     (reduce-overhead on CUDA) and the fused CFG combine + MaskGIT confidence update through
     torch.compile(fullgraph=True); only the noise is drawn eagerly. A compile failure falls back to
-    eager inside the model with a warning, which the rows' compile status reports."""
+    eager inside the model with a warning, which the rows' compile status reports. ``tag`` ends each
+    row's name."""
     B = b.batch
     mode = "reduce-overhead" if b.dev.type == "cuda" else "default"
     label = f"forward: {mode} + update: fullgraph" + (" (smoke: eager backend)" if b.smoke else "")
@@ -202,10 +204,10 @@ def sample_masked_fused(b: Bench) -> None:
     with _Warnings("generator.masked") as warn, builtin_compile(b.smoke):
         first = {"compile": label}
         first_call_or_eager(lambda: sample(B, 16), None, first)     # compiles the batch-64 shapes
-        rows = [("@16 fused-compiled", lambda: sample(B, 16), B, 16, False),
-                ("@8 fused-compiled", lambda: sample(B, 8), B, 8, False),
-                ("@16 fused-compiled", lambda: b.decode(sample(B, 16)), B, 16, True),   # name gets " +decode"
-                ("@16 fused-compiled b1", lambda: sample(1, 16), 1, 16, False)]        # warm-up compiles b1
+        rows = [(f"@16 fused-compiled{tag}", lambda: sample(B, 16), B, 16, False),
+                (f"@8 fused-compiled{tag}", lambda: sample(B, 8), B, 8, False),
+                (f"@16 fused-compiled{tag}", lambda: b.decode(sample(B, 16)), B, 16, True),   # name gets " +decode"
+                (f"@16 fused-compiled{tag} b1", lambda: sample(1, 16), 1, 16, False)]        # warm-up compiles b1
         for i, (name, fn, batch, steps, decode) in enumerate(rows):
             b.guarded(name, fn, batch=batch, compile=warn.status(label), decode=decode, steps=steps,
                       slow=batch == 1, compile_s=first.get("compile_s") if i == 0 else None)
@@ -368,6 +370,13 @@ def sample_masked_fused_only(args, sink: RowSink) -> None:
     sample_masked_fused(b)
 
 
+def sample_masked_fused_attention(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with the fused qk-norm + RoPE + attention kernel opted in (NOTES A29)."""
+    from generator import fused_attention
+    fused_attention.ENABLED = True
+    sample_masked_fused(Bench(args, sink, "masked-B"), tag=" fused-attn")
+
+
 # ---- largest batch ------------------------------------------------------------------------------
 def ar_probe(b: Bench, batch: int) -> None:
     """AR's peak memory without 256 steps: the whole static KV cache, the prefill and two guided
@@ -436,7 +445,8 @@ def main() -> None:
     # the kernels a fixed-batch user gets; AR's decode step compiles for 2 batch sizes x 2 dtypes
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only, "sample-ar": sample_ar,
+    jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only,
+            "sample-masked-fused-attn": sample_masked_fused_attention, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)

@@ -7,9 +7,11 @@ torch path rounds), then softmax(q k^T / sqrt(K)) v, returned as (B, L, H K) for
 One Triton program per (query tile, batch x head) normalises and rotates its queries, then streams the
 keys and values of its head with an online softmax in float32 (P rounded to the input dtype for P V, as
 flash attention does), normalising and rotating each key tile as it loads it. ``Attention`` calls it
-where ``use_kernel`` holds (CUDA, no autograd) and runs the torch ops everywhere else.
+where ``use_kernel`` holds (opted in with ``ENABLED``, CUDA, no autograd) and runs the torch ops
+everywhere else. Not measured on a GPU yet, so it is off by default (TESSERA_FUSED_ATTENTION=1 turns it
+on; ``python3 -m benchmarks.attention_backends fused`` and the ``sample-masked-fused-attn`` job measure it).
 
-Why a kernel (benchmarks/NOTES.md A29): in masked-B sampling (128 sequences of 1 + 256 tokens) cuDNN's
+Why a kernel (benchmarks/NOTES.md A29, the prediction): in masked-B sampling (128 sequences of 1 + 256 tokens) cuDNN's
 attention took 0.19-0.20 ms per call, of which about half is the class token's 257th row and column
 (a third 128-wide tile; 0.10-0.13 ms at 256 tokens), and the qk-norm/RoPE kernel before it another
 ~0.09 ms (it writes q and k back to memory for the attention to read again). Here the L mod 16
@@ -30,6 +32,8 @@ except ImportError:   # CPU-only installs: the torch-ops path
     triton = None
 
 PREFIX_BLOCK = 16       # the leading L mod 16 rows (the class token) go in one block of this many
+# opt-in until measured on a GPU (NOTES A29): TESSERA_FUSED_ATTENTION=1, or set this before the first forward
+ENABLED = os.environ.get("TESSERA_FUSED_ATTENTION") == "1"
 
 
 def fused_attention(qkv_BL3HK: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
@@ -50,13 +54,13 @@ def norm_weights(q_norm: nn.Module, k_norm: nn.Module, device) -> tuple[torch.Te
 
 
 def use_kernel(qkv: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> bool:
-    """The kernel covers: CUDA, Triton present, no autograd (forward only), bf16/fp16 activations, a
-    power-of-two head size of 32 to 128, unit stride along the head dimension, both qk-norms RMSNorm
-    with the same eps or both absent."""
+    """``ENABLED``, and what the kernel covers: CUDA, Triton present, no autograd (forward only), bf16/fp16
+    activations, a power-of-two head size of 32 to 128, unit stride along the head dimension, both
+    qk-norms RMSNorm with the same eps or both absent."""
     K = qkv.shape[-1]
     norms = ((isinstance(q_norm, nn.Identity) and isinstance(k_norm, nn.Identity))
              or (hasattr(q_norm, "weight") and hasattr(k_norm, "weight") and q_norm.eps == k_norm.eps))
-    return (triton is not None and qkv.is_cuda and not torch.is_grad_enabled() and norms
+    return (ENABLED and triton is not None and qkv.is_cuda and not torch.is_grad_enabled() and norms
             and qkv.dtype in (torch.bfloat16, torch.float16) and K in (32, 64, 128) and qkv.stride(-1) == 1)
 
 

@@ -92,9 +92,10 @@ def test_kernel_reads_a_strided_qkv_view():
     assert torch.equal(a, b)
 
 
-def test_attention_takes_the_kernel_only_for_no_grad_cuda_full_attention():
+def test_attention_takes_the_kernel_only_when_enabled_for_no_grad_cuda_full_attention(monkeypatch):
     x = torch.zeros(1, 4, 3, 2, 16)
     attn = Attention(32, 2, qk_norm=True)
+    monkeypatch.setattr(fa, "ENABLED", True)
     assert not fa.use_kernel(x.to(torch.bfloat16), attn.q_norm, attn.k_norm)     # CPU
     if torch.cuda.is_available() and fa.triton is not None:
         xc = x.cuda().to(torch.bfloat16)
@@ -103,12 +104,16 @@ def test_attention_takes_the_kernel_only_for_no_grad_cuda_full_attention():
             assert not fa.use_kernel(xc.float(), attn.q_norm, attn.k_norm)           # float32 activations
             assert not fa.use_kernel(xc[..., :8], attn.q_norm, attn.k_norm)          # head size 8
         assert not fa.use_kernel(xc, attn.q_norm, attn.k_norm)                      # autograd on
+        monkeypatch.setattr(fa, "ENABLED", False)
+        with torch.no_grad():
+            assert not fa.use_kernel(xc, attn.q_norm, attn.k_norm)                  # not opted in
 
 
 @pytest.mark.gpu
-def test_gpu_attention_module_dispatch_matches_the_torch_path():
-    """Attention.forward under no_grad on CUDA (the kernel) agrees with the same call under autograd (torch
+def test_gpu_attention_module_dispatch_matches_the_torch_path(monkeypatch):
+    """Attention.forward under no_grad on CUDA, opted in (the kernel), agrees with the same call under autograd (torch
     ops, cuDNN/flash SDPA), with and without qk-norm; a mask still takes the torch path."""
+    monkeypatch.setattr(fa, "ENABLED", True)
     for qk_norm in (True, False):
         attn = Attention(128, 2, qk_norm).cuda().to(torch.bfloat16)
         cos, sin = tables(257, 64)
