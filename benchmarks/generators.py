@@ -31,8 +31,8 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-fused-attn", "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked",
-         "profile-ar", "profile-var", "maxbatch"]
+PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-fused-attn", "sample-ar", "sample-ar-autotune",
+         "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}

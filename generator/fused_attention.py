@@ -11,8 +11,8 @@ where ``use_kernel`` holds (opted in with ``ENABLED``, CUDA, no autograd) and ru
 everywhere else. Not measured on a GPU yet, so it is off by default (TESSERA_FUSED_ATTENTION=1 turns it
 on; ``python3 -m benchmarks.attention_backends fused`` and the ``sample-masked-fused-attn`` job measure it).
 
-Why a kernel (benchmarks/NOTES.md A29, the prediction): in masked-B sampling (128 sequences of 1 + 256 tokens) cuDNN's
-attention took 0.19-0.20 ms per call, of which about half is the class token's 257th row and column
+Why a kernel (benchmarks/NOTES.md A29, the prediction): in masked-B sampling (128 sequences of 1 + 256
+tokens) cuDNN's attention took 0.19-0.20 ms per call, of which about half is the class token's 257th row and column
 (a third 128-wide tile; 0.10-0.13 ms at 256 tokens), and the qk-norm/RoPE kernel before it another
 ~0.09 ms (it writes q and k back to memory for the attention to read again). Here the L mod 16
 leading rows (the class token) are a 16-wide block of their own, keys and queries alike, so the grid's
@@ -124,16 +124,17 @@ if triton is not None:
         acc = tl.zeros([BM, K], tl.float32)
         if P > 0:
             m_i, l_i, acc = _attend_block(q_lo, q_hi, m_i, l_i, acc, K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps,
-                                          scale, NORM, DT, F_, 16)
+                                          scale, NORM, DT, F_, 16)      # 16 = PREFIX_BLOCK
         for start in range(P, L, BN):
             m_i, l_i, acc = _attend_block(q_lo, q_hi, m_i, l_i, acc, K_ptr, V_ptr, KW, COS, SIN, start, L, s_l, eps,
                                           scale, NORM, DT, F_, BN)
         out = (acc / l_i[:, None]).to(DT)
         tl.store(O + b * so_b + rows[:, None] * so_l + h * K + tl.arange(0, K)[None, :], out, mask=inside[:, None])
 
+    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _tuned_kernel = triton.autotune(     # timed once per (L, H, K) in a process, at the first call
-        [triton.Config(dict(BM=bm, BN=bn), num_warps=w, num_stages=st) for bm, bn, w, st in
-         CONFIGS[:1 if os.environ.get("TRITON_INTERPRET") == "1" else None]], key=["L", "H", "K"])(_fused_attention_kernel)
+        [triton.Config(dict(BM=bm, BN=bn), num_warps=w, num_stages=st)
+         for bm, bn, w, st in CONFIGS[:1 if _interpreted else None]], key=["L", "H", "K"])(_fused_attention_kernel)
 
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())
     def _fused_attention_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,

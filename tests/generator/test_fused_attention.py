@@ -54,7 +54,8 @@ def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm):
     torch.testing.assert_close(attn.proj(out), ref.detach(), atol=2e-2, rtol=2e-2)
     # and the formula in float64 on the same rounded q, k: softmax(q k^T / sqrt(K)) v
     q, k, v = qkv.unbind(2)
-    q, k = apply_rope(attn.q_norm(q), cos[:, None], sin[:, None]), apply_rope(attn.k_norm(k), cos[:, None], sin[:, None])
+    rope = (cos[:, None], sin[:, None])
+    q, k = apply_rope(attn.q_norm(q), *rope), apply_rope(attn.k_norm(k), *rope)
     w = torch.softmax(torch.einsum("blhk,bmhk->bhlm", q.double(), k.double()) * head_dim ** -0.5, dim=-1)
     exact = torch.einsum("bhlm,bmhk->blhk", w, v.double()).reshape(B, L, -1)
     torch.testing.assert_close(out.double(), exact, atol=1e-2, rtol=1e-2)
