@@ -50,7 +50,7 @@ JOBS = [
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 210),  # subset of sample-masked
-    Job("sample-masked-fused-attn", "benchmarks.generators", ["--part", "sample-masked-fused-attn"], 220),  # A29, a guess
+    Job("sample-masked-fused-attn", "benchmarks.generators", ["--part", "sample-masked-fused-attn"], 220),  # A29
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),
