@@ -34,17 +34,20 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 VAR_SIZES = [s * s for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
 
 
-def time_ms(fn, iters: int = 20) -> float:
+def time_ms(fn, iters: int = 20, reps: int = 1) -> float:
+    """Median over ``iters`` of the time per call of ``reps`` calls in a row (reps > 1: the host's launch
+    work overlaps the GPU's, as in a CUDA graph; a single call also times its launch)."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
 
 
@@ -53,7 +56,7 @@ def qkv_views(B, L, H, backward):
     return qkv, [t.transpose(1, 2) for t in qkv.unbind(2)]
 
 
-def measure(label, candidates, pairs, B, H, backward):
+def measure(label, candidates, pairs, B, H, backward, reps: int = 1):
     flops = 4 * B * H * pairs * 64 * (3.5 if backward else 1.0)
     row = [label]
     for name, fn in candidates.items():
@@ -62,7 +65,7 @@ def measure(label, candidates, pairs, B, H, backward):
             grad = torch.randn_like(out)
             run = (lambda fn=fn: fn().backward(grad)) if backward else fn
             with torch.set_grad_enabled(backward):
-                ms = time_ms(run)
+                ms = time_ms(run, reps=reps)
             row.append(f"{name} {ms:6.2f} ms {flops / ms / 1e9:4.0f} TF/s")
         except RuntimeError as e:
             row.append(f"{name} n/a ({str(e).splitlines()[0][:50]})")
@@ -139,8 +142,10 @@ def compiled_kernels(flex=None) -> None:
 
 def fused_rows(flex=None) -> None:
     """Masked-B sampling's attention from the qkv projection (128 sequences, 12 heads, 257 tokens):
-    qk-norm + RoPE + SDPA compiled (what the compiled sampler ran before A29) vs the fused kernel
-    (generator/fused_attention.py: its autotuner's pick, then every candidate config)."""
+    qk-norm + RoPE + SDPA compiled (what the compiled sampler runs without A29) vs the fused kernel
+    (generator/fused_attention.py: its autotuner's pick, then every candidate config), and SDPA alone on
+    ready q, k, v at 257 and 256 tokens for scale. Each timed as 10 calls back to back (GPU time per call,
+    the launches overlapped, as in the sampler's CUDA graphs)."""
     from generator import fused_attention as fa
     from generator.transformer import RMSNorm, apply_rope, rope_tables
 
@@ -156,27 +161,30 @@ def fused_rows(flex=None) -> None:
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
     compiled = torch.compile(torch_path)
+    views = [t.transpose(1, 2) for t in qkv.unbind(2)]
+    grid_views = [t.transpose(1, 2) for t in qkv[:, 1:].unbind(2)]
     with torch.no_grad():
         ref = compiled(qkv).transpose(1, 2).reshape(B, L, H * K)
         out = fa.fused_attention(qkv, q_norm, k_norm, cos, sin)
         err = (out.float() - ref.float()).abs().max().item()
         cands = {"qk-norm+RoPE+SDPA compiled": lambda: compiled(qkv),
-                 "fused kernel": lambda: fa.fused_attention(qkv, q_norm, k_norm, cos, sin)}
-        measure(f"{'masked-B sample':16s} L={L}", cands, L * L, B, H, False)
+                 "fused kernel": lambda: fa.fused_attention(qkv, q_norm, k_norm, cos, sin),
+                 "SDPA alone": lambda: F.scaled_dot_product_attention(*views),
+                 "SDPA alone at 256": lambda: F.scaled_dot_product_attention(*grid_views)}
+        measure(f"{'masked-B sample':16s} L={L}", cands, L * L, B, H, False, reps=10)
         print(f"fused kernel: autotuned {fa._tuned_kernel.best_config}; max |fused - compiled| {err:.4f}")
         P, scale = L % fa.PREFIX_BLOCK, K ** -0.5 * 1.4426950408889634
         for bm, bn, warps, stages in fa.CONFIGS:
             o = torch.empty(B, L, H * K, device="cuda", dtype=torch.bfloat16)
-            grid = ((L - P + bm - 1) // bm, B * H)
+            grid = (max((L - P + bm - 1) // bm, 1), B * H)
 
             def run(bm=bm, bn=bn, warps=warps, stages=stages, grid=grid, o=o):
-                fa._fused_attention_kernel[grid](qkv, q_norm.weight, k_norm.weight, cos, sin, o, L, P, P, L,
+                fa._fused_attention_kernel[grid](qkv, q_norm.weight, k_norm.weight, cos, sin, o, L, P,
                                                  qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), 1e-6, scale,
-                                                 H=H, K=K, F_=K // 2, NORM=True, BM=bm, BN=bn, num_warps=warps,
-                                                 num_stages=stages)
+                                                 H=H, K=K, F_=K // 2, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK,
+                                                 num_warps=warps, num_stages=stages)
                 return o
-            measure(f"  grid rows only, BM {bm} BN {bn} warps {warps} stages {stages}", {"kernel": run},
-                    (L - P) * L, B, H, False)
+            measure(f"  BM {bm} BN {bn} warps {warps} stages {stages}", {"kernel": run}, L * L, B, H, False, reps=10)
 
 
 def main() -> None:

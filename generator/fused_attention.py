@@ -86,51 +86,83 @@ if triton is not None:
         return (lo * cos - hi * sin).to(DT), (hi * cos + lo * sin).to(DT)
 
     @triton.jit
-    def _attend_block(q_lo, q_hi, m_i, l_i, acc, K_ptr, V_ptr, KW, COS, SIN, start, end, s_l, eps, scale,
-                      NORM: tl.constexpr, DT: tl.constexpr, F_: tl.constexpr, BN: tl.constexpr):
-        """One online-softmax step over key rows [start, start + BN) (those < end visible)."""
+    def _rows(X_ptr, W, COS, SIN, start, end, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr, F_: tl.constexpr,
+              BR: tl.constexpr):
+        """Rows [start, start + BR) of q or k (those < end; the rest zero), normalised and rotated: (lo, hi, inside)."""
         f = tl.arange(0, F_)
-        rows = start + tl.arange(0, BN)
+        rows = start + tl.arange(0, BR)
         inside = rows < end
-        k_lo = tl.load(K_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        k_hi = tl.load(K_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        k_lo, k_hi = _norm_rope(k_lo, k_hi, KW, COS, SIN, rows, inside, f, eps, NORM, DT, F_)
+        lo = tl.load(X_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(X_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        lo, hi = _norm_rope(lo, hi, W, COS, SIN, rows, inside, f, eps, NORM, DT, F_)
+        return lo, hi, inside
+
+    @triton.jit
+    def _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT: tl.constexpr):
+        """One online-softmax step of a query tile over a key tile (``visible`` keys)."""
         s = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * scale     # log2 units
-        s = tl.where(inside[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))       # finite: every block has a visible key
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))       # finite: every key tile has a visible key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        v = tl.load(V_ptr + rows[:, None] * s_l + tl.arange(0, 2 * F_)[None, :], mask=inside[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit
-    def _fused_attention_kernel(QKV, QW, KW, COS, SIN, O, L, P, row_start, row_end, s_b, s_l, so_b, so_l, eps,
-                                scale, H: tl.constexpr, K: tl.constexpr, F_: tl.constexpr, NORM: tl.constexpr,
-                                BM: tl.constexpr, BN: tl.constexpr):
-        """Program (i, b * H + h): query rows [row_start + i BM, +BM) (those < row_end) of head h against
-        every key: the P leading keys as one 16-wide block (when P > 0), then [P, L) in blocks of BN."""
+    def _key_tile(K_ptr, V_ptr, KW, COS, SIN, start, end, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr,
+                  F_: tl.constexpr, BN: tl.constexpr):
+        """Keys [start, start + BN) normalised and rotated, their values, and which of them are < end."""
+        k_lo, k_hi, visible = _rows(K_ptr, KW, COS, SIN, start, end, s_l, eps, NORM, DT, F_, BN)
+        rows = start + tl.arange(0, BN)
+        v = tl.load(V_ptr + rows[:, None] * s_l + tl.arange(0, 2 * F_)[None, :], mask=visible[:, None], other=0.0)
+        return k_lo, k_hi, v, visible
+
+    @triton.jit
+    def _store(O_ptr, so_l, start, end, acc, l_i, K: tl.constexpr, DT: tl.constexpr, BR: tl.constexpr):
+        rows = start + tl.arange(0, BR)
+        tl.store(O_ptr + rows[:, None] * so_l + tl.arange(0, K)[None, :], (acc / l_i[:, None]).to(DT),
+                 mask=(rows < end)[:, None])
+
+    @triton.jit
+    def _fused_attention_kernel(QKV, QW, KW, COS, SIN, O, L, P, s_b, s_l, so_b, so_l, eps, scale, H: tl.constexpr,
+                                K: tl.constexpr, F_: tl.constexpr, NORM: tl.constexpr, BM: tl.constexpr,
+                                BN: tl.constexpr, PB: tl.constexpr):
+        """Program (i, b * H + h): query rows [P + i BM, +BM) of head h against every key: the P < 16 leading
+        keys (the class token) as one 16-wide tile (when P > 0), then [P, L) in tiles of BN. Program 0 of a
+        head also carries the P leading queries as a 16-row tile through the same key tiles, so their keys
+        are loaded, normalised and rotated once for both (a launch of its own for 16 rows per head would
+        stream every key again, on too few warps to hide the loads)."""
         DT = QKV.dtype.element_ty
         b, h = tl.program_id(1) // H, tl.program_id(1) % H
-        f = tl.arange(0, F_)
-        rows = row_start + tl.program_id(0) * BM + tl.arange(0, BM)
-        inside = rows < row_end
+        start = P + tl.program_id(0) * BM
         Q_ptr = QKV + b * s_b + h * K
         K_ptr, V_ptr = Q_ptr + H * K, Q_ptr + 2 * H * K
-        q_lo = tl.load(Q_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        q_hi = tl.load(Q_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        q_lo, q_hi = _norm_rope(q_lo, q_hi, QW, COS, SIN, rows, inside, f, eps, NORM, DT, F_)
+        O_ptr = O + b * so_b + h * K
+        q_lo, q_hi, _ = _rows(Q_ptr, QW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BM)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, K], tl.float32)
-        if P > 0:
-            m_i, l_i, acc = _attend_block(q_lo, q_hi, m_i, l_i, acc, K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps,
-                                          scale, NORM, DT, F_, 16)      # 16 = PREFIX_BLOCK
-        for start in range(P, L, BN):
-            m_i, l_i, acc = _attend_block(q_lo, q_hi, m_i, l_i, acc, K_ptr, V_ptr, KW, COS, SIN, start, L, s_l, eps,
-                                          scale, NORM, DT, F_, BN)
-        out = (acc / l_i[:, None]).to(DT)
-        tl.store(O + b * so_b + rows[:, None] * so_l + h * K + tl.arange(0, K)[None, :], out, mask=inside[:, None])
+        if (P > 0) & (tl.program_id(0) == 0):    # the leading queries too (16 rows, those < P)
+            p_lo, p_hi, _ = _rows(Q_ptr, QW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
+            pm_i = tl.full([PB], float("-inf"), tl.float32)
+            pl_i = tl.zeros([PB], tl.float32)
+            pacc = tl.zeros([PB, K], tl.float32)
+            k_lo, k_hi, v, visible = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
+            m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT)
+            pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k_lo, k_hi, v, visible, pm_i, pl_i, pacc, scale, DT)
+            for kstart in range(P, L, BN):
+                k_lo, k_hi, v, visible = _key_tile(K_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT, F_, BN)
+                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT)
+                pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k_lo, k_hi, v, visible, pm_i, pl_i, pacc, scale, DT)
+            _store(O_ptr, so_l, 0, P, pacc, pl_i, K, DT, PB)
+        else:
+            if P > 0:
+                k_lo, k_hi, v, visible = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
+                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT)
+            for kstart in range(P, L, BN):
+                k_lo, k_hi, v, visible = _key_tile(K_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT, F_, BN)
+                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT)
+        _store(O_ptr, so_l, start, L, acc, l_i, K, DT, BM)
 
     _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _tuned_kernel = triton.autotune(     # timed once per (L, H, K) in a process, at the first call
@@ -148,10 +180,8 @@ if triton is not None:
         P = L % PREFIX_BLOCK
         args = (qkv, q_weight, k_weight, cos, sin, out, L, P)
         rest = (qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), eps, K ** -0.5 * 1.4426950408889634)
-        consts = dict(H=H, K=K, F_=K // 2, NORM=eps >= 0)
-        _tuned_kernel[lambda meta: (triton.cdiv(L - P, meta["BM"]), B * H)](*args, P, L, *rest, **consts)
-        if P > 0:      # the leading rows' queries: one 16-row tile per head
-            _fused_attention_kernel[(1, B * H)](*args, 0, P, *rest, **consts, BM=PREFIX_BLOCK, BN=64, num_warps=4)
+        consts = dict(H=H, K=K, F_=K // 2, NORM=eps >= 0, PB=PREFIX_BLOCK)
+        _tuned_kernel[lambda meta: (max(triton.cdiv(L - P, meta["BM"]), 1), B * H)](*args, *rest, **consts)
         return out
 
     @_fused_attention_op.register_fake

@@ -39,6 +39,7 @@ def tables(L: int, head_dim: int):
     (1, 37, 3, 32, False),      # 5 prefix rows, a grid of 32 rows in one partly filled 64-row tile
     (3, 64, 1, 64, True),       # no prefix
     (1, 300, 2, 128, True),     # a partly filled last key block and query tile after a 12-row prefix
+    (2, 9, 2, 32, True),        # prefix rows only (L < 16): one program per head, no grid rows
 ])
 def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm):
     """attn.proj(kernel(qkv)) equals Attention's own torch path (grad enabled, so it does not dispatch to
@@ -94,8 +95,8 @@ def test_kernel_reads_a_strided_qkv_view():
 
 
 def test_attention_takes_the_kernel_only_when_enabled_for_no_grad_cuda_full_attention(monkeypatch):
-    x = torch.zeros(1, 4, 3, 2, 16)
-    attn = Attention(32, 2, qk_norm=True)
+    x = torch.zeros(1, 4, 3, 2, 32)
+    attn = Attention(64, 2, qk_norm=True)
     monkeypatch.setattr(fa, "ENABLED", True)
     assert not fa.use_kernel(x.to(torch.bfloat16), attn.q_norm, attn.k_norm)     # CPU
     if torch.cuda.is_available() and fa.triton is not None:
