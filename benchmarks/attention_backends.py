@@ -173,18 +173,10 @@ def fused_rows(flex=None) -> None:
                  "SDPA alone at 256": lambda: F.scaled_dot_product_attention(*grid_views)}
         measure(f"{'masked-B sample':16s} L={L}", cands, L * L, B, H, False, reps=10)
         print(f"fused kernel: autotuned {fa._tuned_kernel.best_config}; max |fused - compiled| {err:.4f}")
-        P, scale = L % fa.PREFIX_BLOCK, K ** -0.5 * 1.4426950408889634
-        for bm, bn, warps, stages in fa.CONFIGS:
-            o = torch.empty(B, L, H * K, device="cuda", dtype=torch.bfloat16)
-            grid = (max((L - P + bm - 1) // bm, 1), B * H)
-
-            def run(bm=bm, bn=bn, warps=warps, stages=stages, grid=grid, o=o):
-                fa._fused_attention_kernel[grid](qkv, q_norm.weight, k_norm.weight, cos, sin, o, L, P,
-                                                 qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), 1e-6, scale,
-                                                 H=H, K=K, F_=K // 2, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK,
-                                                 num_warps=warps, num_stages=stages)
-                return o
-            measure(f"  BM {bm} BN {bn} warps {warps} stages {stages}", {"kernel": run}, L * L, B, H, False, reps=10)
+        for config in fa.CONFIGS:
+            measure(f"  BM {config[0]} BN {config[1]} warps {config[2]} stages {config[3]} full {config[4]:d}",
+                    {"kernel": lambda c=config: fa.launch(qkv, q_norm.weight, k_norm.weight, cos, sin, 1e-6, c)},
+                    L * L, B, H, False, reps=10)
 
 
 def main() -> None:

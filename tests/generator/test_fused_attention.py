@@ -64,6 +64,24 @@ def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm):
 
 
 @needs_kernel
+@pytest.mark.parametrize("config", [c for c in fa.CONFIGS if c[0] <= 128 and c[2] == 4])
+@pytest.mark.parametrize("L", [37, 64])
+def test_every_candidate_config_gives_the_same_attention(config, L):
+    """Each tile shape the autotuner may pick, halves and one K-wide dot alike, with and without the class
+    token's rows (37: 5 leading rows; 64: none), equals the first config (which the interpreter tunes to)
+    to the rounding of P."""
+    B, heads, head_dim = 2, 2, 32
+    attn = attention(heads, head_dim, True, seed=3)
+    cos, sin = tables(L, head_dim)
+    qkv = torch.randn(B, L, 3, heads, head_dim, device=KERNEL_DEVICE).to(DTYPE)
+    q_w, k_w, eps = fa.norm_weights(attn.q_norm, attn.k_norm, qkv.device)
+    with torch.no_grad():
+        first = fa.launch(qkv, q_w, k_w, cos, sin, eps, fa.CONFIGS[0])
+        out = fa.launch(qkv, q_w, k_w, cos, sin, eps, config)
+    torch.testing.assert_close(out, first, atol=2e-3, rtol=2e-3)
+
+
+@needs_kernel
 def test_kernel_sees_every_key_and_only_its_own_head_and_batch():
     """A huge value at one key of one head and one sequence moves only that head's and sequence's rows,
     all of them (the prefix key and the grid keys alike)."""
