@@ -166,18 +166,18 @@ if triton is not None:
         Q_ptr = QKV + b * s_b + h * K
         K_ptr, V_ptr = Q_ptr + H * K, Q_ptr + 2 * H * K
         O_ptr = O + b * so_b + h * K
-        q_lo, q_hi, _ = _rows(Q_ptr, QW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BM, FULL)
+        q_lo, q_hi, _q_in = _rows(Q_ptr, QW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BM, FULL)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, K], tl.float32)
         if (P > 0) & (tl.program_id(0) == 0):    # the leading queries too (16 rows, those < P)
-            p_lo, p_hi, _ = _rows(Q_ptr, QW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
+            p_lo, p_hi, _p_in = _rows(Q_ptr, QW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
             pm_i = tl.full([PB], float("-inf"), tl.float32)
             pl_i = tl.zeros([PB], tl.float32)
             pacc = tl.zeros([PB, K], tl.float32)
-            k_lo, k_hi, v, seen = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
-            m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT, FULL)
-            pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k_lo, k_hi, v, seen, pm_i, pl_i, pacc, scale, DT, FULL)
+            k0_lo, k0_hi, v0, seen0 = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
+            m_i, l_i, acc = _online_step(q_lo, q_hi, k0_lo, k0_hi, v0, seen0, m_i, l_i, acc, scale, DT, FULL)
+            pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k0_lo, k0_hi, v0, seen0, pm_i, pl_i, pacc, scale, DT, FULL)
             for kstart in range(P, L, BN):
                 k_lo, k_hi, v, seen = _key_tile(K_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT, F_, BN,
                                                 FULL)
@@ -186,8 +186,8 @@ if triton is not None:
             _store(O_ptr, so_l, 0, P, pacc, pl_i, K, DT, PB)
         else:
             if P > 0:
-                k_lo, k_hi, v, seen = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
-                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT, FULL)
+                k0_lo, k0_hi, v0, seen0 = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
+                m_i, l_i, acc = _online_step(q_lo, q_hi, k0_lo, k0_hi, v0, seen0, m_i, l_i, acc, scale, DT, FULL)
             for kstart in range(P, L, BN):
                 k_lo, k_hi, v, seen = _key_tile(K_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT, F_, BN,
                                                 FULL)

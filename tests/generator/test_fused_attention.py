@@ -143,3 +143,21 @@ def test_gpu_attention_module_dispatch_matches_the_torch_path(monkeypatch):
             masked = attn(x, cos, sin, mask_LS=torch.ones(257, 257, dtype=torch.bool, device="cuda"))
         torch.testing.assert_close(fused, attn(x, cos, sin).detach(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(masked, fused, atol=2e-2, rtol=2e-2)   # an all-visible mask: same attention
+
+
+@pytest.mark.skipif(fa.triton is None or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="compiles with Triton's real front end (the interpreter runs Python, not the compiler)")
+@pytest.mark.parametrize("config", [fa.CONFIGS[0], next(c for c in fa.CONFIGS if c[4])])
+def test_kernel_compiles_for_hopper(config):
+    """Triton's compiler, down to sm_90 PTX and cubin, with no GPU: it rejects what the interpreter lets pass
+    (a loop-carried tile whose shape changes, a branch that leaves a variable with two types)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    bm, bn, warps, stages, full = config
+    signature = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16",
+                 **dict.fromkeys(["L", "P", "s_b", "s_l", "so_b", "so_l"], "i32"), "eps": "fp32", "scale": "fp32",
+                 **dict.fromkeys(["H", "K", "F_", "NORM", "BM", "BN", "PB", "FULL"], "constexpr")}
+    consts = dict(H=12, K=64, F_=32, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK, FULL=full)
+    kernel = fa.triton.compile(ASTSource(fa._fused_attention_kernel, signature, consts),
+                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"]     # Hopper's tensor-core instructions
