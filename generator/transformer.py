@@ -33,6 +33,8 @@ from generator.config import GeneratorConfig
 from generator.decode_attention import attend_one_query
 from generator.fused_attention import fused_attention
 from generator.fused_attention import use_kernel as use_fused_attention
+from generator.fused_swiglu import fused_swiglu
+from generator.fused_swiglu import use_kernel as use_fused_swiglu
 
 
 class RMSNorm(nn.Module):
@@ -196,6 +198,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
+        if use_fused_swiglu(x, self.gate_up.weight):          # no-grad CUDA forwards (NOTES A31)
+            return self.down(fused_swiglu(x, self.gate_up.weight))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 

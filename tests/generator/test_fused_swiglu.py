@@ -1,0 +1,172 @@
+"""gate_up matmul + silu(gate) * up in one kernel (generator/fused_swiglu.py), against the torch formula
+and ``transformer.SwiGLU``'s torch path. The kernel runs on CUDA, or on Triton's CPU interpreter with
+TRITON_INTERPRET=1 set before the import (there in float16: the interpreter's bfloat16 matmuls are wrong)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from generator import fused_swiglu as fs
+from generator.transformer import SwiGLU
+
+KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1"
+                 else None)
+needs_kernel = pytest.mark.skipif(fs.triton is None or KERNEL_DEVICE is None,
+                                  reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
+DTYPE = torch.bfloat16 if KERNEL_DEVICE == "cuda" else torch.float16
+EPS = torch.finfo(DTYPE).eps          # the spacing of the dtype's values relative to their size (at most)
+
+
+def formula(x_MD: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The torch path as compiled: the matmul rounded to the dtype, then silu(g) u in float32, rounded once."""
+    gate, up = F.linear(x_MD, weight).float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x_MD.dtype)
+
+
+def inputs(M: int, D: int, Hd: int, integers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, D) and a gate_up weight (2 Hd, D) at unit-scale products; ``integers``: x in {-2..2}, weight in
+    {-2..2}/16, so every product and sum is exact in float32 and in the dtype (only silu's rounding is left)."""
+    if integers:
+        x, w = torch.randint(-2, 3, (M, D)).float(), torch.randint(-2, 3, (2 * Hd, D)) / 16
+    else:
+        x, w = torch.randn(M, D), torch.randn(2 * Hd, D) / D ** 0.5
+    return x.to(KERNEL_DEVICE, DTYPE), w.to(KERNEL_DEVICE, DTYPE)
+
+
+@needs_kernel
+@pytest.mark.parametrize("M, D, Hd", [
+    (7, 32, 48),        # fewer rows than a tile; Hd and D below one tile
+    (130, 80, 96),      # a ragged second row tile; K = 80: one full 64-wide K step, one partial
+    (257, 64, 128),     # masked-B's rows per sequence, one exact tile of hidden columns
+    (300, 192, 160),    # three K steps; two column tiles, the second partly filled
+])
+def test_kernel_equals_the_torch_formula(M, D, Hd):
+    """Exact products (integer inputs): equal to the formula but for a rare tie that silu's float32 ulp
+    rounds the other way (at most one rounding of the dtype). Random inputs: the kernel's float32 sums run
+    in another order than the matmul's, so a few g or u round to the neighbouring value; silu amplifies that
+    by a few ulps at negative g."""
+    x, w = inputs(M, D, Hd, integers=True)
+    with torch.no_grad():
+        out, ref = fs.fused_swiglu(x, w), formula(x, w)
+    assert out.shape == (M, Hd) and out.dtype == DTYPE
+    torch.testing.assert_close(out, ref, rtol=EPS, atol=0)
+    assert (out != ref).float().mean() < 1e-3
+    x, w = inputs(M, D, Hd)
+    with torch.no_grad():
+        out, ref = fs.fused_swiglu(x, w), formula(x, w)
+    torch.testing.assert_close(out, ref, rtol=8 * EPS, atol=1e-3)
+    assert (out == ref).float().mean() > 0.98
+
+
+@needs_kernel
+def test_kernel_equals_the_float64_formula():
+    """silu(x Wg^T) * (x Wu^T) in float64 from the same rounded inputs, to the dtype's rounding."""
+    x, w = inputs(200, 96, 112)
+    with torch.no_grad():
+        out = fs.fused_swiglu(x, w).double()
+    gate, up = (x.double() @ w.double().T).chunk(2, dim=-1)
+    exact = gate * torch.sigmoid(gate) * up
+    torch.testing.assert_close(out, exact, atol=4 * EPS, rtol=4 * EPS)
+    assert (out - exact).abs().mean() < EPS * exact.abs().mean()
+
+
+@needs_kernel
+def test_kernel_reads_strided_rows_and_leading_dims():
+    """x as a slice of wider rows (row stride 2 D) and with two leading dims gives the same as its copy, and
+    zeroing one gate row or one up row of the weight changes that hidden column only."""
+    x, w = inputs(2 * 35, 2 * 48, 40)
+    x_BLD = x.view(2, 35, 96)[..., :48]                     # (2, 35, 48), row stride 96
+    w = w[:, :48].contiguous()
+    with torch.no_grad():
+        out = fs.fused_swiglu(x_BLD, w)
+        assert out.shape == (2, 35, 40)
+        assert torch.equal(out, fs.fused_swiglu(x_BLD.contiguous(), w))
+        assert torch.equal(out.view(70, 40), fs.fused_swiglu(x_BLD.reshape(70, 48), w))
+        for row in (3, 40 + 3):                             # gate column 3, then up column 3
+            moved = w.clone()
+            moved[row] = 0.0
+            changed = (fs.fused_swiglu(x_BLD, moved) != out).flatten(0, 1).any(0)
+            assert changed[3] and changed.sum() == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("BM, BN, BK, GROUP_M", [(16, 16, 16, 2), (32, 16, 32, 3), (16, 32, 64, 1)])
+def test_every_tile_is_computed_once_whatever_the_tiles(BM, BN, BK, GROUP_M):
+    """The kernel called directly with small tiles: 5-8 row tiles x 2-3 column tiles, the GROUP_M swizzle
+    with a last, smaller group, K both a multiple of BK and not; out starts as NaN, so a missed tile shows."""
+    M, Hd = 120, 40
+    for D in (64, 48):
+        x, w = inputs(M, D, Hd, integers=True)
+        out = torch.full((M, Hd), float("nan"), dtype=DTYPE, device=KERNEL_DEVICE)
+        fs._fused_swiglu_kernel[fs.grid(M, Hd, BM, BN)](x, w, out, M, Hd, D, x.stride(0), out.stride(0),
+                                                         fs.m_bucket(M), BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
+                                                         EVEN_K=D % BK == 0)
+        torch.testing.assert_close(out, formula(x, w), rtol=EPS, atol=0)
+
+
+@needs_kernel
+def test_custom_op_registration_and_fullgraph_compile():
+    """``torch.library.opcheck`` (schema, fake tensor, dispatch) and a fullgraph torch.compile around the op."""
+    x, w = inputs(20, 32, 16)
+    torch.library.opcheck(torch.ops.tessera.fused_swiglu.default, (x, w))
+    compiled = torch.compile(lambda x: fs.fused_swiglu(x, w) * 2, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x.view(4, 5, 32)), fs.fused_swiglu(x, w).view(4, 5, 16) * 2)
+
+
+def test_m_bucket_is_the_next_power_of_two():
+    assert [fs.m_bucket(m) for m in (1, 2, 7, 16, 514, 32896)] == [1, 2, 8, 16, 1024, 65536]
+
+
+def test_swiglu_takes_the_kernel_only_when_enabled_for_no_grad_cuda_half_weights(monkeypatch):
+    mlp = SwiGLU(32, 48)
+    x = torch.randn(2, 5, 32)
+    monkeypatch.setattr(fs, "ENABLED", True)
+    with torch.no_grad():
+        assert not fs.use_kernel(x.half(), mlp.gate_up.weight.half())              # CPU
+        monkeypatch.setattr("generator.transformer.fused_swiglu", lambda *a: pytest.fail("took the kernel"))
+        expected = mlp.down(F.silu(F.linear(x, mlp.gate_up.weight[:48])) * F.linear(x, mlp.gate_up.weight[48:]))
+        torch.testing.assert_close(mlp(x), expected)                               # the torch path on the CPU
+    monkeypatch.undo()
+    if not (torch.cuda.is_available() and fs.triton is not None):
+        return
+    monkeypatch.setattr(fs, "ENABLED", True)
+    xc, wc = x.cuda().to(torch.bfloat16), mlp.gate_up.weight.cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        assert fs.use_kernel(xc, wc)
+        assert not fs.use_kernel(xc.float(), wc.float())                          # float32 weights
+        assert not fs.use_kernel(xc.float(), wc)                                  # x's dtype differs, no autocast
+        assert not fs.use_kernel(xc, wc.T.contiguous().T)                         # a non-contiguous weight
+        assert not fs.use_kernel(xc[..., :24], wc[:, :24].contiguous())          # D = 24: not a multiple of 16
+        assert not fs.use_kernel(xc, wc[:40])                                     # Hd = 20
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert fs.use_kernel(xc.float(), wc)                                  # autocast casts x to bf16
+            assert not fs.use_kernel(xc.float(), wc.half())                       # but not to fp16
+    assert not fs.use_kernel(xc, wc)                                              # autograd on
+    monkeypatch.setattr(fs, "ENABLED", False)
+    with torch.no_grad():
+        assert not fs.use_kernel(xc, wc)                                          # not opted in
+
+
+@pytest.mark.gpu
+def test_gpu_swiglu_module_dispatch_matches_the_torch_path(monkeypatch):
+    """SwiGLU.forward under no_grad on CUDA, opted in (the kernel), agrees with the same call under autograd
+    (cuBLAS, then eager silu * up with its extra rounding of silu(g)), in bf16 and under bf16 autocast with
+    float32 activations; and inside torch.compile(fullgraph=True)."""
+    monkeypatch.setattr(fs, "ENABLED", True)
+    mlp = SwiGLU(256, 688).cuda().to(torch.bfloat16)
+    x = torch.randn(3, 257, 256, device="cuda")
+    calls = []
+    real = fs.fused_swiglu
+    monkeypatch.setattr("generator.transformer.fused_swiglu", lambda *a: calls.append(1) or real(*a))
+    ref = mlp(x.to(torch.bfloat16)).detach()
+    with torch.no_grad():
+        fused = mlp(x.to(torch.bfloat16))
+        assert len(calls) == 1
+        torch.testing.assert_close(fused, ref, atol=2e-2, rtol=2e-2)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.equal(mlp(x), fused) and len(calls) == 2
+        monkeypatch.setattr("generator.transformer.fused_swiglu", real)
+        compiled = torch.compile(mlp, fullgraph=True)
+        torch.testing.assert_close(compiled(x.to(torch.bfloat16)), fused, atol=1e-2, rtol=1e-2)
