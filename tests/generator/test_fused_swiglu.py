@@ -170,3 +170,27 @@ def test_gpu_swiglu_module_dispatch_matches_the_torch_path(monkeypatch):
         monkeypatch.setattr("generator.transformer.fused_swiglu", real)
         compiled = torch.compile(mlp, fullgraph=True)
         torch.testing.assert_close(compiled(x.to(torch.bfloat16)), fused, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(fs.triton is None or os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(),
+                    reason="compiles with Triton's real front end on the CPU (a GPU runs the kernel itself)")
+@pytest.mark.parametrize("config, even_k", [(c, True) for c in fs.CONFIGS] + [(fs.CONFIGS[0], False)])
+def test_every_config_compiles_for_hopper_pipelined_within_shared_memory(config, even_k):
+    """Triton's compiler, down to sm_90 PTX and cubin, with no GPU, given the hints the JIT gives at masked-B's
+    shape (pointers and M, N, K, strides divisible by 16): Hopper's tensor-core instructions, the loads staged
+    through shared memory asynchronously (the software pipeline, at least stages - 1 buffers deep; without
+    the hints it stages nothing), and the stages' shared memory under the 227 KB a block can have."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    bm, bn, bk, warps, stages, group_m = config
+    names = ["X", "W", "O", "M", "N", "K", "s_xm", "s_om", "M_BUCKET"]
+    signature = {**dict.fromkeys(names[:3], "*bf16"), **dict.fromkeys(names[3:], "i32"),
+                 **dict.fromkeys(["BM", "BN", "BK", "GROUP_M", "EVEN_K"], "constexpr")}
+    consts = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, EVEN_K=even_k)
+    divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
+    kernel = fs.triton.compile(ASTSource(fs._fused_swiglu_kernel, signature, consts, divisible),
+                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    ptx = kernel.asm["ptx"]
+    assert kernel.asm["cubin"] and "wgmma" in ptx and "cp.async" in ptx
+    stage_bytes = (bm + 2 * bn) * bk * 2                  # an x tile and two weight tiles in bf16
+    assert (stages - 1) * stage_bytes <= kernel.metadata.shared <= 227 * 1024
