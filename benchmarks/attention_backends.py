@@ -174,7 +174,7 @@ def fused_rows(flex=None) -> None:
         measure(f"{'masked-B sample':16s} L={L}", cands, L * L, B, H, False, reps=10)
         print(f"fused kernel: autotuned {fa._tuned_kernel.best_config}; max |fused - compiled| {err:.4f}")
         for config in fa.CONFIGS:
-            measure(f"  BM {config[0]} BN {config[1]} warps {config[2]} stages {config[3]} full {config[4]:d}",
+            measure(f"  BM {config[0]} BN {config[1]} warps {config[2]} stages {config[3]} kpre {config[4]:d}",
                     {"kernel": lambda c=config: fa.launch(qkv, q_norm.weight, k_norm.weight, cos, sin, 1e-6, c)},
                     L * L, B, H, False, reps=10)
 

@@ -64,15 +64,17 @@ def use_kernel(qkv: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> bool:
             and qkv.dtype in (torch.bfloat16, torch.float16) and K in (32, 64, 128) and qkv.stride(-1) == 1)
 
 
-# the autotuner's candidates (query rows per program, key rows per loop step, warps, stages, FULL: one
-# K-wide dot for the scores instead of two K/2-wide ones); the first is the one the CPU interpreter runs.
-# 256 rows: one program per head at 256 grid tokens, so each key tile is normalised and rotated once
-# instead of once per query tile (if its registers do not spill). Session 11, H200, masked-B: (128, 64, 4,
-# 2) was the fastest of the first nine (halves) with the class token's queries in a launch of their own
-CONFIGS = [(128, 64, 4, 2, False), (128, 64, 8, 2, False), (128, 64, 8, 3, False), (128, 128, 8, 2, False),
-           (128, 32, 4, 2, False), (64, 64, 4, 2, False), (256, 64, 8, 2, False),
-           (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True),
+# the autotuner's candidates (query rows per program, key rows per loop step, warps, stages, KPRE: keys
+# normalised and rotated once per head by a pass of their own, ``_key_prep_kernel``, into a (B, H, L, K)
+# scratch the attention then reads, instead of by every query tile as it loads them); the first is the
+# one the CPU interpreter runs. Session 11, H200, masked-B (``benchmarks.attention_backends fused``, per
+# call, back to back): (128, 64, 4, 2) without KPRE 0.25 ms, the compiled torch path 0.27, SDPA alone on
+# ready q, k 0.17 (0.09 at 256 tokens); the keys' norm and rotation on the CUDA cores bound the kernel (a
+# variant that did twice that work, one K-wide dot built from swapped halves, took 0.35-0.48 ms)
+CONFIGS = [(128, 64, 4, 2, False), (128, 64, 8, 3, False), (128, 32, 4, 2, False), (256, 64, 8, 2, False),
+           (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
            (64, 64, 4, 2, True), (256, 64, 8, 2, True)]
+PREP_ROWS = 64          # key rows per program of the key pass
 
 
 if triton is not None:
@@ -91,44 +93,32 @@ if triton is not None:
 
     @triton.jit
     def _rows(X_ptr, W, COS, SIN, start, end, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr, F_: tl.constexpr,
-              BR: tl.constexpr, FULL: tl.constexpr):
-        """Rows [start, start + BR) of q or k (those < end; the rest zero), normalised and rotated:
-        (a, b, inside). FULL: a is the whole (BR, K) tile (b = a), built from the row and its halves swapped,
-        so the scores are one K-wide dot; else (a, b) are the (BR, K/2) halves, two K/2-wide dots."""
+              BR: tl.constexpr):
+        """Rows [start, start + BR) of q or k (those < end; the rest zero), normalised and rotated: (lo, hi, inside)."""
+        f = tl.arange(0, F_)
         rows = start + tl.arange(0, BR)
         inside = rows < end
-        if FULL:
-            c = tl.arange(0, 2 * F_)
-            swapped = (c + F_) % (2 * F_)                  # column c of the rotated row pairs with this one
-            x = tl.load(X_ptr + rows[:, None] * s_l + c[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            xs = tl.load(X_ptr + rows[:, None] * s_l + swapped[None, :], mask=inside[:, None],
-                         other=0.0).to(tl.float32)
-            if NORM:
-                r = tl.rsqrt(tl.sum(x * x, axis=1) / (2 * F_) + eps)
-                x = (x * r[:, None] * tl.load(W + c).to(tl.float32)[None, :]).to(DT).to(tl.float32)
-                xs = (xs * r[:, None] * tl.load(W + swapped).to(tl.float32)[None, :]).to(DT).to(tl.float32)
-            f = c % F_
-            cos = tl.load(COS + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=1.0).to(tl.float32)
-            sin = tl.load(SIN + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            sign = tl.where(c < F_, -1.0, 1.0)             # lo cos - hi sin | hi cos + lo sin
-            a = (x * cos + sign[None, :] * xs * sin).to(DT)
-            return a, a, inside
-        else:
-            f = tl.arange(0, F_)
-            lo = tl.load(X_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            hi = tl.load(X_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None],
-                         other=0.0).to(tl.float32)
-            lo, hi = _norm_rope(lo, hi, W, COS, SIN, rows, inside, f, eps, NORM, DT, F_)
-            return lo, hi, inside
+        lo = tl.load(X_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(X_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        lo, hi = _norm_rope(lo, hi, W, COS, SIN, rows, inside, f, eps, NORM, DT, F_)
+        return lo, hi, inside
 
     @triton.jit
-    def _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT: tl.constexpr,
-                     FULL: tl.constexpr):
+    def _key_prep_kernel(QKV, KW, COS, SIN, KR, L, s_b, s_l, eps, H: tl.constexpr, K: tl.constexpr,
+                         F_: tl.constexpr, NORM: tl.constexpr, BR: tl.constexpr):
+        """Program (i, b * H + h): keys [i BR, +BR) of head h normalised and rotated into KR (B, H, L, K)."""
+        DT = QKV.dtype.element_ty
+        b, h = tl.program_id(1) // H, tl.program_id(1) % H
+        start = tl.program_id(0) * BR
+        lo, hi, inside = _rows(QKV + b * s_b + (H + h) * K, KW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BR)
+        out = KR + tl.program_id(1) * L * K + (start + tl.arange(0, BR))[:, None] * K + tl.arange(0, F_)[None, :]
+        tl.store(out, lo, mask=inside[:, None])
+        tl.store(out + F_, hi, mask=inside[:, None])
+
+    @triton.jit
+    def _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT: tl.constexpr):
         """One online-softmax step of a query tile over a key tile (``visible`` keys)."""
-        if FULL:
-            s = tl.dot(q_lo, tl.trans(k_lo)) * scale                                  # log2 units
-        else:
-            s = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * scale
+        s = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * scale     # log2 units
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))       # finite: every key tile has a visible key
         p = tl.exp2(s - m_new[:, None])
@@ -137,11 +127,19 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit
-    def _key_tile(K_ptr, V_ptr, KW, COS, SIN, start, end, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr,
-                  F_: tl.constexpr, BN: tl.constexpr, FULL: tl.constexpr):
-        """Keys [start, start + BN) normalised and rotated, their values, and which of them are < end."""
-        k_lo, k_hi, visible = _rows(K_ptr, KW, COS, SIN, start, end, s_l, eps, NORM, DT, F_, BN, FULL)
-        rows = start + tl.arange(0, BN)
+    def _key_tile(K_ptr, KR_ptr, V_ptr, KW, COS, SIN, start, end, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr,
+                  F_: tl.constexpr, BN: tl.constexpr, KPRE: tl.constexpr):
+        """Keys [start, start + BN) normalised and rotated (read from the key pass's KR rows with KPRE), their
+        values, and which of them are < end."""
+        if KPRE:
+            f = tl.arange(0, F_)
+            rows = start + tl.arange(0, BN)
+            visible = rows < end
+            k_lo = tl.load(KR_ptr + rows[:, None] * (2 * F_) + f[None, :], mask=visible[:, None], other=0.0)
+            k_hi = tl.load(KR_ptr + rows[:, None] * (2 * F_) + F_ + f[None, :], mask=visible[:, None], other=0.0)
+        else:
+            k_lo, k_hi, visible = _rows(K_ptr, KW, COS, SIN, start, end, s_l, eps, NORM, DT, F_, BN)
+            rows = start + tl.arange(0, BN)
         v = tl.load(V_ptr + rows[:, None] * s_l + tl.arange(0, 2 * F_)[None, :], mask=visible[:, None], other=0.0)
         return k_lo, k_hi, v, visible
 
@@ -152,52 +150,64 @@ if triton is not None:
                  mask=(rows < end)[:, None])
 
     @triton.jit
-    def _fused_attention_kernel(QKV, QW, KW, COS, SIN, O, L, P, s_b, s_l, so_b, so_l, eps, scale, H: tl.constexpr,
-                                K: tl.constexpr, F_: tl.constexpr, NORM: tl.constexpr, BM: tl.constexpr,
-                                BN: tl.constexpr, PB: tl.constexpr, FULL: tl.constexpr):
+    def _fused_attention_kernel(QKV, QW, KW, COS, SIN, KR, O, L, P, s_b, s_l, so_b, so_l, eps, scale,
+                                H: tl.constexpr, K: tl.constexpr, F_: tl.constexpr, NORM: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, PB: tl.constexpr, KPRE: tl.constexpr):
         """Program (i, b * H + h): query rows [P + i BM, +BM) of head h against every key: the P < 16 leading
         keys (the class token) as one 16-wide tile (when P > 0), then [P, L) in tiles of BN. Program 0 of a
         head also carries the P leading queries as a 16-row tile through the same key tiles, so their keys
-        are loaded, normalised and rotated once for both (a launch of its own for 16 rows per head would
-        stream every key again, on too few warps to hide the loads)."""
+        are loaded once for both (a launch of its own for 16 rows per head would stream every key again, on
+        too few warps to hide the loads). KPRE: the keys come normalised and rotated from KR (B, H, L, K)."""
         DT = QKV.dtype.element_ty
         b, h = tl.program_id(1) // H, tl.program_id(1) % H
         start = P + tl.program_id(0) * BM
         Q_ptr = QKV + b * s_b + h * K
         K_ptr, V_ptr = Q_ptr + H * K, Q_ptr + 2 * H * K
+        KR_ptr = KR + tl.program_id(1) * L * K
         O_ptr = O + b * so_b + h * K
-        q_lo, q_hi, _q_in = _rows(Q_ptr, QW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BM, FULL)
+        q_lo, q_hi, _q_in = _rows(Q_ptr, QW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BM)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, K], tl.float32)
         if (P > 0) & (tl.program_id(0) == 0):    # the leading queries too (16 rows, those < P)
-            p_lo, p_hi, _p_in = _rows(Q_ptr, QW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
+            p_lo, p_hi, _p_in = _rows(Q_ptr, QW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
             pm_i = tl.full([PB], float("-inf"), tl.float32)
             pl_i = tl.zeros([PB], tl.float32)
             pacc = tl.zeros([PB, K], tl.float32)
-            k0_lo, k0_hi, v0, seen0 = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
-            m_i, l_i, acc = _online_step(q_lo, q_hi, k0_lo, k0_hi, v0, seen0, m_i, l_i, acc, scale, DT, FULL)
-            pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k0_lo, k0_hi, v0, seen0, pm_i, pl_i, pacc, scale, DT, FULL)
+            k0_lo, k0_hi, v0, seen0 = _key_tile(K_ptr, KR_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB,
+                                                KPRE)
+            m_i, l_i, acc = _online_step(q_lo, q_hi, k0_lo, k0_hi, v0, seen0, m_i, l_i, acc, scale, DT)
+            pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k0_lo, k0_hi, v0, seen0, pm_i, pl_i, pacc, scale, DT)
             for kstart in range(P, L, BN):
-                k_lo, k_hi, v, seen = _key_tile(K_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT, F_, BN,
-                                                FULL)
-                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT, FULL)
-                pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k_lo, k_hi, v, seen, pm_i, pl_i, pacc, scale, DT, FULL)
+                k_lo, k_hi, v, seen = _key_tile(K_ptr, KR_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT,
+                                                F_, BN, KPRE)
+                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT)
+                pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k_lo, k_hi, v, seen, pm_i, pl_i, pacc, scale, DT)
             _store(O_ptr, so_l, 0, P, pacc, pl_i, K, DT, PB)
         else:
             if P > 0:
-                k0_lo, k0_hi, v0, seen0 = _key_tile(K_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB, FULL)
-                m_i, l_i, acc = _online_step(q_lo, q_hi, k0_lo, k0_hi, v0, seen0, m_i, l_i, acc, scale, DT, FULL)
+                k0_lo, k0_hi, v0, seen0 = _key_tile(K_ptr, KR_ptr, V_ptr, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_,
+                                                    PB, KPRE)
+                m_i, l_i, acc = _online_step(q_lo, q_hi, k0_lo, k0_hi, v0, seen0, m_i, l_i, acc, scale, DT)
             for kstart in range(P, L, BN):
-                k_lo, k_hi, v, seen = _key_tile(K_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT, F_, BN,
-                                                FULL)
-                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT, FULL)
+                k_lo, k_hi, v, seen = _key_tile(K_ptr, KR_ptr, V_ptr, KW, COS, SIN, kstart, L, s_l, eps, NORM, DT,
+                                                F_, BN, KPRE)
+                m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT)
         _store(O_ptr, so_l, start, L, acc, l_i, K, DT, BM)
+
+    def _prepare_keys(nargs: dict) -> None:
+        """The key pass before a KPRE config's attention (the autotuner's pre-hook: timed with it)."""
+        kr = nargs["KR"]
+        B, H, L, K = kr.shape
+        _key_prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
+            nargs["QKV"], nargs["KW"], nargs["COS"], nargs["SIN"], kr, L, nargs["s_b"], nargs["s_l"], nargs["eps"],
+            H=H, K=K, F_=K // 2, NORM=nargs["NORM"], BR=PREP_ROWS, num_warps=4)
 
     _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _tuned_kernel = triton.autotune(     # timed once per (L, H, K) in a process, at the first call
-        [triton.Config(dict(BM=bm, BN=bn, FULL=full), num_warps=w, num_stages=st)
-         for bm, bn, w, st, full in CONFIGS[:1 if _interpreted else None]],
+        [triton.Config(dict(BM=bm, BN=bn, KPRE=kpre), num_warps=w, num_stages=st,
+                       pre_hook=_prepare_keys if kpre else None)
+         for bm, bn, w, st, kpre in CONFIGS[:1 if _interpreted else None]],
         key=["L", "H", "K"])(_fused_attention_kernel)
 
     def launch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
@@ -209,16 +219,19 @@ if triton is not None:
             qkv = qkv.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
+        keys = torch.empty(B, H, L, K, dtype=qkv.dtype, device=qkv.device)     # the KPRE configs' scratch
         P = L % PREFIX_BLOCK
-        args = (qkv, q_weight, k_weight, cos, sin, out, L, P, qkv.stride(0), qkv.stride(1), out.stride(0),
-                out.stride(1), eps, K ** -0.5 * 1.4426950408889634)
-        consts = dict(H=H, K=K, F_=K // 2, NORM=eps >= 0, PB=PREFIX_BLOCK)
+        args = dict(QKV=qkv, QW=q_weight, KW=k_weight, COS=cos, SIN=sin, KR=keys, O=out, L=L, P=P,
+                    s_b=qkv.stride(0), s_l=qkv.stride(1), so_b=out.stride(0), so_l=out.stride(1), eps=eps,
+                    scale=K ** -0.5 * 1.4426950408889634, H=H, K=K, F_=K // 2, NORM=eps >= 0, PB=PREFIX_BLOCK)
         if config is None:
-            _tuned_kernel[lambda meta: (max(triton.cdiv(L - P, meta["BM"]), 1), B * H)](*args, **consts)
+            _tuned_kernel[lambda meta: (max(triton.cdiv(L - P, meta["BM"]), 1), B * H)](**args)
         else:
-            bm, bn, warps, stages, full = config
+            bm, bn, warps, stages, kpre = config
+            if kpre:
+                _prepare_keys(args)
             _fused_attention_kernel[(max(triton.cdiv(L - P, bm), 1), B * H)](
-                *args, **consts, BM=bm, BN=bn, FULL=full, num_warps=warps, num_stages=stages)
+                **args, BM=bm, BN=bn, KPRE=kpre, num_warps=warps, num_stages=stages)
         return out
 
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())

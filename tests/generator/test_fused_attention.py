@@ -67,9 +67,9 @@ def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm):
 @pytest.mark.parametrize("config", [c for c in fa.CONFIGS if c[0] <= 128 and c[2] == 4])
 @pytest.mark.parametrize("L", [37, 64])
 def test_every_candidate_config_gives_the_same_attention(config, L):
-    """Each tile shape the autotuner may pick, halves and one K-wide dot alike, with and without the class
-    token's rows (37: 5 leading rows; 64: none), equals the first config (which the interpreter tunes to)
-    to the rounding of P."""
+    """Each tile shape the autotuner may pick, keys normalised in the attention or by the key pass (KPRE)
+    alike, with and without the class token's rows (37: 5 leading rows; 64: none), equals the first config
+    (which the interpreter tunes to) to the rounding of P."""
     B, heads, head_dim = 2, 2, 32
     attn = attention(heads, head_dim, True, seed=3)
     cos, sin = tables(L, head_dim)
@@ -153,11 +153,19 @@ def test_kernel_compiles_for_hopper(config):
     (a loop-carried tile whose shape changes, a branch that leaves a variable with two types)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    bm, bn, warps, stages, full = config
-    signature = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "O": "*bf16",
-                 **dict.fromkeys(["L", "P", "s_b", "s_l", "so_b", "so_l"], "i32"), "eps": "fp32", "scale": "fp32",
-                 **dict.fromkeys(["H", "K", "F_", "NORM", "BM", "BN", "PB", "FULL"], "constexpr")}
-    consts = dict(H=12, K=64, F_=32, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK, FULL=full)
-    kernel = fa.triton.compile(ASTSource(fa._fused_attention_kernel, signature, consts),
-                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    bm, bn, warps, stages, kpre = config
+    ints = ["L", "P", "s_b", "s_l", "so_b", "so_l"]
+    signature = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "KR": "*bf16",
+                 "O": "*bf16", **dict.fromkeys(ints, "i32"), "eps": "fp32", "scale": "fp32",
+                 **dict.fromkeys(["H", "K", "F_", "NORM", "BM", "BN", "PB", "KPRE"], "constexpr")}
+    consts = dict(H=12, K=64, F_=32, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK, KPRE=kpre)
+    hopper = GPUTarget("cuda", 90, 32)
+    kernel = fa.triton.compile(ASTSource(fa._fused_attention_kernel, signature, consts), target=hopper,
+                               options=dict(num_warps=warps, num_stages=stages))
     assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"]     # Hopper's tensor-core instructions
+    if kpre:
+        prep = {k: signature[k] for k in ["QKV", "KW", "COS", "SIN", "KR", "L", "s_b", "s_l", "eps"]}
+        prep.update(dict.fromkeys(["H", "K", "F_", "NORM", "BR"], "constexpr"))
+        consts = dict(H=12, K=64, F_=32, NORM=True, BR=fa.PREP_ROWS)
+        assert fa.triton.compile(ASTSource(fa._key_prep_kernel, prep, consts), target=hopper,
+                                 options=dict(num_warps=4)).asm["cubin"]
