@@ -3,9 +3,9 @@
     python3 -m benchmarks.generators [--part PART ...] [--smoke] [--rows-out F]
 
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
-and the sampler step), sample-masked-fused-attn (``sample(compile=True)`` with the fused attention
-kernel of generator/fused_attention.py opted in), sample-ar, sample-var, profile-masked / profile-ar /
-profile-var (where the compiled sampler's GPU time goes), maxbatch.
+and the sampler step), sample-masked-torch-attn (``sample(compile=True)`` with the fused attention
+kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-ar, sample-var,
+profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
@@ -31,7 +31,7 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-fused-attn", "sample-ar", "sample-ar-autotune",
+PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-ar", "sample-ar-autotune",
          "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -370,12 +370,13 @@ def sample_masked_fused_only(args, sink: RowSink) -> None:
     sample_masked_fused(b)
 
 
-def sample_masked_fused_attention(args, sink: RowSink) -> None:
-    """``sample(compile=True)`` with the fused qk-norm + RoPE + attention kernel opted in (NOTES A29)."""
+def sample_masked_torch_attention(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with the fused attention kernel off (NOTES A29): qk-norm and RoPE compiled,
+    then SDPA (cuDNN), as before the kernel; to pair with ``sample-masked-fused``'s rows of the same run."""
     from generator import fused_attention
-    saved, fused_attention.ENABLED = fused_attention.ENABLED, True
+    saved, fused_attention.ENABLED = fused_attention.ENABLED, False
     try:      # only this part's rows: a later part of the same process runs the default path again
-        sample_masked_fused(Bench(args, sink, "masked-B"), tag=" fused-attn")
+        sample_masked_fused(Bench(args, sink, "masked-B"), tag=" [torch attention]")
     finally:
         fused_attention.ENABLED = saved
 
@@ -449,7 +450,7 @@ def main() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only,
-            "sample-masked-fused-attn": sample_masked_fused_attention, "sample-ar": sample_ar,
+            "sample-masked-torch-attn": sample_masked_torch_attention, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)

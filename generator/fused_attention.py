@@ -6,17 +6,18 @@ mask or a cache: q, k = RoPE(RMSNorm(q)), RoPE(RMSNorm(k)) (each rounded to the 
 torch path rounds), then softmax(q k^T / sqrt(K)) v, returned as (B, L, H K) for the output projection.
 One Triton program per (query tile, batch x head) normalises and rotates its queries, then streams the
 keys and values of its head with an online softmax in float32 (P rounded to the input dtype for P V, as
-flash attention does), normalising and rotating each key tile as it loads it. ``Attention`` calls it
-where ``use_kernel`` holds (opted in with ``ENABLED``, CUDA, no autograd) and runs the torch ops
-everywhere else. Not measured on a GPU yet, so it is off by default (TESSERA_FUSED_ATTENTION=1 turns it
-on; ``python3 -m benchmarks.attention_backends fused`` and the ``sample-masked-fused-attn`` job measure it).
+flash attention does); the keys come normalised and rotated from a pass of their own over each head
+(or, in one candidate config, are normalised and rotated as each tile loads). ``Attention`` calls it
+where ``use_kernel`` holds (``ENABLED``, CUDA, no autograd, no mask, no cache) and runs the torch ops
+everywhere else. On by default since it was measured faster (TESSERA_FUSED_ATTENTION=0 turns it off;
+``python3 -m benchmarks.attention_backends fused`` and the ``sample-masked-torch-attn`` job compare).
 
-Why a kernel (benchmarks/NOTES.md A29, the prediction): in masked-B sampling (128 sequences of 1 + 256
-tokens) cuDNN's attention took 0.19-0.20 ms per call, of which about half is the class token's 257th row and column
-(a third 128-wide tile; 0.10-0.13 ms at 256 tokens), and the qk-norm/RoPE kernel before it another
-~0.09 ms (it writes q and k back to memory for the attention to read again). Here the L mod 16
-leading rows (the class token) are a 16-wide block of their own, keys and queries alike, so the grid's
-256 rows tile exactly, and q and k never leave the kernel.
+Why a kernel (benchmarks/NOTES.md A29): in masked-B sampling (128 sequences of 1 + 256 tokens, H200) cuDNN's
+attention takes 0.17 ms per call on ready q and k, 0.08-0.09 ms at 256 tokens: the class token's 257th row
+and column cost a third 128-wide tile. The qk-norm/RoPE kernel before it writes q and k back to memory for
+the attention to read again; the compiled torch path takes 0.26-0.27 ms per call in all. Here the L mod
+16 leading rows (the class token) are a 16-wide block of their own, keys and queries alike, so the grid's
+256 rows tile exactly, and q never leaves the kernel: 0.19-0.20 ms per call, 262 vs 275 ms per @16 batch.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ except ImportError:   # CPU-only installs: the torch-ops path
     triton = None
 
 PREFIX_BLOCK = 16       # the leading L mod 16 rows (the class token) go in one block of this many
-# opt-in until measured on a GPU (NOTES A29): TESSERA_FUSED_ATTENTION=1, or set this before the first forward
-ENABLED = os.environ.get("TESSERA_FUSED_ATTENTION") == "1"
+# on unless TESSERA_FUSED_ATTENTION=0 (or this is set False before a forward; compiled graphs keep their choice)
+ENABLED = os.environ.get("TESSERA_FUSED_ATTENTION", "1") != "0"
 
 
 def fused_attention(qkv_BL3HK: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
@@ -68,12 +69,10 @@ def use_kernel(qkv: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> bool:
 # normalised and rotated once per head by a pass of their own, ``_key_prep_kernel``, into a (B, H, L, K)
 # scratch the attention then reads, instead of by every query tile as it loads them); the first is the
 # one the CPU interpreter runs. Session 11, H200, masked-B (``benchmarks.attention_backends fused``, per
-# call, back to back): (128, 64, 4, 2) without KPRE 0.25 ms, the compiled torch path 0.27, SDPA alone on
-# ready q, k 0.17 (0.09 at 256 tokens); the keys' norm and rotation on the CUDA cores bound the kernel (a
-# variant that did twice that work, one K-wide dot built from swapped halves, took 0.35-0.48 ms)
-CONFIGS = [(128, 64, 4, 2, False), (128, 64, 8, 3, False), (128, 32, 4, 2, False), (256, 64, 8, 2, False),
-           (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 64, 8, 2, True), (128, 128, 8, 2, True),
-           (64, 64, 4, 2, True), (256, 64, 8, 2, True)]
+# call, back to back): with KPRE (128, 64, 4, 3) 0.19 ms, (128, 64, 4, 2) 0.20, (64, 64, 4, 2) 0.24, 8
+# warps or 128/256-row tiles 0.25-0.29; without KPRE (128, 64, 4, 2) 0.24 (the keys' norm and rotation on
+# the CUDA cores, redone per query tile, bound it; a variant doing twice that work took 0.35-0.48)
+CONFIGS = [(128, 64, 4, 3, True), (128, 64, 4, 2, True), (64, 64, 4, 2, True), (128, 64, 4, 2, False)]
 PREP_ROWS = 64          # key rows per program of the key pass
 
 
