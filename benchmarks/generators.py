@@ -4,7 +4,8 @@
 
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
 and the sampler step), sample-masked-torch-attn (``sample(compile=True)`` with the fused attention
-kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-ar, sample-var,
+kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-masked-autocast-weights
+(``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-ar, sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -31,8 +32,8 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-ar", "sample-ar-autotune",
-         "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
+PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-autocast-weights",
+         "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
@@ -370,6 +371,17 @@ def sample_masked_fused_only(args, sink: RowSink) -> None:
     sample_masked_fused(b)
 
 
+def sample_masked_autocast_weights(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with the Linear weights stored in bf16 (``Generator.autocast_weights``), as the
+    pipelines load a generator on a GPU: the ids of fp32 frozen weights under autocast, without the per-forward
+    cast of every weight (NOTES A15). A process of its own, so no graph compiled for fp32 weights outlives them.
+    On the CPU (smoke) the weights stay fp32: the benchmarks turn bf16 autocast on on CUDA only."""
+    b = Bench(args, sink, "masked-B")
+    if b.dev.type == "cuda":
+        b.model.autocast_weights(torch.bfloat16)
+    sample_masked_fused(b, tag=" autocast-weights")
+
+
 def sample_masked_torch_attention(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the fused attention kernel off (NOTES A29): qk-norm and RoPE compiled,
     then SDPA (cuDNN), as before the kernel; to pair with ``sample-masked-fused``'s rows of the same run."""
@@ -450,7 +462,8 @@ def main() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only,
-            "sample-masked-torch-attn": sample_masked_torch_attention, "sample-ar": sample_ar,
+            "sample-masked-torch-attn": sample_masked_torch_attention,
+            "sample-masked-autocast-weights": sample_masked_autocast_weights, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)

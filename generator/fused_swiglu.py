@@ -8,9 +8,10 @@ up, with two float32 accumulators fed by the same x tile (two ``tl.dot`` per K s
 each to the input dtype (what cuBLAS's bf16 gate_up output holds), then computes g sigmoid(g) u in float32
 and rounds once, as inductor's fused silu*up kernel does on that output. Programs run in GROUP_M-row
 groups of tiles, so the weight tiles of a group stay in L2. ``SwiGLU`` calls it where ``use_kernel`` holds
-(opted in with ``ENABLED``, CUDA, no autograd) and runs the torch ops everywhere else. Not measured on a
-GPU yet, so it is off by default (TESSERA_FUSED_SWIGLU=1 turns it on; ``python3 -m benchmarks.swiglu``
-measures it).
+(opted in with ``ENABLED``, CUDA, no autograd) and runs the torch ops everywhere else. Off by default: measured
+slower (H200, session 11, ``python3 -m benchmarks.swiglu``: 0.46 ms per masked-B layer-step against 0.40 for
+cuBLAS + inductor's silu*up; its matmul runs at 75% of cuBLAS's speed, and needs ~85% to win). TESSERA_FUSED_SWIGLU=1
+turns it on.
 
 Why a kernel (benchmarks/NOTES.md A31, the prediction): in masked-B sampling (M = 128 x 257 = 32896 rows,
 D 768, Hd 2048) cuBLAS writes the (M, 2 Hd) bf16 gate_up output (270 MB) and inductor's silu*up kernel
@@ -29,7 +30,7 @@ try:
 except ImportError:   # CPU-only installs: the torch-ops path
     triton = None
 
-# opt-in until measured on a GPU (NOTES A31): TESSERA_FUSED_SWIGLU=1, or set this before the first forward
+# opt-in, measured slower (NOTES A31): TESSERA_FUSED_SWIGLU=1, or set this before the first forward
 ENABLED = os.environ.get("TESSERA_FUSED_SWIGLU") == "1"
 DTYPES = (torch.bfloat16, torch.float16)
 
