@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from generator.launch import on_device
+
 try:
     import triton
     import triton.language as tl
@@ -94,10 +96,11 @@ if triton is not None:
         B, H, S, D = k.shape
         out = torch.empty(B, H, 1, D, dtype=v.dtype, device=v.device)
         block, warps = launch_config(B * H)
-        _one_query_kernel[(B * H,)](q, k, v, mask, out, S, D ** -0.5,
-                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                    v.stride(0), v.stride(1), v.stride(2), mask.stride(1),
-                                    out.stride(0), out.stride(1), H=H, D=D, BLOCK=block, num_warps=warps)
+        with on_device(q):
+            _one_query_kernel[(B * H,)](q, k, v, mask, out, S, D ** -0.5,
+                                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                                        v.stride(0), v.stride(1), v.stride(2), mask.stride(1),
+                                        out.stride(0), out.stride(1), H=H, D=D, BLOCK=block, num_warps=warps)
         return out
 
     @_attend_one_query_op.register_fake

@@ -26,6 +26,8 @@ import os
 import torch
 import torch.nn as nn
 
+from generator.launch import on_device
+
 try:
     import triton
     import triton.language as tl
@@ -223,14 +225,15 @@ if triton is not None:
         args = dict(QKV=qkv, QW=q_weight, KW=k_weight, COS=cos, SIN=sin, KR=keys, O=out, L=L, P=P,
                     s_b=qkv.stride(0), s_l=qkv.stride(1), so_b=out.stride(0), so_l=out.stride(1), eps=eps,
                     scale=K ** -0.5 * 1.4426950408889634, H=H, K=K, F_=K // 2, NORM=eps >= 0, PB=PREFIX_BLOCK)
-        if config is None:
-            _tuned_kernel[lambda meta: (max(triton.cdiv(L - P, meta["BM"]), 1), B * H)](**args)
-        else:
-            bm, bn, warps, stages, kpre = config
-            if kpre:
-                _prepare_keys(args)
-            _fused_attention_kernel[(max(triton.cdiv(L - P, bm), 1), B * H)](
-                **args, BM=bm, BN=bn, KPRE=kpre, num_warps=warps, num_stages=stages)
+        with on_device(qkv):
+            if config is None:
+                _tuned_kernel[lambda meta: (max(triton.cdiv(L - P, meta["BM"]), 1), B * H)](**args)
+            else:
+                bm, bn, warps, stages, kpre = config
+                if kpre:
+                    _prepare_keys(args)
+                _fused_attention_kernel[(max(triton.cdiv(L - P, bm), 1), B * H)](
+                    **args, BM=bm, BN=bn, KPRE=kpre, num_warps=warps, num_stages=stages)
         return out
 
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())

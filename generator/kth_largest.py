@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from generator.launch import on_device
+
 try:
     import triton
     import triton.language as tl
@@ -75,7 +77,8 @@ if triton is not None:
         R, V = x.shape
         out = torch.empty(R, dtype=x.dtype, device=x.device)
         block, warps = launch_config(V)
-        _kth_largest_kernel[(R,)](x, out, V, k, x.stride(0), BLOCK=block, num_warps=warps)
+        with on_device(x):
+            _kth_largest_kernel[(R,)](x, out, V, k, x.stride(0), BLOCK=block, num_warps=warps)
         return out
 
     @_kth_largest_op.register_fake
