@@ -7,7 +7,8 @@ bf16, x (M, D) against a gate_up weight (2 Hd, D), no grad, at masked-B sampling
 M = 128 x 257 = 32896, D 768, Hd 2048), batch 1's (M = 2 x 257 = 514) and masked-L training's forward
 (batch 256: M = 65792, D 1024, Hd 2752; training keeps the torch path, the row says what the matmul could
 reach there). Per row: (a) F.linear + silu*up compiled together (what runs today), (b) F.linear alone
-(cuBLAS: the matmul without the epilogue's passes), (c) the kernel autotuned, then (d) each of its configs.
+(cuBLAS: the matmul without the epilogue's passes), (c) the kernel autotuned, then (d) each of its configs
+(the tl.load ones, then the TMA ones: labelled).
 Milliseconds per call among 10 calls captured in one CUDA graph (the sampler replays graphs too, so no
 launch latency), and TFLOP/s on the matmul's 2 M D 2Hd FLOPs; the autotuner's pick and the largest
 |kernel - (a)|. Prints; not in run_all (the sampling jobs with TESSERA_FUSED_SWIGLU=1 measure the effect).
@@ -33,14 +34,23 @@ def unfused(x_MD: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def config_rows(x, weight, flops) -> None:
+    """Each config launched directly: the tl.load (cp.async) ones, then the TMA ones (``fs.TMA_CONFIGS``, where
+    this Triton and GPU have them), labelled "tl.load", "TMA" or "TMA persistent" (a program per SM)."""
     (M, K), N = x.shape, weight.shape[0] // 2
     out = torch.empty(M, N, device="cuda", dtype=x.dtype)
-    for bm, bn, bk, warps, stages, group_m in fs.CONFIGS:
-        def run(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, group_m=group_m):
-            fs._fused_swiglu_kernel[fs.grid(M, N, bm, bn)](
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    tma = fs.TMA_CONFIGS if fs.tma_ok(N, K) else []
+    if tma:
+        fs._ensure_allocator()     # the device-side descriptors' scratch
+    for bm, bn, bk, warps, stages, group_m, *rest in fs.CONFIGS + tma:
+        persistent = bool(rest and rest[0])
+
+        def run(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, group_m=group_m, tma=bool(rest), p=persistent):
+            fs._fused_swiglu_kernel[fs.grid(M, N, bm, bn, p, sms)](
                 x, weight, out, M, N, K, x.stride(0), out.stride(0), fs.m_bucket(M), BM=bm, BN=bn, BK=bk,
-                GROUP_M=group_m, EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages)
-        label = f"    BM {bm:3d} BN {bn:3d} BK {bk} warps {warps} stages {stages} GROUP_M {group_m}"
+                GROUP_M=group_m, EVEN_K=K % bk == 0, TMA=tma, PERSISTENT=p, num_warps=warps, num_stages=stages)
+        kind = "TMA persistent" if persistent else "TMA" if rest else "tl.load"
+        label = f"    {kind:14s} BM {bm:3d} BN {bn:3d} BK {bk} warps {warps} stages {stages} GROUP_M {group_m}"
         try:
             ms = time_ms(run)
             print(f"{label}: {ms:7.3f} ms {flops / ms / 1e9:5.0f} TF/s", flush=True)

@@ -13,6 +13,16 @@ slower (H200, session 11, ``python3 -m benchmarks.swiglu``: 0.46 ms per masked-B
 cuBLAS + inductor's silu*up; its matmul runs at 75% of cuBLAS's speed, and needs ~85% to win). TESSERA_FUSED_SWIGLU=1
 turns it on.
 
+Two main loops, both candidates of one autotuner (the GPU picks the faster): ``tl.load`` (cp.async) into
+wgmma, and TMA (``TMA_CONFIGS``, session 11, unmeasured): device-side tensor descriptors
+(``tl.make_tensor_descriptor``, Triton >= 3.4; their 128-byte descriptors live in a scratch buffer that
+``triton.set_allocator``'s allocator gives each launch, here ``torch.empty`` on the current stream, so CUDA graphs
+capture it), the x and Wg/Wu tiles loaded by the copy engine (zero-filled past M, N, K) and the output stored
+through a descriptor (clipped at M, N), one tile per program or persistent (a program per SM looping over
+tiles, the loads' pipeline running on into the next tile). TMA needs 16-byte aligned rows (K and N
+multiples of 8) and sm_90+; elsewhere, on Triton without the API, and on the CPU interpreter, only the
+``tl.load`` configs run.
+
 Why a kernel (benchmarks/NOTES.md A31, the prediction): in masked-B sampling (M = 128 x 257 = 32896 rows,
 D 768, Hd 2048) cuBLAS writes the (M, 2 Hd) bf16 gate_up output (270 MB) and inductor's silu*up kernel
 reads it back to write (M, Hd): ~0.09 ms per layer-step, ~18 ms of a ~271 ms batch on an H200. Here the
@@ -20,15 +30,20 @@ reads it back to write (M, Hd): ~0.09 ms per layer-step, ~18 ms of a ~271 ms bat
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+from generator.launch import on_device
 
 try:
     import triton
     import triton.language as tl
 except ImportError:   # CPU-only installs: the torch-ops path
     triton = None
+# device-side tensor descriptors (TMA on sm_90+): tl.make_tensor_descriptor, the same signature in Triton 3.6 and 3.8
+HAS_TMA = triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 # opt-in, measured slower (NOTES A31): TESSERA_FUSED_SWIGLU=1, or set this before the first forward
 ENABLED = os.environ.get("TESSERA_FUSED_SWIGLU") == "1"
@@ -64,6 +79,13 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # The 64-row tiles are for small M (batch 1: 514 rows would fill only 80 of 132 SMs with 128 x 128 tiles)
 CONFIGS = [(128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 128, 32, 8, 5, 8), (256, 64, 64, 8, 3, 8),
            (128, 64, 64, 4, 4, 8), (128, 64, 64, 8, 4, 8), (64, 128, 64, 4, 4, 8), (64, 64, 64, 4, 4, 8)]
+# TMA candidates (same fields, then persistent: a program per SM looping over tiles), only where Triton has
+# device-side descriptors. Shared memory per stage as above; persistent ones add the output tile staged for
+# its TMA store (BM BN 2 bytes, 32 KB at 128 x 128: 4 stages of 128 x 128 x 64 come to 224 of Hopper's 227 KB),
+# one tile per program reuses the stages' memory for it (Triton 3.6 and 3.8 compile them alike for sm_90)
+TMA_CONFIGS = [(128, 128, 64, 8, 3, 8, False), (128, 128, 64, 8, 4, 8, False), (128, 128, 64, 8, 3, 8, True),
+               (128, 128, 64, 8, 4, 8, True), (128, 64, 64, 4, 4, 8, True), (256, 64, 64, 8, 3, 8, True),
+               ] if HAS_TMA else []
 
 
 def m_bucket(M: int) -> int:
@@ -71,57 +93,145 @@ def m_bucket(M: int) -> int:
     return 1 << max(M - 1, 0).bit_length()
 
 
+def tma_ok(N: int, K: int) -> bool:
+    """Whether the TMA configs can run at this N, K (the autotuner's key): rows of x, W and the output 16-byte
+    aligned (K, N multiples of 8 elements; the op copies x where its rows or start are not), and a sm_90+ GPU."""
+    return (HAS_TMA and N % 8 == 0 and K % 8 == 0 and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9)
+
+
 if triton is not None:
     @triton.jit
-    def _fused_swiglu_kernel(X, W, O, M, N, K, s_xm, s_om, M_BUCKET, BM: tl.constexpr, BN: tl.constexpr,
-                             BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-        """Program p: out tile rows [pid_m BM, +BM) x hidden columns [pid_n BN, +BN) (those < M, < N), p
-        walking the tiles GROUP_M rows of tiles at a time, column by column. M_BUCKET only keys the autotuner."""
-        DT = O.dtype.element_ty
-        pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        first_m = pid // (GROUP_M * tiles_n) * GROUP_M
+    def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+        """Tile number -> (row tile, column tile): GROUP_M rows of tiles at a time, column by column."""
+        first_m = tile // (GROUP_M * tiles_n) * GROUP_M
         group_m = min(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
-        pid_n = (pid % (GROUP_M * tiles_n)) // group_m
-        rows = pid_m * BM + tl.arange(0, BM)
-        cols = pid_n * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
-        # rows past M and columns past N load valid ones again (wrapped), so only K needs a mask; not stored
-        x_ptrs = X + (rows % M).to(tl.int64)[:, None] * s_xm + ks[None, :]                  # (BM, BK)
-        wg_ptrs = W + (cols % N).to(tl.int64)[None, :] * K + ks[:, None]                    # (BK, BN): Wg^T
-        wu_ptrs = wg_ptrs + N * K                                                           # Wu^T
+        pid_m = first_m + (tile % (GROUP_M * tiles_n)) % group_m
+        pid_n = (tile % (GROUP_M * tiles_n)) // group_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _tma_tile(x_desc, wg_desc, wu_desc, o_desc, pid_m, pid_n, K, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr):
+        """One BM x BN output tile through tensor descriptors: TMA loads (zero past M, N, K), TMA store
+        (clipped at M, N); the same rounding as the tl.load loop."""
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            if EVEN_K:
-                x = tl.load(x_ptrs)
-                wg = tl.load(wg_ptrs)
-                wu = tl.load(wu_ptrs)
-            else:
-                inside = ks < K - k0
-                x = tl.load(x_ptrs, mask=inside[None, :], other=0.0)
-                wg = tl.load(wg_ptrs, mask=inside[:, None], other=0.0)
-                wu = tl.load(wu_ptrs, mask=inside[:, None], other=0.0)
-            acc_g = tl.dot(x, wg, acc=acc_g)
-            acc_u = tl.dot(x, wu, acc=acc_u)
-            x_ptrs += BK
-            wg_ptrs += BK
-            wu_ptrs += BK
-        g = acc_g.to(DT).to(tl.float32)         # the bf16 matmul output that the torch path rounds to
+        for k0 in tl.range(0, K, BK):
+            x = x_desc.load([pid_m * BM, k0])                                               # (BM, BK)
+            acc_g = tl.dot(x, wg_desc.load([pid_n * BN, k0]).T, acc=acc_g)                 # (BN, BK)^T
+            acc_u = tl.dot(x, wu_desc.load([pid_n * BN, k0]).T, acc=acc_u)
+        DT = o_desc.dtype
+        g = acc_g.to(DT).to(tl.float32)
         u = acc_u.to(DT).to(tl.float32)
-        out = (g * tl.sigmoid(g) * u).to(DT)
-        o_ptrs = O + rows.to(tl.int64)[:, None] * s_om + cols[None, :]
-        tl.store(o_ptrs, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
+        o_desc.store([pid_m * BM, pid_n * BN], (g * tl.sigmoid(g) * u).to(DT))
+
+    @triton.jit
+    def _tma_tiles(X, W, O, M, N, K, s_xm, s_om, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+        """The TMA main loop: descriptors made on the device (x (M, K), Wg = W[:N] and Wu = W[N:] (N, K), the
+        output (M, N)), then one tile per program, or (PERSISTENT) tiles pid, pid + programs, ... so the
+        pipeline runs on across tiles (flatten)."""
+        x_desc = tl.make_tensor_descriptor(X, [M, K], [s_xm, 1], [BM, BK])
+        wg_desc = tl.make_tensor_descriptor(W, [N, K], [K, 1], [BN, BK])
+        wu_desc = tl.make_tensor_descriptor(W + N * K, [N, K], [K, 1], [BN, BK])
+        o_desc = tl.make_tensor_descriptor(O, [M, N], [s_om, 1], [BM, BN])
+        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        if PERSISTENT:
+            for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=True):
+                pid_m, pid_n = _tile_of(tile, tiles_m, tiles_n, GROUP_M)
+                _tma_tile(x_desc, wg_desc, wu_desc, o_desc, pid_m, pid_n, K, BM, BN, BK)
+        else:
+            pid_m, pid_n = _tile_of(tl.program_id(0), tiles_m, tiles_n, GROUP_M)
+            _tma_tile(x_desc, wg_desc, wu_desc, o_desc, pid_m, pid_n, K, BM, BN, BK)
+
+    @triton.jit
+    def _fused_swiglu_kernel(X, W, O, M, N, K, s_xm, s_om, M_BUCKET, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                             TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
+        """Program p: out tile rows [pid_m BM, +BM) x hidden columns [pid_n BN, +BN) (those < M, < N), p
+        walking the tiles GROUP_M rows of tiles at a time, column by column. M_BUCKET only keys the autotuner.
+        TMA: the descriptor main loop instead (``_tma_tiles``; needs ``tma_ok``, x's rows 16-byte aligned)."""
+        if TMA:
+            _tma_tiles(X, W, O, M, N, K, s_xm, s_om, BM, BN, BK, GROUP_M, PERSISTENT)
+        else:
+            DT = O.dtype.element_ty
+            pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+            rows = pid_m * BM + tl.arange(0, BM)
+            cols = pid_n * BN + tl.arange(0, BN)
+            ks = tl.arange(0, BK)
+            # rows past M and columns past N load valid ones again (wrapped), so only K needs a mask; not stored
+            x_ptrs = X + (rows % M).to(tl.int64)[:, None] * s_xm + ks[None, :]                  # (BM, BK)
+            wg_ptrs = W + (cols % N).to(tl.int64)[None, :] * K + ks[:, None]                    # (BK, BN): Wg^T
+            wu_ptrs = wg_ptrs + N * K                                                           # Wu^T
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                if EVEN_K:
+                    x = tl.load(x_ptrs)
+                    wg = tl.load(wg_ptrs)
+                    wu = tl.load(wu_ptrs)
+                else:
+                    inside = ks < K - k0
+                    x = tl.load(x_ptrs, mask=inside[None, :], other=0.0)
+                    wg = tl.load(wg_ptrs, mask=inside[:, None], other=0.0)
+                    wu = tl.load(wu_ptrs, mask=inside[:, None], other=0.0)
+                acc_g = tl.dot(x, wg, acc=acc_g)
+                acc_u = tl.dot(x, wu, acc=acc_u)
+                x_ptrs += BK
+                wg_ptrs += BK
+                wu_ptrs += BK
+            g = acc_g.to(DT).to(tl.float32)         # the bf16 matmul output that the torch path rounds to
+            u = acc_u.to(DT).to(tl.float32)
+            out = (g * tl.sigmoid(g) * u).to(DT)
+            o_ptrs = O + rows.to(tl.int64)[:, None] * s_om + cols[None, :]
+            tl.store(o_ptrs, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    def _prune(configs, named_args, **kwargs):
+        """The TMA configs only where ``tma_ok`` (N, K are in the autotuner's key, so a cached pick holds)."""
+        if tma_ok(named_args["N"], named_args["K"]):
+            return configs
+        return [c for c in configs if not c.kwargs.get("TMA")]
 
     _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _tuned_kernel = triton.autotune(     # timed once per (N, K, M's power of two, dtype) in a process
-        [triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm), num_warps=w, num_stages=st)
-         for bm, bn, bk, w, st, gm in CONFIGS[:1 if _interpreted else None]], key=["N", "K", "M_BUCKET"],
+        [triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, TMA=False, PERSISTENT=False), num_warps=w,
+                       num_stages=st) for bm, bn, bk, w, st, gm in CONFIGS[:1 if _interpreted else None]]
+        + [triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, TMA=True, PERSISTENT=p), num_warps=w, num_stages=st)
+           for bm, bn, bk, w, st, gm, p in ([] if _interpreted else TMA_CONFIGS)],
+        key=["N", "K", "M_BUCKET"], prune_configs_by=dict(early_config_prune=_prune),
     )(triton.heuristics(dict(EVEN_K=lambda args: args["K"] % args["BK"] == 0))(_fused_swiglu_kernel))
 
-    def grid(M: int, N: int, BM: int, BN: int) -> tuple[int]:
-        return (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    @functools.lru_cache
+    def _sm_count(device: int) -> int:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
+    def grid(M: int, N: int, BM: int, BN: int, persistent: bool = False, programs: int = 0) -> tuple[int]:
+        """Programs to launch: a tile each, or (persistent) at most ``programs`` (the SMs) looping over them."""
+        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        return (min(tiles, programs) if persistent and programs > 0 else tiles,)
+
+    def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+        """Triton's allocator for the device-side descriptors' global scratch: the caching allocator on the
+        current device and stream (torch's blocks are 512-byte aligned), so CUDA graph capture records it."""
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    try:     # Triton's allocator (a ContextVar in 3.6 and 3.8) and its "none set" value; private, hence guarded
+        from triton.runtime._allocation import NullAllocator as _NullAllocator, _allocator as _set_allocator
+    except ImportError:
+        _NullAllocator = _set_allocator = None
+
+    def _ensure_allocator() -> None:
+        """Sets ``_scratch`` as Triton's allocator where none is set (in this thread's context: a ContextVar),
+        never replacing one the caller set (where Triton's private state cannot be read: always sets it)."""
+        if _set_allocator is None or isinstance(_set_allocator.get(), _NullAllocator):
+            triton.set_allocator(_scratch)
+
+    def _tma_aligned(t: torch.Tensor) -> torch.Tensor:
+        """``t`` (rows, K) with 16-byte aligned start and row stride, copied where not (TMA's requirement)."""
+        if t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0:
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
     @torch.library.custom_op("tessera::fused_swiglu", mutates_args=())
     def _fused_swiglu_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -132,8 +242,14 @@ if triton is not None:
         weight = weight.contiguous()
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
         if M > 0:
-            _tuned_kernel[lambda meta: grid(M, N, meta["BM"], meta["BN"])](
-                x, weight, out, M, N, K, x.stride(0), out.stride(0), m_bucket(M))
+            with on_device(x):
+                programs = 0
+                if x.is_cuda and tma_ok(N, K):       # the autotuner may pick a TMA config
+                    x, weight = _tma_aligned(x), _tma_aligned(weight)
+                    programs = _sm_count(x.device.index)
+                    _ensure_allocator()
+                _tuned_kernel[lambda meta: grid(M, N, meta["BM"], meta["BN"], meta["PERSISTENT"], programs)](
+                    x, weight, out, M, N, K, x.stride(0), out.stride(0), m_bucket(M))
         return out
 
     @_fused_swiglu_op.register_fake

@@ -105,6 +105,39 @@ def test_every_tile_is_computed_once_whatever_the_tiles(BM, BN, BK, GROUP_M):
         torch.testing.assert_close(out, formula(x, w), rtol=EPS, atol=0)
 
 
+def interpreter_has_descriptors() -> bool:
+    """Whether Triton's CPU interpreter emulates tensor descriptors (3.8's does: create_make_tensor_descriptor)."""
+    try:
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:
+        return False
+    return hasattr(InterpreterBuilder, "create_make_tensor_descriptor")
+
+
+@needs_kernel
+@pytest.mark.skipif(not fs.HAS_TMA, reason="this Triton has no device-side descriptors (tl.make_tensor_descriptor)")
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("BM, BN, BK, GROUP_M", [(16, 16, 16, 2), (32, 16, 32, 3), (16, 32, 64, 1)])
+def test_tma_main_loop_computes_every_tile_once(BM, BN, BK, GROUP_M, persistent):
+    """The TMA branch called directly with small tiles (the autotuner never gives it to the interpreter): the
+    descriptors' zero fill past K (D 48 is not a multiple of BK 32 or 64) and past M, N (ragged last tiles), the
+    clipped descriptor store, Wu's descriptor starting N rows into the weight, and (persistent) 5 programs
+    looping over all 16-24 tiles; out starts as NaN, so a missed tile shows. Equal to the formula as the
+    tl.load loop is (exact products)."""
+    if KERNEL_DEVICE == "cpu" and not interpreter_has_descriptors():
+        pytest.skip(f"Triton {fs.triton.__version__}'s interpreter has no tensor descriptors")
+    if KERNEL_DEVICE == "cuda":
+        fs._ensure_allocator()          # the descriptors' scratch (the op does this itself)
+    M, Hd = 120, 40
+    for D in (64, 48):
+        x, w = inputs(M, D, Hd, integers=True)
+        out = torch.full((M, Hd), float("nan"), dtype=DTYPE, device=KERNEL_DEVICE)
+        fs._fused_swiglu_kernel[fs.grid(M, Hd, BM, BN, persistent, 5)](
+            x, w, out, M, Hd, D, x.stride(0), out.stride(0), fs.m_bucket(M), BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
+            EVEN_K=D % BK == 0, TMA=True, PERSISTENT=persistent)
+        torch.testing.assert_close(out, formula(x, w), rtol=EPS, atol=0)
+
+
 @needs_kernel
 def test_custom_op_registration_and_fullgraph_compile():
     """``torch.library.opcheck`` (schema, fake tensor, dispatch) and a fullgraph torch.compile around the op."""
@@ -113,6 +146,52 @@ def test_custom_op_registration_and_fullgraph_compile():
     compiled = torch.compile(lambda x: fs.fused_swiglu(x, w) * 2, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x.view(4, 5, 32)), fs.fused_swiglu(x, w).view(4, 5, 16) * 2)
+
+
+@pytest.mark.skipif(fs.triton is None, reason="needs Triton")
+def test_tma_configs_are_candidates_only_where_they_can_run(monkeypatch):
+    """The autotuner holds the TMA configs (where Triton has descriptors; not on the interpreter, which runs
+    CONFIGS[0]) and prunes them unless N and K are multiples of 8 (16-byte rows) on a sm_90+ GPU; a persistent
+    config launches at most one program per SM."""
+    tma = [c for c in fs._tuned_kernel.configs if c.kwargs["TMA"]]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert len(fs._tuned_kernel.configs) == 1 and not tma
+    else:
+        assert len(fs._tuned_kernel.configs) == len(fs.CONFIGS) + len(fs.TMA_CONFIGS)
+        assert len(tma) == len(fs.TMA_CONFIGS)
+    assert bool(fs.TMA_CONFIGS) == fs.HAS_TMA and all(len(c) == 7 for c in fs.TMA_CONFIGS)
+    configs = [fs.triton.Config(dict(BM=128, BN=128, BK=64, GROUP_M=8, TMA=t, PERSISTENT=False)) for t in (0, 1)]
+    monkeypatch.setattr(fs.torch.cuda, "is_available", lambda: True)
+    for capability, N, K, ok in [((9, 0), 2048, 768, fs.HAS_TMA), ((9, 0), 2048, 20, False),
+                                 ((9, 0), 20, 768, False), ((8, 0), 2048, 768, False), ((10, 0), 24, 40, fs.HAS_TMA)]:
+        monkeypatch.setattr(fs.torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert fs.tma_ok(N, K) == ok
+        assert fs._prune(configs, dict(N=N, K=K)) == (configs if ok else configs[:1])
+    assert fs.grid(32896, 2048, 128, 128) == (257 * 16,)
+    assert fs.grid(32896, 2048, 128, 128, True, 132) == (132,) and fs.grid(514, 2048, 128, 128, True, 132) == (80,)
+
+
+@pytest.mark.skipif(fs.triton is None, reason="needs Triton")
+def test_tma_operands_are_16_byte_aligned_and_the_allocator_is_kept():
+    """``_tma_aligned`` passes aligned rows through and copies misaligned ones (a start 2 bytes in, a row stride
+    of 20 bytes); ``_ensure_allocator`` sets the scratch allocator where none is, and keeps one that is set."""
+    import contextvars
+    t = torch.zeros(4, 64, dtype=torch.float16)
+    assert fs._tma_aligned(t) is t and fs._tma_aligned(t[:, :48]).data_ptr() == t.data_ptr()
+    for bad in (t.view(-1)[1:65 * 3 + 1].view(3, 65)[:, :64], t.view(-1)[:200].view(20, 10)[:, :8]):
+        fixed = fs._tma_aligned(bad)
+        assert torch.equal(fixed, bad) and fixed.data_ptr() % 16 == 0 and fixed.stride(0) * 2 % 16 == 0
+    from triton.runtime import _allocation
+
+    def check():
+        _allocation._allocator.set(_allocation.NullAllocator())
+        fs._ensure_allocator()
+        assert _allocation._allocator.get() is fs._scratch
+        mine = lambda size, align, stream: None     # noqa: E731
+        fs.triton.set_allocator(mine)
+        fs._ensure_allocator()
+        assert _allocation._allocator.get() is mine
+    contextvars.copy_context().run(check)           # the allocator is a ContextVar: the test's setting stays here
 
 
 def test_m_bucket_is_the_next_power_of_two():
@@ -172,25 +251,67 @@ def test_gpu_swiglu_module_dispatch_matches_the_torch_path(monkeypatch):
         torch.testing.assert_close(compiled(x.to(torch.bfloat16)), fused, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.gpu
+def test_gpu_every_config_and_the_op_in_a_cuda_graph():
+    """On the GPU: every config, the tl.load ones and the TMA ones (persistent or not), launched directly at a
+    ragged shape (M 1000, Hd 200, D 72: partial row, column and K tiles) equals the formula but for rare silu
+    ties; and the autotuned op (whatever it picked) replays from a CUDA graph, its descriptors' scratch taken
+    from the graph's memory, giving the same output for new inputs copied into the captured ones."""
+    torch.manual_seed(0)
+    M, D, Hd = 1000, 72, 200
+    x, w = inputs(M, D, Hd, integers=True)
+    ref = formula(x, w)
+    fs._ensure_allocator()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tma_ok = fs.tma_ok(Hd, D)
+    for bm, bn, bk, warps, stages, group_m, *rest in fs.CONFIGS + (fs.TMA_CONFIGS if tma_ok else []):
+        persistent = bool(rest and rest[0])
+        out = torch.full((M, Hd), float("nan"), dtype=DTYPE, device="cuda")
+        fs._fused_swiglu_kernel[fs.grid(M, Hd, bm, bn, persistent, sms)](
+            x, w, out, M, Hd, D, x.stride(0), out.stride(0), fs.m_bucket(M), BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
+            EVEN_K=D % bk == 0, TMA=bool(rest), PERSISTENT=persistent, num_warps=warps, num_stages=stages)
+        torch.testing.assert_close(out, ref, rtol=EPS, atol=0, msg=f"config {(bm, bn, bk, warps, stages, rest)}")
+    with torch.no_grad():
+        first = fs.fused_swiglu(x, w)                        # autotunes outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fs.fused_swiglu(x, w)
+        x2, _ = inputs(M, D, Hd, integers=True)
+        x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured, fs.fused_swiglu(x2, w)) and not torch.equal(captured, first)
+
+
 @pytest.mark.skipif(fs.triton is None or os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(),
                     reason="compiles with Triton's real front end on the CPU (a GPU runs the kernel itself)")
-@pytest.mark.parametrize("config, even_k", [(c, True) for c in fs.CONFIGS] + [(fs.CONFIGS[0], False)])
+@pytest.mark.parametrize("config, even_k", [(c + (None,), True) for c in fs.CONFIGS]
+                         + [(fs.CONFIGS[0] + (None,), False)] + [(c, True) for c in fs.TMA_CONFIGS])
 def test_every_config_compiles_for_hopper_pipelined_within_shared_memory(config, even_k):
     """Triton's compiler, down to sm_90 PTX and cubin, with no GPU, given the hints the JIT gives at masked-B's
     shape (pointers and M, N, K, strides divisible by 16): Hopper's tensor-core instructions, the loads staged
     through shared memory asynchronously (the software pipeline, at least stages - 1 buffers deep; without
-    the hints it stages nothing), and the stages' shared memory under the 227 KB a block can have."""
+    the hints it stages nothing), and the stages' shared memory under the 227 KB a block can have. The TMA
+    configs (persistent = True/False; None: the tl.load loop): every load and the store a TMA bulk copy
+    (cp.async.bulk.tensor, no cp.async of single threads), and their descriptors in the launch's global scratch
+    (what ``triton.set_allocator``'s allocator gives)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    bm, bn, bk, warps, stages, group_m = config
+    bm, bn, bk, warps, stages, group_m, persistent = config
+    tma = persistent is not None
     names = ["X", "W", "O", "M", "N", "K", "s_xm", "s_om", "M_BUCKET"]
     signature = {**dict.fromkeys(names[:3], "*bf16"), **dict.fromkeys(names[3:], "i32"),
-                 **dict.fromkeys(["BM", "BN", "BK", "GROUP_M", "EVEN_K"], "constexpr")}
-    consts = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, EVEN_K=even_k)
+                 **dict.fromkeys(["BM", "BN", "BK", "GROUP_M", "EVEN_K", "TMA", "PERSISTENT"], "constexpr")}
+    consts = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, EVEN_K=even_k, TMA=tma, PERSISTENT=bool(persistent))
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
     kernel = fs.triton.compile(ASTSource(fs._fused_swiglu_kernel, signature, consts, divisible),
                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = kernel.asm["ptx"]
-    assert kernel.asm["cubin"] and "wgmma" in ptx and "cp.async" in ptx
+    assert kernel.asm["cubin"] and "wgmma" in ptx
+    if tma:
+        assert "cp.async.bulk.tensor" in ptx and "cp.async.ca" not in ptx and "cp.async.cg" not in ptx
+        assert kernel.metadata.global_scratch_size >= 4 * 128          # four 128-byte descriptors per program
+    else:
+        assert "cp.async" in ptx and "cp.async.bulk.tensor" not in ptx
     stage_bytes = (bm + 2 * bn) * bk * 2                  # an x tile and two weight tiles in bf16
     assert (stages - 1) * stage_bytes <= kernel.metadata.shared <= 227 * 1024
