@@ -2,18 +2,13 @@
 every machine; the Triton kernel where it can run (CUDA, or Triton's CPU interpreter with
 TRITON_INTERPRET=1 set before the import)."""
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from generator import decode_attention as da
-
-KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1"
-                 else None)
-needs_kernel = pytest.mark.skipif(da.triton is None or KERNEL_DEVICE is None,
-                                  reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
+from tests.kernels import KERNEL_DEVICE, needs_kernel
 
 
 def kernel(q, k, v, mask):

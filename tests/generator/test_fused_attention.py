@@ -8,12 +8,9 @@ import torch
 
 from generator import fused_attention as fa
 from generator.transformer import Attention, apply_rope, rope_tables
+from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, needs_kernel
 
-KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1"
-                 else None)
-needs_kernel = pytest.mark.skipif(fa.triton is None or KERNEL_DEVICE is None,
-                                  reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
-DTYPE = torch.bfloat16 if KERNEL_DEVICE == "cuda" else torch.float16
+DTYPE = KERNEL_DTYPE
 
 
 def attention(heads: int, head_dim: int, qk_norm: bool, seed: int) -> Attention:

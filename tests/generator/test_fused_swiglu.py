@@ -9,12 +9,9 @@ import torch.nn.functional as F
 
 from generator import fused_swiglu as fs
 from generator.transformer import SwiGLU
+from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, needs_kernel
 
-KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1"
-                 else None)
-needs_kernel = pytest.mark.skipif(fs.triton is None or KERNEL_DEVICE is None,
-                                  reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
-DTYPE = torch.bfloat16 if KERNEL_DEVICE == "cuda" else torch.float16
+DTYPE = KERNEL_DTYPE
 EPS = torch.finfo(DTYPE).eps          # the spacing of the dtype's values relative to their size (at most)
 
 

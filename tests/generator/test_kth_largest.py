@@ -1,17 +1,11 @@
 """generator/kth_largest.py: the top-k threshold equals torch.topk's k-th largest value; the Triton kernel
 where it can run (CUDA, or Triton's CPU interpreter with TRITON_INTERPRET=1 set before the import)."""
-import os
-
 import pytest
 import torch
 
 from generator import kth_largest as kl
 from generator.sampling import top_k_top_p_filter
-
-KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1"
-                 else None)
-needs_kernel = pytest.mark.skipif(kl.triton is None or KERNEL_DEVICE is None,
-                                  reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
+from tests.kernels import KERNEL_DEVICE, needs_kernel
 
 
 def rows_with_ties_and_signs(R: int, V: int, seed: int) -> torch.Tensor:
