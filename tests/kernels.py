@@ -10,9 +10,20 @@ try:
 except ImportError:   # CPU-only installs
     triton = None
 
-KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1"
-                 else None)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if INTERPRETED else None
 needs_kernel = pytest.mark.skipif(triton is None or KERNEL_DEVICE is None,
                                   reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
 # the half-precision dtype the kernels' matmul tests use: the interpreter's bfloat16 matmuls are wrong
 KERNEL_DTYPE = torch.bfloat16 if KERNEL_DEVICE == "cuda" else torch.float16
+needs_compiler = pytest.mark.skipif(triton is None or INTERPRETED,
+                                    reason="compiles with Triton's real compiler (the interpreter runs Python)")
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, attrs: dict | None = None, **options):
+    """``fn`` through Triton's real compiler down to sm_90 PTX and cubin, with no GPU (it rejects what the
+    interpreter lets pass); ``attrs``: the JIT's hints (e.g. divisibility) per argument index."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    source = ASTSource(fn, signature, constexprs) if attrs is None else ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

@@ -1,14 +1,12 @@
 """qk-norm + RoPE + full attention in one kernel (generator/fused_attention.py), against
 ``transformer.Attention``'s torch path. The kernel runs on CUDA, or on Triton's CPU interpreter with
 TRITON_INTERPRET=1 set before the import (there in float16: the interpreter's bfloat16 matmuls are wrong)."""
-import os
-
 import pytest
 import torch
 
 from generator import fused_attention as fa
 from generator.transformer import Attention, apply_rope, rope_tables
-from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, needs_kernel
+from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, compile_for_hopper, needs_compiler, needs_kernel
 
 DTYPE = KERNEL_DTYPE
 
@@ -142,27 +140,21 @@ def test_gpu_attention_module_dispatch_matches_the_torch_path(monkeypatch):
         torch.testing.assert_close(masked, fused, atol=2e-2, rtol=2e-2)   # an all-visible mask: same attention
 
 
-@pytest.mark.skipif(fa.triton is None or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="compiles with Triton's real front end (the interpreter runs Python, not the compiler)")
+@needs_compiler
 @pytest.mark.parametrize("config", [fa.CONFIGS[0], next(c for c in fa.CONFIGS if not c[4])])
 def test_kernel_compiles_for_hopper(config):
     """Triton's compiler, down to sm_90 PTX and cubin, with no GPU: it rejects what the interpreter lets pass
     (a loop-carried tile whose shape changes, a branch that leaves a variable with two types)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     bm, bn, warps, stages, kpre = config
     ints = ["L", "P", "s_b", "s_l", "so_b", "so_l"]
     signature = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "KR": "*bf16",
                  "O": "*bf16", **dict.fromkeys(ints, "i32"), "eps": "fp32", "scale": "fp32",
                  **dict.fromkeys(["H", "K", "F_", "NORM", "BM", "BN", "PB", "KPRE"], "constexpr")}
     consts = dict(H=12, K=64, F_=32, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK, KPRE=kpre)
-    hopper = GPUTarget("cuda", 90, 32)
-    kernel = fa.triton.compile(ASTSource(fa._fused_attention_kernel, signature, consts), target=hopper,
-                               options=dict(num_warps=warps, num_stages=stages))
+    kernel = compile_for_hopper(fa._fused_attention_kernel, signature, consts, num_warps=warps, num_stages=stages)
     assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"]     # Hopper's tensor-core instructions
     if kpre:
         prep = {k: signature[k] for k in ["QKV", "KW", "COS", "SIN", "KR", "L", "s_b", "s_l", "eps"]}
         prep.update(dict.fromkeys(["H", "K", "F_", "NORM", "BR"], "constexpr"))
         consts = dict(H=12, K=64, F_=32, NORM=True, BR=fa.PREP_ROWS)
-        assert fa.triton.compile(ASTSource(fa._key_prep_kernel, prep, consts), target=hopper,
-                                 options=dict(num_warps=4)).asm["cubin"]
+        assert compile_for_hopper(fa._key_prep_kernel, prep, consts, num_warps=4).asm["cubin"]

@@ -1,15 +1,13 @@
 """gate_up matmul + silu(gate) * up in one kernel (generator/fused_swiglu.py), against the torch formula
 and ``transformer.SwiGLU``'s torch path. The kernel runs on CUDA, or on Triton's CPU interpreter with
 TRITON_INTERPRET=1 set before the import (there in float16: the interpreter's bfloat16 matmuls are wrong)."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from generator import fused_swiglu as fs
 from generator.transformer import SwiGLU
-from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, needs_kernel
+from tests.kernels import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPE, compile_for_hopper, needs_compiler, needs_kernel
 
 DTYPE = KERNEL_DTYPE
 EPS = torch.finfo(DTYPE).eps          # the spacing of the dtype's values relative to their size (at most)
@@ -151,7 +149,7 @@ def test_tma_configs_are_candidates_only_where_they_can_run(monkeypatch):
     CONFIGS[0]) and prunes them unless N and K are multiples of 8 (16-byte rows) on a sm_90+ GPU; a persistent
     config launches at most one program per SM."""
     tma = [c for c in fs._tuned_kernel.configs if c.kwargs["TMA"]]
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         assert len(fs._tuned_kernel.configs) == 1 and not tma
     else:
         assert len(fs._tuned_kernel.configs) == len(fs.CONFIGS) + len(fs.TMA_CONFIGS)
@@ -280,8 +278,8 @@ def test_gpu_every_config_and_the_op_in_a_cuda_graph():
     assert torch.equal(captured, fs.fused_swiglu(x2, w)) and not torch.equal(captured, first)
 
 
-@pytest.mark.skipif(fs.triton is None or os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(),
-                    reason="compiles with Triton's real front end on the CPU (a GPU runs the kernel itself)")
+@needs_compiler
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled on the CPU (a GPU runs the kernel itself)")
 @pytest.mark.parametrize("config, even_k", [(c + (None,), True) for c in fs.CONFIGS]
                          + [(fs.CONFIGS[0] + (None,), False)] + [(c, True) for c in fs.TMA_CONFIGS])
 def test_every_config_compiles_for_hopper_pipelined_within_shared_memory(config, even_k):
@@ -292,8 +290,6 @@ def test_every_config_compiles_for_hopper_pipelined_within_shared_memory(config,
     configs (persistent = True/False; None: the tl.load loop): every load and the store a TMA bulk copy
     (cp.async.bulk.tensor, no cp.async of single threads), and their descriptors in the launch's global scratch
     (what ``triton.set_allocator``'s allocator gives)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     bm, bn, bk, warps, stages, group_m, persistent = config
     tma = persistent is not None
     names = ["X", "W", "O", "M", "N", "K", "s_xm", "s_om", "M_BUCKET"]
@@ -301,8 +297,8 @@ def test_every_config_compiles_for_hopper_pipelined_within_shared_memory(config,
                  **dict.fromkeys(["BM", "BN", "BK", "GROUP_M", "EVEN_K", "TMA", "PERSISTENT"], "constexpr")}
     consts = dict(BM=bm, BN=bn, BK=bk, GROUP_M=group_m, EVEN_K=even_k, TMA=tma, PERSISTENT=bool(persistent))
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
-    kernel = fs.triton.compile(ASTSource(fs._fused_swiglu_kernel, signature, consts, divisible),
-                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    kernel = compile_for_hopper(fs._fused_swiglu_kernel, signature, consts, divisible, num_warps=warps,
+                                num_stages=stages)
     ptx = kernel.asm["ptx"]
     assert kernel.asm["cubin"] and "wgmma" in ptx
     if tma:
