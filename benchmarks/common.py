@@ -208,18 +208,21 @@ def job_args(description: str, parts: list[str], extra: Callable[[argparse.Argum
     return args
 
 
-def profile_ops(run: Callable[[], object], on_gpu: bool, top: int = 15) -> dict:
+def profile_ops(run: Callable[[], object], on_gpu: bool, top: int = 15, trace: str | None = None) -> dict:
     """torch.profiler over one ``run()`` (warm it up first): prints the operators that take the most
     (GPU, else CPU) self time and returns the row fields: wall ``median_s``, ``gpu_busy_s`` (the summed
-    self time: a launch-bound loop shows a low busy fraction) and ``top_ops``. Kernels replayed inside
-    CUDA graphs are listed as the profiler reports them."""
-    from torch.profiler import ProfilerActivity, profile
+    self time: a launch-bound loop shows a low busy fraction), ``top_ops`` and, on a GPU, ``timeline``
+    (``gpu_timeline``: where the GPU sat idle). Kernels replayed inside CUDA graphs are listed as the
+    profiler reports them. ``trace``: a file name for a Chrome trace, written under $TESSERA_TRACE_DIR when
+    that is set."""
+    from torch.profiler import ProfilerActivity, profile, record_function
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     sync()
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        run()
-        sync()
+        with record_function("profiled run"):
+            run()
+            sync()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     total = "device_time_total" if on_gpu else "cpu_time_total"
@@ -227,9 +230,53 @@ def profile_ops(run: Callable[[], object], on_gpu: bool, top: int = 15) -> dict:
     busy = sum(getattr(e, self_total) for e in events) / 1e6
     print(events.table(sort_by=self_total, row_limit=top, max_name_column_width=60))
     ranked = sorted(events, key=lambda e: getattr(e, self_total), reverse=True)[:top]
-    return dict(median_s=wall, gpu_busy_s=busy, gpu_busy_fraction=busy / wall,
-                top_ops=[{"op": e.key[:80], "calls": e.count, "self_ms": round(getattr(e, self_total) / 1e3, 3),
-                          "total_ms": round(getattr(e, total) / 1e3, 3)} for e in ranked])
+    fields = dict(median_s=wall, gpu_busy_s=busy, gpu_busy_fraction=busy / wall,
+                  top_ops=[{"op": e.key[:80], "calls": e.count, "self_ms": round(getattr(e, self_total) / 1e3, 3),
+                            "total_ms": round(getattr(e, total) / 1e3, 3)} for e in ranked])
+    if on_gpu:
+        fields["timeline"] = gpu_timeline(prof.events())
+        print(json.dumps(fields["timeline"], indent=1))
+    if trace and os.environ.get("TESSERA_TRACE_DIR"):
+        Path(os.environ["TESSERA_TRACE_DIR"]).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(os.environ["TESSERA_TRACE_DIR"]) / trace))
+    return fields
+
+
+GAP_BUCKETS_US = (2, 10, 100, 1000)
+
+
+def gpu_timeline(events, top: int = 12) -> dict:
+    """Where the GPU sat idle during a profiled run: the kernels' intervals (profiler events on the
+    device) merged, against the span from the run's start (its ``profiled run`` range on the CPU) to
+    the last kernel's end. Returns milliseconds: ``span``, ``busy`` (the union of kernel intervals),
+    ``lead`` (start of the run to its first kernel), ``idle`` by gap size (upper bounds in us), and the
+    ``top`` longest gaps with the kernels on either side."""
+    from torch.autograd import DeviceType
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
+                      if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start),
+                     key=lambda k: k[0])
+    starts = [e.time_range.start for e in events if e.name == "profiled run" and e.device_type == DeviceType.CPU]
+    if not kernels:
+        return {}
+    run_start = starts[0] if starts else kernels[0][0]
+    busy, gaps, end, before = 0.0, [], kernels[0][0], None
+    for start, stop, name in kernels:
+        if start > end and before is not None:
+            gaps.append((start - end, before, name))
+        if stop > end:
+            busy += stop - max(start, end)
+            end, before = stop, name
+    buckets = {f"<{b}us": 0.0 for b in GAP_BUCKETS_US} | {f">={GAP_BUCKETS_US[-1]}us": 0.0}
+    counts = dict.fromkeys(buckets, 0)
+    for g, _, _ in gaps:
+        key = next((f"<{b}us" for b in GAP_BUCKETS_US if g < b), f">={GAP_BUCKETS_US[-1]}us")
+        buckets[key] += g / 1e3
+        counts[key] += 1
+    return dict(span_ms=round((end - run_start) / 1e3, 3), busy_ms=round(busy / 1e3, 3),
+                lead_ms=round((kernels[0][0] - run_start) / 1e3, 3), kernels=len(kernels),
+                idle_ms={k: round(v, 3) for k, v in buckets.items()}, gaps=counts,
+                longest=[{"us": round(g, 1), "after": a[:60], "before": b[:60]}
+                         for g, a, b in sorted(gaps, reverse=True)[:top]])
 
 
 def autocast(device: torch.device | str):

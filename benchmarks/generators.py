@@ -4,7 +4,8 @@
 
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
 and the sampler step), sample-masked-torch-attn (``sample(compile=True)`` with the fused attention
-kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-masked-autocast-weights
+kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-masked-torch-draw (the same
+with generator/fused_draw.py's kernel off: the compiled torch update), sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-ar, sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
@@ -32,7 +33,8 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-autocast-weights",
+PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-torch-draw",
+         "sample-masked-autocast-weights",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -219,6 +221,7 @@ def sampler_step(b: Bench) -> None:
     batch-64 shape: eager; compiled whole (graph break at the host-side schedule); and fused as
     ``sample(compile=True)`` runs it (noise drawn eagerly + ``confidence_update`` compiled fullgraph),
     also the compiled update alone. The sampler's share of each of the 16 steps (NOTES.md)."""
+    from generator import fused_draw
     from generator.masked import MaskedSampler, confidence_noise, confidence_update, scheduled_masked_count
     from generator.sampling import cfg_combine_doubled
     m, B = b.model, b.batch
@@ -250,6 +253,16 @@ def sampler_step(b: Bench) -> None:
                      "update: fullgraph (noise eager)"),
                     ("fused-compiled update only", fused_update, lambda: fused_update(confidence_update),
                      "update: fullgraph (noise pre-drawn)")]
+        def torch_draw_update():     # the compiled update with the one-pass draw kernel off (NOTES A32)
+            saved, fused_draw.ENABLED = fused_draw.ENABLED, False
+            try:
+                return fused_update(torch_draw_fn)
+            finally:
+                fused_draw.ENABLED = saved
+
+        torch_draw_fn = fullgraph(confidence_update, b.smoke)
+        variants.append(("fused-compiled update only [torch draw]", torch_draw_update,
+                         lambda: fused_update(confidence_update), "update: fullgraph (noise pre-drawn), no draw kernel"))
         for label, fn, eager, mode in variants:
             status = {"compile": mode}
             if eager is not None:
@@ -362,7 +375,7 @@ def profile_sampling(args, sink: RowSink, name: str) -> None:
         run()                                                        # warm-up: compile, allocator, cuBLAS plans
         run()                                                        # AR: the second call captures its graphs
         sink.add(name=f"{name} profile {label} b{batch}", bench="profile", model=name, batch=batch, compile=label,
-                 **profile_ops(run, on_gpu))
+                 **profile_ops(run, on_gpu, trace=f"{name}-b{batch}.json"))
 
 
 def sample_masked_fused_only(args, sink: RowSink) -> None:
@@ -386,11 +399,24 @@ def sample_masked_torch_attention(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the fused attention kernel off (NOTES A29): qk-norm and RoPE compiled,
     then SDPA (cuDNN), as before the kernel; to pair with ``sample-masked-fused``'s rows of the same run."""
     from generator import fused_attention
-    saved, fused_attention.ENABLED = fused_attention.ENABLED, False
-    try:      # only this part's rows: a later part of the same process runs the default path again
-        sample_masked_fused(Bench(args, sink, "masked-B"), tag=" [torch attention]")
+    sample_masked_without(args, sink, fused_attention, " [torch attention]")
+
+
+def sample_masked_torch_draw(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with the one-pass draw kernel off (NOTES A32): the compiled torch update's
+    guidance, draw and confidence; to pair with ``sample-masked-fused``'s rows of the same run."""
+    from generator import fused_draw
+    sample_masked_without(args, sink, fused_draw, " [torch draw]")
+
+
+def sample_masked_without(args, sink: RowSink, kernel_module, tag: str) -> None:
+    """``sample_masked_fused`` with ``kernel_module.ENABLED`` off for this part's rows only (a later part of
+    the same process runs the default path again)."""
+    saved, kernel_module.ENABLED = kernel_module.ENABLED, False
+    try:
+        sample_masked_fused(Bench(args, sink, "masked-B"), tag=tag)
     finally:
-        fused_attention.ENABLED = saved
+        kernel_module.ENABLED = saved
 
 
 # ---- largest batch ------------------------------------------------------------------------------
@@ -463,6 +489,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only,
             "sample-masked-torch-attn": sample_masked_torch_attention,
+            "sample-masked-torch-draw": sample_masked_torch_draw,
             "sample-masked-autocast-weights": sample_masked_autocast_weights, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,

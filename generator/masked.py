@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from generator import fused_draw
 from generator.base import CompiledOrEager, Generator, LossOutput
 from generator.config import GeneratorConfig
 from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise,
@@ -105,7 +106,9 @@ def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
     - guidance: with ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V) and
       logits = uncond + cfg_scale (cond - uncond) (``cfg_combine``), fused here.
     - candidates: c = argmax(p / E) with p = softmax(top-k/top-p(logits / temperature)) (the
-      Gumbel-max draw of ``sample_logits``), or argmax(logits) at temperature 0 (E is None).
+      Gumbel-max draw of ``sample_logits``), or argmax(logits) at temperature 0 (E is None). On CUDA
+      without top-k / top-p, guidance, the draw and the confidence below are one Triton pass over the
+      logits (``fused_draw``: equal up to float32 rounding).
     - confidence: log softmax(logits)[c] + choice_noise (the annealed Gumbel term, or None), on the
       guided but unfiltered probabilities, so greedy decoding still ranks by confidence.
     - unmask: the least confident R = max(min(remain_B, M - 1), 0) masked tokens stay masked
@@ -119,19 +122,20 @@ def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
     over the M positions is the one over all L restricted to them (stable sort, same order): the ids
     are those of the full-grid update on the same logits.
     """
-    if cfg_scale is not None:
-        logits_BMV = cfg_combine_doubled(logits_BMV, cfg_scale)
-    ids_BM = ids_BL
-    if positions_BM is not None:
-        ids_BM = ids_BL.gather(1, positions_BM)
-        if exp_noise_BLV is not None:
+    ids_BM = ids_BL if positions_BM is None else ids_BL.gather(1, positions_BM)
+    if fused_draw.use_kernel(logits_BMV, exp_noise_BLV, temperature, top_k, top_p):   # one pass (NOTES A32)
+        cand_BM, conf_BM = fused_draw.confidence_draw(logits_BMV, exp_noise_BLV, positions_BM, cfg_scale, temperature)
+    else:
+        logits_BMV = logits_BMV.float()                # guided in float32, as a compiled update computes it
+        if cfg_scale is not None:
+            logits_BMV = cfg_combine_doubled(logits_BMV, cfg_scale)
+        if positions_BM is not None and exp_noise_BLV is not None:
             exp_noise_BLV = exp_noise_BLV.gather(1, positions_BM[..., None].expand(-1, -1, exp_noise_BLV.shape[-1]))
-        if choice_noise_BL is not None:
-            choice_noise_BL = choice_noise_BL.gather(1, positions_BM)
+        cand_BM, _ = draw_with_noise(logits_BMV, exp_noise_BLV, temperature, top_k, top_p)   # None: greedy
+        conf_BM = logits_BMV.gather(-1, cand_BM[..., None]).squeeze(-1) - logits_BMV.logsumexp(-1)
+    if positions_BM is not None and choice_noise_BL is not None:
+        choice_noise_BL = choice_noise_BL.gather(1, positions_BM)
     masked_BM = ids_BM == mask_id
-    logits_BMV = logits_BMV.float()
-    cand_BM, _ = draw_with_noise(logits_BMV, exp_noise_BLV, temperature, top_k, top_p)   # None: greedy
-    conf_BM = logits_BMV.gather(-1, cand_BM[..., None]).squeeze(-1) - logits_BMV.logsumexp(-1)
     if choice_noise_BL is not None:
         conf_BM = conf_BM + choice_noise_BL
     conf_BM = conf_BM.masked_fill(~masked_BM, float("inf"))        # clean tokens rank last: never "kept masked"
