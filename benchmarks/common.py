@@ -253,8 +253,9 @@ def gpu_timeline(events, top: int = 12) -> dict:
     ``top`` longest gaps with the kernels on either side."""
     from torch.autograd import DeviceType
     kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
-                      if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start),
-                     key=lambda k: k[0])
+                      if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+                      and not getattr(e, "is_user_annotation", False) and e.name != "profiled run"),
+                     key=lambda k: k[0])     # kernels, copies, memsets: not the run's own range on the GPU
     starts = [e.time_range.start for e in events if e.name == "profiled run" and e.device_type == DeviceType.CPU]
     if not kernels:
         return {}

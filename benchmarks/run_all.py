@@ -51,7 +51,7 @@ JOBS = [
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 160),  # subset of sample-masked
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
-    Job("sample-masked-torch-draw", "benchmarks.generators", ["--part", "sample-masked-torch-draw"], 90),  # A32 off
+    Job("sample-masked-torch-draw", "benchmarks.generators", ["--part", "sample-masked-torch-draw"], 60),  # A32 off
     Job("sample-masked-autocast-weights", "benchmarks.generators", ["--part", "sample-masked-autocast-weights"],
         90),                                                      # the pipelines' bf16 Linear weights
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
