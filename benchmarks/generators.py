@@ -5,7 +5,8 @@
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
 and the sampler step), sample-masked-torch-attn (``sample(compile=True)`` with the fused attention
 kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-masked-torch-draw (the same
-with generator/fused_draw.py's kernel off: the compiled torch update), sample-masked-autocast-weights
+with generator/fused_draw.py's kernel off: the compiled torch update), sample-masked-cd (the same with inductor's
+coordinate-descent tuning), sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-ar, sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
@@ -34,7 +35,7 @@ from benchmarks.setups import build_generator, build_tokenizer, device, frozen, 
 from generator.autoregressive import ARGenerator
 
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-torch-draw",
-         "sample-masked-autocast-weights",
+         "sample-masked-cd", "sample-masked-autocast-weights",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -253,6 +254,7 @@ def sampler_step(b: Bench) -> None:
                      "update: fullgraph (noise eager)"),
                     ("fused-compiled update only", fused_update, lambda: fused_update(confidence_update),
                      "update: fullgraph (noise pre-drawn)")]
+
         def torch_draw_update():     # the compiled update with the one-pass draw kernel off (NOTES A32)
             saved, fused_draw.ENABLED = fused_draw.ENABLED, False
             try:
@@ -409,6 +411,15 @@ def sample_masked_torch_draw(args, sink: RowSink) -> None:
     sample_masked_without(args, sink, fused_draw, " [torch draw]")
 
 
+def sample_masked_coordinate_descent(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with inductor's coordinate-descent tuning of the kernels it generates (the fused
+    norms and residual adds, silu*up, the update's ranking: ~50 ms of the @16 batch's GPU time, NOTES "the GPU
+    timeline"); to pair with ``sample-masked-fused``'s rows of the same run. Compiles take longer."""
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(coordinate_descent_tuning=True):
+        sample_masked_fused(Bench(args, sink, "masked-B"), tag=" [inductor coordinate descent]")
+
+
 def sample_masked_without(args, sink: RowSink, kernel_module, tag: str) -> None:
     """``sample_masked_fused`` with ``kernel_module.ENABLED`` off for this part's rows only (a later part of
     the same process runs the default path again)."""
@@ -490,6 +501,7 @@ def main() -> None:
     jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only,
             "sample-masked-torch-attn": sample_masked_torch_attention,
             "sample-masked-torch-draw": sample_masked_torch_draw,
+            "sample-masked-cd": sample_masked_coordinate_descent,
             "sample-masked-autocast-weights": sample_masked_autocast_weights, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
