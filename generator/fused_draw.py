@@ -39,8 +39,12 @@ except ImportError:   # CPU-only installs: the torch path
     triton = None
 
 ENABLED = os.environ.get("TESSERA_FUSED_DRAW", "1") != "0"
-# (columns per loop step, warps): the first is the one the CPU interpreter runs
-CONFIGS = [(1024, 4), (2048, 8), (512, 4)]
+# columns per loop step and warps: one fixed config, not autotuned, because the log-sum-exp's summation order
+# (each lane's running sum, then the reduction across lanes) follows it, and a seed must give the same ids in
+# every process: an autotuner picking by timing could pick another config in the next run, and a last-bit
+# change in log p can swap two confidences at the ranking's cut. (Session 12 measured the kernel autotuned
+# among (1024, 4), (2048, 8) and (512, 4); which one it picked was not logged.)
+BLOCK, WARPS = 1024, 4
 
 
 def confidence_draw(logits: torch.Tensor, noise: torch.Tensor, positions: torch.Tensor | None,
@@ -65,9 +69,6 @@ def use_kernel(logits: torch.Tensor, noise: torch.Tensor | None, temperature: fl
 
 
 if triton is not None:
-    @triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in
-                              (CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else CONFIGS)],
-                     key=["V", "GUIDED"])
     @triton.jit
     def _draw_kernel(LOGITS, NOISE, POS, KNOBS, CAND, CONF, M, L, V, HALF,
                      GUIDED: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
@@ -131,7 +132,8 @@ if triton is not None:
         if B * M:
             with on_device(logits):
                 _draw_kernel[(B * M,)](logits, noise, positions.contiguous() if gather else cand, knobs, cand, conf,
-                                       M, L, V, B * M * V, GUIDED=guided, GATHER=gather)
+                                       M, L, V, B * M * V, GUIDED=guided, GATHER=gather, BLOCK=BLOCK,
+                                       num_warps=WARPS)
         return cand, conf
 
     @_confidence_draw_op.register_fake
