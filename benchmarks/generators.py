@@ -6,7 +6,8 @@ PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only 
 and the sampler step), sample-masked-torch-attn (``sample(compile=True)`` with the fused attention
 kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-masked-torch-draw (the same
 with generator/fused_draw.py's kernel off: the compiled torch update), sample-masked-cd (the same with inductor's
-coordinate-descent tuning), sample-masked-autocast-weights
+coordinate-descent tuning), sample-masked-cublaslt (the same with matmuls through cuBLASLt),
+sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-ar, sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
@@ -35,7 +36,7 @@ from benchmarks.setups import build_generator, build_tokenizer, device, frozen, 
 from generator.autoregressive import ARGenerator
 
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-torch-draw",
-         "sample-masked-cd", "sample-masked-autocast-weights",
+         "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -420,6 +421,18 @@ def sample_masked_coordinate_descent(args, sink: RowSink) -> None:
         sample_masked_fused(Bench(args, sink, "masked-B"), tag=" [inductor coordinate descent]")
 
 
+def sample_masked_cublaslt(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with PyTorch's matmuls through cuBLASLt instead of cuBLAS: in session 12's trace
+    every cuBLAS matmul of the @16 call came with a memset and ~3 us of gaps around it (~3.3 ms per call, NOTES
+    "the GPU timeline"); to pair with ``sample-masked-fused``'s rows of the same run."""
+    saved = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        sample_masked_fused(Bench(args, sink, "masked-B"), tag=" [cuBLASLt]")
+    finally:
+        torch.backends.cuda.preferred_blas_library(saved)
+
+
 def sample_masked_without(args, sink: RowSink, kernel_module, tag: str) -> None:
     """``sample_masked_fused`` with ``kernel_module.ENABLED`` off for this part's rows only (a later part of
     the same process runs the default path again)."""
@@ -502,6 +515,7 @@ def main() -> None:
             "sample-masked-torch-attn": sample_masked_torch_attention,
             "sample-masked-torch-draw": sample_masked_torch_draw,
             "sample-masked-cd": sample_masked_coordinate_descent,
+            "sample-masked-cublaslt": sample_masked_cublaslt,
             "sample-masked-autocast-weights": sample_masked_autocast_weights, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,

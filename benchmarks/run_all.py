@@ -53,6 +53,7 @@ JOBS = [
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
     Job("sample-masked-torch-draw", "benchmarks.generators", ["--part", "sample-masked-torch-draw"], 60),  # A32 off
     Job("sample-masked-cd", "benchmarks.generators", ["--part", "sample-masked-cd"], 200),  # unmeasured guess
+    Job("sample-masked-cublaslt", "benchmarks.generators", ["--part", "sample-masked-cublaslt"], 90),  # a guess
     Job("sample-masked-autocast-weights", "benchmarks.generators", ["--part", "sample-masked-autocast-weights"],
         90),                                                      # the pipelines' bf16 Linear weights
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
@@ -83,7 +84,8 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
                    "maxbatch", "tok-encode", "tok-emoji"],
          "quality": ["quality", "inpainting"]}
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
-EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-masked-torch-draw", "sample-masked-cd", "sample-masked-autocast-weights", "sample-ar-autotune",
+EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-masked-torch-draw", "sample-masked-cd",
+                 "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-ar-autotune",
                  "profile-masked", "profile-ar", "profile-var", "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
