@@ -256,14 +256,10 @@ def sampler_step(b: Bench) -> None:
                     ("fused-compiled update only", fused_update, lambda: fused_update(confidence_update),
                      "update: fullgraph (noise pre-drawn)")]
 
-        def torch_draw_update():     # the compiled update with the one-pass draw kernel off (NOTES A32)
-            saved, fused_draw.ENABLED = fused_draw.ENABLED, False
-            try:
-                return fused_update(torch_draw_fn)
-            finally:
-                fused_draw.ENABLED = saved
+        def torch_draw_update():     # the compiled update with the one-pass draw kernel off (NOTES A32): the
+            with kernel_off(fused_draw):     # flag is a guarded global, so this traces a graph of its own
+                return fused_update()
 
-        torch_draw_fn = fullgraph(confidence_update, b.smoke)
         variants.append(("fused-compiled update only [torch draw]", torch_draw_update,
                          lambda: fused_update(confidence_update), "update: fullgraph (noise pre-drawn), no draw kernel"))
         for label, fn, eager, mode in variants:
@@ -402,14 +398,14 @@ def sample_masked_torch_attention(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the fused attention kernel off (NOTES A29): qk-norm and RoPE compiled,
     then SDPA (cuDNN), as before the kernel; to pair with ``sample-masked-fused``'s rows of the same run."""
     from generator import fused_attention
-    sample_masked_without(args, sink, fused_attention, " [torch attention]")
+    sample_masked_under(args, sink, kernel_off(fused_attention), " [torch attention]")
 
 
 def sample_masked_torch_draw(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the one-pass draw kernel off (NOTES A32): the compiled torch update's
     guidance, draw and confidence; to pair with ``sample-masked-fused``'s rows of the same run."""
     from generator import fused_draw
-    sample_masked_without(args, sink, fused_draw, " [torch draw]")
+    sample_masked_under(args, sink, kernel_off(fused_draw), " [torch draw]")
 
 
 def sample_masked_coordinate_descent(args, sink: RowSink) -> None:
@@ -417,30 +413,43 @@ def sample_masked_coordinate_descent(args, sink: RowSink) -> None:
     norms and residual adds, silu*up, the update's ranking: ~50 ms of the @16 batch's GPU time, NOTES "the GPU
     timeline"); to pair with ``sample-masked-fused``'s rows of the same run. Compiles take longer."""
     import torch._inductor.config as inductor_config
-    with inductor_config.patch(coordinate_descent_tuning=True):
-        sample_masked_fused(Bench(args, sink, "masked-B"), tag=" [inductor coordinate descent]")
+    sample_masked_under(args, sink, inductor_config.patch(coordinate_descent_tuning=True),
+                        " [inductor coordinate descent]")
 
 
 def sample_masked_cublaslt(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with PyTorch's matmuls through cuBLASLt instead of cuBLAS: in session 12's trace
     every cuBLAS matmul of the @16 call came with a memset and ~3 us of gaps around it (~3.3 ms per call, NOTES
     "the GPU timeline"); to pair with ``sample-masked-fused``'s rows of the same run."""
-    saved = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library("cublaslt")
-    try:
-        sample_masked_fused(Bench(args, sink, "masked-B"), tag=" [cuBLASLt]")
-    finally:
-        torch.backends.cuda.preferred_blas_library(saved)
+    sample_masked_under(args, sink, blas_library("cublaslt"), " [cuBLASLt]")
 
 
-def sample_masked_without(args, sink: RowSink, kernel_module, tag: str) -> None:
-    """``sample_masked_fused`` with ``kernel_module.ENABLED`` off for this part's rows only (a later part of
-    the same process runs the default path again)."""
+def sample_masked_under(args, sink: RowSink, context, tag: str) -> None:
+    """``sample_masked_fused`` inside ``context`` (a setting changed for this part's rows only: a later part of
+    the same process runs the default path again), its rows' names ending in ``tag``."""
+    with context:
+        sample_masked_fused(Bench(args, sink, "masked-B"), tag=tag)
+
+
+@contextlib.contextmanager
+def kernel_off(kernel_module):
+    """``kernel_module.ENABLED`` (one of generator/'s Triton kernels) False inside, restored after."""
     saved, kernel_module.ENABLED = kernel_module.ENABLED, False
     try:
-        sample_masked_fused(Bench(args, sink, "masked-B"), tag=tag)
+        yield
     finally:
         kernel_module.ENABLED = saved
+
+
+@contextlib.contextmanager
+def blas_library(name: str):
+    """``torch.backends.cuda.preferred_blas_library(name)`` inside, the previous choice restored after."""
+    saved = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(saved)
 
 
 # ---- largest batch ------------------------------------------------------------------------------
