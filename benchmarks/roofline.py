@@ -56,12 +56,13 @@ def impl_bytes_per_elem(fp32_weights: bool) -> int:
 def masked_sampling(config: GeneratorConfig, weights: int, batch: int, steps: int, cfg: bool,
                     fp32_weights: bool = True) -> dict:
     """K = steps forwards of the blocks over S sequences of 1 + L tokens (class token + grid), no KV
-    cache; the head (2 D V per position) runs at the M_k grid positions still masked at step k
-    (confidence sampler, ``masked_counts``), and the sampler step reads their B M_k V guided logits."""
+    cache; the head (2 D V per position) and the last block's projection and MLP (2 (D^2 + 3 D H)) run at
+    the M_k grid positions still masked at step k (confidence sampler, ``masked_counts``), and the sampler
+    step reads their B M_k V guided logits."""
     S, L, Lp = batch * (2 if cfg else 1), config.num_tokens, config.num_tokens + 1
-    head = 2.0 * config.dim * config.codebook_size
+    at_masked = 2.0 * config.dim * config.codebook_size + 2.0 * (config.dim ** 2 + 3 * config.dim * config.mlp_hidden)
     counts = masked_counts(L, get_schedule(config.schedule), steps)
-    flops = S * (steps * Lp * (flops_per_token(config, Lp, training=False) - head) + sum(counts) * head)
+    flops = S * (steps * Lp * (flops_per_token(config, Lp, training=False) - at_masked) + sum(counts) * at_masked)
     logits = batch * sum(counts) * config.codebook_size
     w = impl_bytes_per_elem(fp32_weights)
     return {"flops": flops, "bytes": steps * weights * BF16, "impl_flops": flops,

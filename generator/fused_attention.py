@@ -22,6 +22,7 @@ the attention to read again; the compiled torch path takes 0.26-0.27 ms per call
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -67,18 +68,58 @@ def use_kernel(qkv: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> bool:
             and qkv.dtype in (torch.bfloat16, torch.float16) and K in (32, 64, 128) and qkv.stride(-1) == 1)
 
 
-# the autotuner's candidates (query rows per program, key rows per loop step, warps, stages, KPRE: keys
-# normalised and rotated once per head by a pass of their own, ``_key_prep_kernel``, into a (B, H, L, K)
-# scratch the attention then reads, instead of by every query tile as it loads them); the first is the
-# one the CPU interpreter runs. Session 11, H200, masked-B (``benchmarks.attention_backends fused``, per
-# call, back to back): with KPRE (128, 64, 4, 3) 0.19 ms, (128, 64, 4, 2) 0.20, (64, 64, 4, 2) 0.24, 8
-# warps or 128/256-row tiles 0.25-0.29; without KPRE (128, 64, 4, 2) 0.24 (the keys' norm and rotation on
-# the CUDA cores, redone per query tile, bound it; a variant doing twice that work took 0.35-0.48)
-CONFIGS = [(128, 64, 4, 3, True), (128, 64, 4, 2, True), (64, 64, 4, 2, True), (128, 64, 4, 2, False)]
+class Config(NamedTuple):
+    """One launch configuration of the attention kernel."""
+    bm: int                     # query rows per program
+    bn: int                     # key rows per loop step (the online softmax's order: it changes the bits)
+    warps: int
+    stages: int
+    kpre: bool                  # keys normalised and rotated once per head by ``_key_prep_kernel`` (else per tile)
+    maxnreg: int | None = None  # a register cap per thread, so more programs share a multiprocessor
+
+
+# Candidates for ``python3 -m benchmarks.attention_backends fused`` (the tests run the small ones on the CPU).
+# Session 11, H200, masked-B, per call back to back: (128, 64, 4, 3, KPRE) 0.19 ms, (128, 64, 4, 2, KPRE) 0.20,
+# (64, 64, 4, 2, KPRE) 0.24, 8 warps or 128/256-row key tiles 0.25-0.29, without KPRE 0.24. Session 13 (ncu,
+# H200, Triton 3.6): (128, 64, 4, 3) uses 255 registers per thread, so 2 programs (8 warps) per multiprocessor,
+# 12% occupancy, 0.57 eligible warps per scheduler: latency-bound. The register caps below let 2 programs of 8
+# warps or 3-4 of 4 warps share one (Triton 3.8's ptxas here: 16-250 bytes of spills at most, or none).
+CANDIDATES = [Config(128, 64, 4, 3, True), Config(128, 64, 4, 2, True), Config(64, 64, 4, 2, True),
+              Config(128, 64, 4, 2, False),
+              Config(128, 64, 4, 3, True, 168), Config(128, 64, 8, 3, True, 128), Config(128, 64, 8, 2, True, 128),
+              Config(128, 64, 8, 4, True, 128), Config(128, 32, 4, 3, True, 168), Config(128, 32, 8, 3, True),
+              Config(128, 32, 8, 2, True), Config(64, 32, 4, 3, True, 128), Config(64, 64, 4, 3, True, 128)]
+# One fixed config, not an autotuner's pick: the bits depend on BN (the order keys enter the online softmax)
+# and the session 13 GPU test found configs differing in the last bit, so a timing-based pick could change a
+# seed's ids from one process to the next. TESSERA_ATTENTION_CONFIG="bm,bn,warps,stages,kpre[,maxnreg]"
+# overrides it (the micro-benchmark's best, measured end to end before it becomes the default).
+DEFAULT = Config(128, 64, 4, 3, True)
+
+
+def parse_config(text: str) -> Config:
+    """``"bm,bn,warps,stages,kpre[,maxnreg]"`` (kpre 0/1) -> a ``Config``; a clear error otherwise."""
+    try:
+        fields = [int(v) for v in text.split(",")]
+        if len(fields) not in (5, 6):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"TESSERA_ATTENTION_CONFIG={text!r}: expected 'bm,bn,warps,stages,kpre[,maxnreg]', "
+                         "six integers at most, e.g. '128,64,4,3,1'") from None
+    bm, bn, warps, stages, kpre, *cap = fields
+    if bm not in (16, 32, 64, 128, 256) or bn not in (16, 32, 64, 128, 256) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"TESSERA_ATTENTION_CONFIG={text!r}: bm and bn must be powers of two from 16 to 256, "
+                         "warps 1, 2, 4 or 8")
+    return Config(bm, bn, warps, stages, bool(kpre), cap[0] if cap else None)
+
+
+CONFIG = parse_config(os.environ["TESSERA_ATTENTION_CONFIG"]) if os.environ.get("TESSERA_ATTENTION_CONFIG") \
+    else DEFAULT
 PREP_ROWS = 64          # key rows per program of the key pass
 
 
 if triton is not None:
+    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+
     @triton.jit
     def _norm_rope(lo, hi, W, COS, SIN, rows, inside, f, eps, NORM: tl.constexpr, DT: tl.constexpr,
                    F_: tl.constexpr):
@@ -196,25 +237,18 @@ if triton is not None:
                 m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT)
         _store(O_ptr, so_l, start, L, acc, l_i, K, DT, BM)
 
-    def _prepare_keys(nargs: dict) -> None:
-        """The key pass before a KPRE config's attention (the autotuner's pre-hook: timed with it)."""
-        kr = nargs["KR"]
+    def _prepare_keys(args: dict) -> None:
+        """The key pass before a KPRE config's attention: every head's keys normalised and rotated into KR."""
+        kr = args["KR"]
         B, H, L, K = kr.shape
         _key_prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
-            nargs["QKV"], nargs["KW"], nargs["COS"], nargs["SIN"], kr, L, nargs["s_b"], nargs["s_l"], nargs["eps"],
-            H=H, K=K, F_=K // 2, NORM=nargs["NORM"], BR=PREP_ROWS, num_warps=4)
-
-    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    _tuned_kernel = triton.autotune(     # timed once per (L, H, K) in a process, at the first call
-        [triton.Config(dict(BM=bm, BN=bn, KPRE=kpre), num_warps=w, num_stages=st,
-                       pre_hook=_prepare_keys if kpre else None)
-         for bm, bn, w, st, kpre in CONFIGS[:1 if _interpreted else None]],
-        key=["L", "H", "K"])(_fused_attention_kernel)
+            args["QKV"], args["KW"], args["COS"], args["SIN"], kr, L, args["s_b"], args["s_l"], args["eps"],
+            H=H, K=K, F_=K // 2, NORM=args["NORM"], BR=PREP_ROWS, num_warps=4)
 
     def launch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, eps: float, config: tuple | None = None) -> torch.Tensor:
-        """The kernel on qkv (B, L, 3, H, K) -> (B, L, H K): the autotuner's pick, or ``config`` (an entry
-        of ``CONFIGS``; the tests and the micro-benchmark run each)."""
+               sin: torch.Tensor, eps: float, config: Config | None = None) -> torch.Tensor:
+        """The kernel on qkv (B, L, 3, H, K) -> (B, L, H K) with ``CONFIG``, or ``config`` (a ``Config``: the
+        tests and the micro-benchmark run each of ``CANDIDATES``)."""
         B, L, _, H, K = qkv.shape
         if qkv.stride()[2:] != (H * K, K, 1):      # q, k, v and the heads side by side in each token's row
             qkv = qkv.contiguous()
@@ -225,15 +259,15 @@ if triton is not None:
         args = dict(QKV=qkv, QW=q_weight, KW=k_weight, COS=cos, SIN=sin, KR=keys, O=out, L=L, P=P,
                     s_b=qkv.stride(0), s_l=qkv.stride(1), so_b=out.stride(0), so_l=out.stride(1), eps=eps,
                     scale=K ** -0.5 * 1.4426950408889634, H=H, K=K, F_=K // 2, NORM=eps >= 0, PB=PREFIX_BLOCK)
+        c = CONFIG if config is None else config
+        options = dict(num_warps=c.warps, num_stages=c.stages)
+        if c.maxnreg and not _interpreted:
+            options["maxnreg"] = c.maxnreg
         with on_device(qkv):
-            if config is None:
-                _tuned_kernel[lambda meta: (max(triton.cdiv(L - P, meta["BM"]), 1), B * H)](**args)
-            else:
-                bm, bn, warps, stages, kpre = config
-                if kpre:
-                    _prepare_keys(args)
-                _fused_attention_kernel[(max(triton.cdiv(L - P, bm), 1), B * H)](
-                    **args, BM=bm, BN=bn, KPRE=kpre, num_warps=warps, num_stages=stages)
+            if c.kpre:
+                _prepare_keys(args)
+            _fused_attention_kernel[(max(triton.cdiv(L - P, c.bm), 1), B * H)](
+                **args, BM=c.bm, BN=c.bn, KPRE=c.kpre, **options)
         return out
 
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())

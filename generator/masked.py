@@ -265,15 +265,16 @@ class MaskedGenerator(Generator):
     def forward(self, ids_BL: torch.Tensor, classes_B: torch.Tensor,
                 positions_BM: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V) of p(x_0 | x_t) at every grid position, or (B, M, V) at ``positions_BM``
-        (B, M) long only (the sampler's masked positions: the head is ~1/8 of the FLOPs at the B size).
+        (B, M) long only (the sampler's masked positions: the head is ~1/8 of the FLOPs at the B size, and the
+        last block's projection, MLP and norms run only there too).
         ids may hold [MASK] (= V)."""
         cls_BD = self.class_emb(classes_B)
         x_BLD = torch.cat([cls_BD[:, None], self.tok_emb(ids_BL)], dim=1)     # (B, 1 + L, D)
         cond_BD = cls_BD if self.config.adaln else None
-        h_BLD = self.backbone(x_BLD, self.rope_cos, self.rope_sin, cond_BD)[:, 1:]   # mask None: full attention
-        if positions_BM is not None:
-            h_BLD = h_BLD.gather(1, positions_BM[..., None].expand(-1, -1, h_BLD.shape[-1]))
-        return self.head(h_BLD)
+        if positions_BM is None:
+            return self.head(self.backbone(x_BLD, self.rope_cos, self.rope_sin, cond_BD)[:, 1:])   # full attention
+        # only the rows at positions_BM (+1: the class token leads): the last block's MLP and the head run there
+        return self.head(self.backbone(x_BLD, self.rope_cos, self.rope_sin, cond_BD, rows_BM=positions_BM + 1))
 
     def logits(self, ids_BL: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
         """Same as ``self(ids_BL, classes_B)`` (goes through a compiled forward after ``compile()``)."""

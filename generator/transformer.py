@@ -157,9 +157,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None):
+    def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None, rows_BM=None):
         """``mask_LS``: None, a bool (L, S) tensor (True = attend), or a ``BlockCausal`` (uncached forwards
-        only: VAR's teacher-forced training and scoring)."""
+        only: VAR's teacher-forced training and scoring). ``rows_BM`` (B, M) long: every row attends as usual,
+        but only these rows' outputs are projected and returned, (B, M, D)."""
         B, L, D = x_BLD.shape
         grouped = isinstance(mask_LS, BlockCausal)
         if grouped and self.kv_cache is not None and cache_pos is not None:
@@ -167,7 +168,7 @@ class Attention(nn.Module):
         qkv_BL3HK = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim)
         full = mask_LS is None and not is_causal and (self.kv_cache is None or cache_pos is None)
         if full and use_fused_attention(qkv_BL3HK, self.q_norm, self.k_norm):   # no-grad CUDA forwards (NOTES A29)
-            return self.proj(fused_attention(qkv_BL3HK, self.q_norm, self.k_norm, cos_LF, sin_LF))
+            return self.proj(gather_rows(fused_attention(qkv_BL3HK, self.q_norm, self.k_norm, cos_LF, sin_LF), rows_BM))
         # qk-norm and RoPE in the projection's own (B, L, H, K) order (the tables broadcast over heads), then
         # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
         # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
@@ -188,7 +189,12 @@ class Attention(nn.Module):
             out = attend_one_query(q, k, v, mask_LS)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+        return self.proj(gather_rows(out.transpose(1, 2).reshape(B, L, D), rows_BM))
+
+
+def gather_rows(x_BLD: torch.Tensor, rows_BM: torch.Tensor | None) -> torch.Tensor:
+    """x's rows ``rows_BM`` (B, M) of each sequence, (B, M, D); all of x when rows_BM is None."""
+    return x_BLD if rows_BM is None else x_BLD.gather(1, rows_BM[..., None].expand(-1, -1, x_BLD.shape[-1]))
 
 
 class SwiGLU(nn.Module):
@@ -217,14 +223,19 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D)) if config.adaln else None
 
-    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None):
+    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None,
+                rows_BM=None):
+        """``rows_BM`` (B, M) long: every row attends (keys and values of all), but the rest of the block runs
+        only at these rows, and returns them, (B, M, D)."""
         if self.ada is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond_BD)[:, None].chunk(6, dim=-1)
             h = self.norm1(x_BLD) * (1 + scale1) + shift1
-            x_BLD = x_BLD + gate1 * self.drop(self.attn(h, cos_LF, sin_LF, mask_LS, is_causal, cache_pos))
+            x_BLD = gather_rows(x_BLD, rows_BM) + gate1 * self.drop(
+                self.attn(h, cos_LF, sin_LF, mask_LS, is_causal, cache_pos, rows_BM))
             h = self.norm2(x_BLD) * (1 + scale2) + shift2
             return x_BLD + gate2 * self.drop(self.mlp(h))
-        x_BLD = x_BLD + self.drop(self.attn(self.norm1(x_BLD), cos_LF, sin_LF, mask_LS, is_causal, cache_pos))
+        x_BLD = gather_rows(x_BLD, rows_BM) + self.drop(
+            self.attn(self.norm1(x_BLD), cos_LF, sin_LF, mask_LS, is_causal, cache_pos, rows_BM))
         return x_BLD + self.drop(self.mlp(self.norm2(x_BLD)))
 
 
@@ -238,9 +249,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 2 * config.dim)) if config.adaln else None
 
-    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None):
-        for block in self.blocks:
-            x_BLD = block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos)
+    def forward(self, x_BLD, cos_LF, sin_LF, cond_BD=None, mask_LS=None, is_causal=False, cache_pos=None,
+                rows_BM=None):
+        """``rows_BM`` (B, M) long: only these rows' outputs are wanted, (B, M, D). The last block still attends
+        over every row, but runs its projection, MLP and norms only at them (a masked sampler's later steps
+        need a third of the rows or fewer)."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x_BLD = block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos, rows_BM if i == last else None)
         h = self.norm(x_BLD)
         if self.final_ada is not None:
             shift, scale = self.final_ada(cond_BD)[:, None].chunk(2, dim=-1)

@@ -59,37 +59,46 @@ def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm):
 
 
 @needs_kernel
-@pytest.mark.parametrize("config", [c for c in fa.CONFIGS if c[0] <= 128 and c[2] == 4])
+@pytest.mark.parametrize("config", [c for c in fa.CANDIDATES if c.bm <= 128 and c.warps == 4])
 @pytest.mark.parametrize("L", [37, 64])
 def test_every_candidate_config_gives_the_same_attention(config, L):
-    """Each tile shape the autotuner may pick, keys normalised in the attention or by the key pass (KPRE)
-    alike, with and without the class token's rows (37: 5 leading rows; 64: none), equals the first config
-    (which the interpreter tunes to) to the rounding of P."""
+    """Each candidate tile shape, keys normalised in the attention or by the key pass (KPRE) alike, with and
+    without the class token's rows (37: 5 leading rows; 64: none), equals the default config to the rounding
+    of P and of the output (another BN changes the online softmax's order: a unit in the last place of the
+    output dtype, 2^-7 in bfloat16 on the GPU, 2^-10 in float16 on the interpreter)."""
     B, heads, head_dim = 2, 2, 32
     attn = attention(heads, head_dim, True, seed=3)
     cos, sin = tables(L, head_dim)
     qkv = torch.randn(B, L, 3, heads, head_dim, device=KERNEL_DEVICE).to(DTYPE)
     q_w, k_w, eps = fa.norm_weights(attn.q_norm, attn.k_norm, qkv.device)
     with torch.no_grad():
-        first = fa.launch(qkv, q_w, k_w, cos, sin, eps, fa.CONFIGS[0])
+        first = fa.launch(qkv, q_w, k_w, cos, sin, eps, fa.DEFAULT)
         out = fa.launch(qkv, q_w, k_w, cos, sin, eps, config)
-    torch.testing.assert_close(out, first, atol=2e-3, rtol=2e-3)
+    tol = 2e-3 if DTYPE == torch.float16 else 1.6e-2
+    torch.testing.assert_close(out, first, atol=tol, rtol=tol)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitwise equality of the configs on the GPU")
-def test_every_config_gives_bitwise_the_same_attention_on_the_gpu():
-    """The autotuner picks a config by timing, so it may pick another in the next process; a seed gives the same
-    ids in every process only if every config computes the same bits (the same BN, so the same key order)."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitwise determinism on the GPU")
+def test_the_kernel_gives_the_same_bits_every_call_on_the_gpu():
+    """One fixed config, no autotuner (configs differ in the last bit, so a timing-based pick could change a
+    seed's ids between processes): the same inputs give the same bits, call after call."""
     B, L, heads, head_dim = 4, 257, 12, 64
     attn = attention(heads, head_dim, True, seed=5)
     cos, sin = tables(L, head_dim)
     qkv = torch.randn(B, L, 3, heads, head_dim, device="cuda").to(DTYPE)
     q_w, k_w, eps = fa.norm_weights(attn.q_norm, attn.k_norm, qkv.device)
     with torch.no_grad():
-        outs = [fa.launch(qkv, q_w, k_w, cos, sin, eps, config) for config in fa.CONFIGS]
-    for config, out in zip(fa.CONFIGS[1:], outs[1:]):
-        assert torch.equal(out, outs[0]), config
+        outs = [fa.launch(qkv, q_w, k_w, cos, sin, eps) for _ in range(3)]
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
+def test_the_config_override_is_parsed_or_named_as_wrong():
+    assert fa.parse_config("128,32,8,3,1,128") == fa.Config(128, 32, 8, 3, True, 128)
+    assert fa.parse_config("64,64,4,2,0") == fa.Config(64, 64, 4, 2, False, None)
+    for bad in ["128,64", "128,64,4,3,1,128,9", "a,b,c,d,e", "100,64,4,3,1", "128,64,3,3,1"]:
+        with pytest.raises(ValueError, match="TESSERA_ATTENTION_CONFIG"):
+            fa.parse_config(bad)
 
 
 @needs_kernel
@@ -157,17 +166,19 @@ def test_gpu_attention_module_dispatch_matches_the_torch_path(monkeypatch):
 
 
 @needs_compiler
-@pytest.mark.parametrize("config", [fa.CONFIGS[0], next(c for c in fa.CONFIGS if not c[4])])
+@pytest.mark.parametrize("config", [fa.DEFAULT, next(c for c in fa.CANDIDATES if not c.kpre),
+                                    next(c for c in fa.CANDIDATES if c.maxnreg)])
 def test_kernel_compiles_for_hopper(config):
     """Triton's compiler, down to sm_90 PTX and cubin, with no GPU: it rejects what the interpreter lets pass
     (a loop-carried tile whose shape changes, a branch that leaves a variable with two types)."""
-    bm, bn, warps, stages, kpre = config
+    bm, bn, warps, stages, kpre, maxnreg = config
     ints = ["L", "P", "s_b", "s_l", "so_b", "so_l"]
     signature = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "KR": "*bf16",
                  "O": "*bf16", **dict.fromkeys(ints, "i32"), "eps": "fp32", "scale": "fp32",
                  **dict.fromkeys(["H", "K", "F_", "NORM", "BM", "BN", "PB", "KPRE"], "constexpr")}
     consts = dict(H=12, K=64, F_=32, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK, KPRE=kpre)
-    kernel = compile_for_hopper(fa._fused_attention_kernel, signature, consts, num_warps=warps, num_stages=stages)
+    cap = {"maxnreg": maxnreg} if maxnreg else {}
+    kernel = compile_for_hopper(fa._fused_attention_kernel, signature, consts, num_warps=warps, num_stages=stages, **cap)
     assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"]     # Hopper's tensor-core instructions
     if kpre:
         prep = {k: signature[k] for k in ["QKV", "KW", "COS", "SIN", "KR", "L", "s_b", "s_l", "eps"]}

@@ -211,6 +211,21 @@ def test_masked_positions_and_host_counts_follow_the_sampler():
     assert masked_counts(256, sched, 16) == maskgit
 
 
+@pytest.mark.parametrize("adaln", [False, True])
+def test_logits_at_positions_are_the_full_grids_rows(adaln):
+    """forward(..., positions_BM): the last block's projection, MLP and norms and the head run only at those
+    rows (every row still attends); the logits equal the full forward's at the same positions (float64)."""
+    model = randomised(tiny(adaln=adaln, depth=3)).double()
+    for p in model.parameters():            # adaLN starts at zero: give its layers weights so they act
+        torch.nn.init.normal_(p, std=0.3)
+    ids, classes = torch.randint(0, V + 1, (2, L)), torch.tensor([1, 2])
+    pos = torch.stack([torch.randperm(L)[:5] for _ in range(2)])
+    with torch.no_grad():
+        full, rows = model(ids, classes), model(ids, classes, pos)
+    assert rows.shape == (2, 5, V)
+    torch.testing.assert_close(rows, full.gather(1, pos[..., None].expand(-1, -1, V)), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("inpaint", [False, True])
 def test_sampling_at_masked_positions_gives_the_full_grid_ids(inpaint):
     """sample() runs the head at the masked positions only; a loop that computes logits at every
