@@ -177,9 +177,10 @@ def test_kernel_compiles_for_hopper(config):
                  "O": "*bf16", **dict.fromkeys(ints, "i32"), "eps": "fp32", "scale": "fp32",
                  **dict.fromkeys(["H", "K", "F_", "NORM", "BM", "BN", "PB", "KPRE"], "constexpr")}
     consts = dict(H=12, K=64, F_=32, NORM=True, BM=bm, BN=bn, PB=fa.PREFIX_BLOCK, KPRE=kpre)
-    cap = {"maxnreg": maxnreg} if maxnreg else {}
-    kernel = compile_for_hopper(fa._fused_attention_kernel, signature, consts, num_warps=warps, num_stages=stages, **cap)
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    kernel = compile_for_hopper(fa._fused_attention_kernel, signature, consts, **options)
     assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"]     # Hopper's tensor-core instructions
+    assert not maxnreg or f".maxnreg {maxnreg}" in kernel.asm["ptx"]    # the register cap reaches ptxas
     if kpre:
         prep = {k: signature[k] for k in ["QKV", "KW", "COS", "SIN", "KR", "L", "s_b", "s_l", "eps"]}
         prep.update(dict.fromkeys(["H", "K", "F_", "NORM", "BR"], "constexpr"))
