@@ -1,14 +1,15 @@
 """Micro-benchmark (GPU): attention at the generators' shapes through each SDPA backend, FlexAttention
 and VAR's grouped block-causal calls, and which kernel a compiled training step picks.
 
-    python3 -m benchmarks.attention_backends [backends] [var] [compiled] [fused]    (default: all four)
+    python3 -m benchmarks.attention_backends [backends] [var] [compiled] [fused] [ncu]    (default: the first four)
 
 bf16, q/k/v as transposed (B, L, H, K) views (transformer.Attention's layout), head dim 64:
 masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), masked-L training
 (256 sequences, 16 heads, full, forward + backward), each at 257 and 256 tokens (what the class prefix
 costs in 128-row tiles), AR-L training (256 tokens, causal) and VAR-d16 training (128 sequences, 16
 heads, 680 tokens, block-causal: the bool mask, a FlexAttention BlockMask, ``BlockCausal`` groups);
-``fused``: masked-B sampling's qk-norm + RoPE + attention, compiled torch ops vs generator/fused_attention.py.
+``fused``: masked-B sampling's qk-norm + RoPE + attention, compiled torch ops vs generator/fused_attention.py;
+``ncu``: only a few launches of the fused kernel and SDPA, to profile with Nsight Compute.
 Milliseconds per call (CUDA events, median of 20 after warm-up) and TFLOP/s on the attention's
 4 L S K FLOPs per head over the pairs the mask keeps (x3.5 with the backward). Then the kernels a
 compiled forward + backward through SDPA runs, with the default backend order and with cuDNN first.
@@ -191,9 +192,33 @@ def fused_rows(flex=None) -> None:
                   f"{times.get(fa.CONFIG, float('nan')):.4f} for the config in use)", flush=True)
 
 
+def ncu_launches(flex=None) -> None:
+    """A few launches of the fused kernel (its config in use, with the key pass) and of SDPA at 256 grid tokens on
+    ready q, k, v, masked-B sampling's shapes, and nothing else: for Nsight Compute (NOTES A33), e.g.
+    ``ncu --clock-control none -k regex:"fused_attention|key_prep|sdpa" --launch-skip 3 --launch-count 3
+    --section SpeedOfLight --section Occupancy --section WarpStateStats python3 -m benchmarks.attention_backends
+    ncu``. Not in the default sections."""
+    from generator import fused_attention as fa
+    from generator.transformer import rope_tables
+
+    B, L, H, K = 128, 257, 12, 64
+    qkv = torch.randn(B, L, 3, H, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.ones(K, device="cuda")
+    positions = torch.stack([torch.arange(256) // 16, torch.arange(256) % 16], dim=-1)
+    cos, sin = (t.cuda() for t in rope_tables(positions, K, num_prefix=1))
+    grid_views = [t.transpose(1, 2) for t in qkv[:, 1:].unbind(2)]
+    with torch.no_grad():
+        for _ in range(3):
+            fa.launch(qkv, weight, weight, cos, sin, 1e-6)
+            F.scaled_dot_product_attention(*grid_views)
+    torch.cuda.synchronize()
+    print(f"launched the fused kernel {fa.CONFIG} and SDPA at 256 tokens three times each")
+
+
 def main() -> None:
-    sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels, "fused": fused_rows}
-    chosen = sys.argv[1:] or list(sections)
+    sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels, "fused": fused_rows,
+                "ncu": ncu_launches}
+    chosen = sys.argv[1:] or [name for name in sections if name != "ncu"]
     if unknown := set(chosen) - set(sections):
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")
     torch.manual_seed(0)
