@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from generator.launch import on_device
+from generator.launch import INTERPRETED, on_device
 
 try:
     import triton
@@ -118,8 +118,6 @@ PREP_ROWS = 64          # key rows per program of the key pass
 
 
 if triton is not None:
-    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-
     @triton.jit
     def _norm_rope(lo, hi, W, COS, SIN, rows, inside, f, eps, NORM: tl.constexpr, DT: tl.constexpr,
                    F_: tl.constexpr):
@@ -253,15 +251,16 @@ if triton is not None:
         if qkv.stride()[2:] != (H * K, K, 1):      # q, k, v and the heads side by side in each token's row
             qkv = qkv.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
+        c = CONFIG if config is None else config
         out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
-        keys = torch.empty(B, H, L, K, dtype=qkv.dtype, device=qkv.device)     # the KPRE configs' scratch
+        # the key pass's output; without KPRE the kernel never reads it (any valid pointer: out)
+        keys = torch.empty(B, H, L, K, dtype=qkv.dtype, device=qkv.device) if c.kpre else out
         P = L % PREFIX_BLOCK
         args = dict(QKV=qkv, QW=q_weight, KW=k_weight, COS=cos, SIN=sin, KR=keys, O=out, L=L, P=P,
                     s_b=qkv.stride(0), s_l=qkv.stride(1), so_b=out.stride(0), so_l=out.stride(1), eps=eps,
                     scale=K ** -0.5 * 1.4426950408889634, H=H, K=K, F_=K // 2, NORM=eps >= 0, PB=PREFIX_BLOCK)
-        c = CONFIG if config is None else config
         options = dict(num_warps=c.warps, num_stages=c.stages)
-        if c.maxnreg and not _interpreted:
+        if c.maxnreg and not INTERPRETED:
             options["maxnreg"] = c.maxnreg
         with on_device(qkv):
             if c.kpre:

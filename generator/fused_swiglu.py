@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from generator.launch import on_device
+from generator.launch import INTERPRETED, on_device
 
 try:
     import triton
@@ -194,12 +194,11 @@ if triton is not None:
             return configs
         return [c for c in configs if not c.kwargs.get("TMA")]
 
-    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _tuned_kernel = triton.autotune(     # timed once per (N, K, M's power of two, dtype) in a process
         [triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, TMA=False, PERSISTENT=False), num_warps=w,
-                       num_stages=st) for bm, bn, bk, w, st, gm in CONFIGS[:1 if _interpreted else None]]
+                       num_stages=st) for bm, bn, bk, w, st, gm in CONFIGS[:1 if INTERPRETED else None]]
         + [triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, TMA=True, PERSISTENT=p), num_warps=w, num_stages=st)
-           for bm, bn, bk, w, st, gm, p in ([] if _interpreted else TMA_CONFIGS)],
+           for bm, bn, bk, w, st, gm, p in ([] if INTERPRETED else TMA_CONFIGS)],
         key=["N", "K", "M_BUCKET"], prune_configs_by=dict(early_config_prune=_prune),
     )(triton.heuristics(dict(EVEN_K=lambda args: args["K"] % args["BK"] == 0))(_fused_swiglu_kernel))
 

@@ -4,8 +4,13 @@ into cuda:1's memory)."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1, read by triton at import): the kernels' tests run there, on the
+# first config only, and launch options the interpreter has no use for (register caps) are left out
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def on_device(t: torch.Tensor):

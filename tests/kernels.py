@@ -1,16 +1,15 @@
 """Where the Triton kernel tests run: on CUDA, or on Triton's CPU interpreter when TRITON_INTERPRET=1 is set
 before triton is imported (``make test``'s second pass); elsewhere they skip."""
-import os
-
 import pytest
 import torch
+
+from generator.launch import INTERPRETED     # TRITON_INTERPRET=1: Triton's CPU interpreter
 
 try:
     import triton
 except ImportError:   # CPU-only installs
     triton = None
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if INTERPRETED else None
 needs_kernel = pytest.mark.skipif(triton is None or KERNEL_DEVICE is None,
                                   reason="the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
