@@ -1,7 +1,8 @@
 """Micro-benchmark (GPU): attention at the generators' shapes through each SDPA backend, FlexAttention
 and VAR's grouped block-causal calls, and which kernel a compiled training step picks.
 
-    python3 -m benchmarks.attention_backends [backends] [var] [compiled] [fused] [ncu]    (default: the first four)
+    python3 -m benchmarks.attention_backends [backends] [var] [compiled] [fused] [split] [ncu]
+    (default: all but ncu)
 
 bf16, q/k/v as transposed (B, L, H, K) views (transformer.Attention's layout), head dim 64:
 masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), masked-L training
@@ -9,6 +10,7 @@ masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), 
 costs in 128-row tiles), AR-L training (256 tokens, causal) and VAR-d16 training (128 sequences, 16
 heads, 680 tokens, block-causal: the bool mask, a FlexAttention BlockMask, ``BlockCausal`` groups);
 ``fused``: masked-B sampling's qk-norm + RoPE + attention, compiled torch ops vs generator/fused_attention.py;
+``split``: the split method's passes (A36);
 ``ncu``: only a few launches of the fused kernel and SDPA, to profile with Nsight Compute.
 Milliseconds per call (CUDA events, median of 20 after warm-up) and TFLOP/s on the attention's
 4 L S K FLOPs per head over the pairs the mask keeps (x3.5 with the backward). Then the kernels a
@@ -192,6 +194,41 @@ def fused_rows(flex=None) -> None:
                   f"{times.get(fa.CONFIG, float('nan')):.4f} for the config in use)", flush=True)
 
 
+def split_rows(flex=None) -> None:
+    """The split method (NOTES A36) at masked-B sampling's shape (128 sequences, 12 heads, 257 tokens): the whole
+    method and the one kernel, then its middle alone (the grid attention with its log-sum-exp, cuDNN and flash, on
+    the q/k pass's output), and SDPA over 256 grid queries x 257 keys (no merge needed, a third key tile) for
+    scale; the q/k and merge passes are the difference. 10 calls back to back, as ``fused_rows``."""
+    from generator import fused_attention as fa
+    from generator.transformer import rope_tables
+
+    B, L, H, K = 128, 257, 12, 64
+    qkv = torch.randn(B, L, 3, H, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.rand(K, device="cuda") + 0.5
+    positions = torch.stack([torch.arange(256) // 16, torch.arange(256) % 16], dim=-1)
+    cos, sin = (t.cuda() for t in rope_tables(positions, K, num_prefix=1))
+    qr = torch.randn(B, H, L, K, device="cuda", dtype=torch.bfloat16)
+    kr = torch.randn_like(qr)
+    v = qkv[:, 1:, 2].transpose(1, 2)
+    cudnn = lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(   # noqa: E731
+        qr[:, :, 1:], kr[:, :, 1:], v, None, True, 0.0, False, False, scale=K ** -0.5)
+    flash = lambda: torch.ops.aten._scaled_dot_product_flash_attention(   # noqa: E731
+        qr[:, :, 1:], kr[:, :, 1:], v, 0.0, False, False, scale=K ** -0.5)
+    with torch.no_grad():
+        kernel, split = (fa.launch(qkv, weight, weight, cos, sin, 1e-6),
+                         fa.launch_split(qkv, weight, weight, cos, sin, 1e-6))
+        print(f"max |split - kernel| {(split.float() - kernel.float()).abs().max().item():.4f}", flush=True)
+        cands = {"kernel": lambda: fa.launch(qkv, weight, weight, cos, sin, 1e-6),
+                 "split": lambda: fa.launch_split(qkv, weight, weight, cos, sin, 1e-6),
+                 "cuDNN+lse 256": cudnn, "flash+lse 256": flash,
+                 "SDPA 256q x 257k": lambda: F.scaled_dot_product_attention(qr[:, :, 1:], kr, qkv[:, :, 2].transpose(1, 2))}
+        for name, fn in cands.items():
+            try:
+                print(f"  {name:18s} {time_ms(fn, reps=10):.4f} ms", flush=True)
+            except RuntimeError as e:
+                print(f"  {name:18s} n/a ({str(e).splitlines()[0][:80]})", flush=True)
+
+
 def ncu_launches(flex=None) -> None:
     """A few launches of the fused kernel (its config in use, with the key pass) and of SDPA at 256 grid tokens on
     ready q, k, v, masked-B sampling's shapes, and nothing else: for Nsight Compute (NOTES A33), e.g.
@@ -217,7 +254,7 @@ def ncu_launches(flex=None) -> None:
 
 def main() -> None:
     sections = {"backends": backend_rows, "var": var_rows, "compiled": compiled_kernels, "fused": fused_rows,
-                "ncu": ncu_launches}
+                "split": split_rows, "ncu": ncu_launches}
     chosen = sys.argv[1:] or [name for name in sections if name != "ncu"]
     if unknown := set(chosen) - set(sections):
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {list(sections)}")

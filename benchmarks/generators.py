@@ -4,7 +4,8 @@
 
 PART: sample-masked (eager, compiled forward, fused), sample-masked-fused (only ``sample(compile=True)``
 and the sampler step), sample-masked-torch-attn (``sample(compile=True)`` with the fused attention
-kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-masked-torch-draw (the same
+kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), sample-masked-split-attn (its
+"split" method: cuDNN over the grid rows, the class key merged in), sample-masked-torch-draw (the same
 with generator/fused_draw.py's kernel off: the compiled torch update), sample-masked-cd (the same with inductor's
 coordinate-descent tuning), sample-masked-cublaslt (the same with matmuls through cuBLASLt),
 sample-masked-autocast-weights
@@ -35,7 +36,8 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
 
-PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-torch-draw",
+PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
+         "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
@@ -403,6 +405,23 @@ def sample_masked_torch_attention(args, sink: RowSink) -> None:
     sample_masked_under(args, sink, kernel_off(fused_attention), " [torch attention]")
 
 
+def sample_masked_split_attention(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with the attention's "split" method (NOTES A36: a q/k pass, cuDNN over the grid rows
+    with its log-sum-exp, a merge pass) instead of the one kernel; to pair with ``sample-masked-fused``'s rows."""
+    from generator import fused_attention
+    sample_masked_under(args, sink, attention_method(fused_attention, "split"), " [split attention]")
+
+
+@contextlib.contextmanager
+def attention_method(module, method: str):
+    """``module.METHOD`` (generator/fused_attention.py's) set to ``method`` inside, restored after."""
+    saved, module.METHOD = module.METHOD, method
+    try:
+        yield
+    finally:
+        module.METHOD = saved
+
+
 def sample_masked_torch_draw(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the one-pass draw kernel off (NOTES A32): the compiled torch update's
     guidance, draw and confidence; to pair with ``sample-masked-fused``'s rows of the same run."""
@@ -524,6 +543,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     jobs = {"sample-masked": sample_masked, "sample-masked-fused": sample_masked_fused_only,
             "sample-masked-torch-attn": sample_masked_torch_attention,
+            "sample-masked-split-attn": sample_masked_split_attention,
             "sample-masked-torch-draw": sample_masked_torch_draw,
             "sample-masked-cd": sample_masked_coordinate_descent,
             "sample-masked-cublaslt": sample_masked_cublaslt,

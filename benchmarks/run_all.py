@@ -51,6 +51,7 @@ JOBS = [
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 160),  # subset of sample-masked
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
+    Job("sample-masked-split-attn", "benchmarks.generators", ["--part", "sample-masked-split-attn"], 90),  # A36
     Job("sample-masked-torch-draw", "benchmarks.generators", ["--part", "sample-masked-torch-draw"], 60),  # A32 off
     Job("sample-masked-cd", "benchmarks.generators", ["--part", "sample-masked-cd"], 200),  # unmeasured guess
     Job("sample-masked-cublaslt", "benchmarks.generators", ["--part", "sample-masked-cublaslt"], 90),  # a guess
@@ -84,9 +85,9 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
                    "maxbatch", "tok-encode", "tok-emoji"],
          "quality": ["quality", "inpainting"]}
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
-EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-masked-torch-draw", "sample-masked-cd",
-                 "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-ar-autotune",
-                 "profile-masked", "profile-ar", "profile-var", "profile-train-ar", "profile-train-masked", "profile-train-var"}
+EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
+                 "sample-masked-torch-draw", "sample-masked-cd", "sample-masked-cublaslt",
+                 "sample-masked-autocast-weights", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var", "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]

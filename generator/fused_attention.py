@@ -38,6 +38,14 @@ except ImportError:   # CPU-only installs: the torch-ops path
 PREFIX_BLOCK = 16       # the leading L mod 16 rows (the class token) go in one block of this many
 # on unless TESSERA_FUSED_ATTENTION=0 (or this is set False before a forward; compiled graphs keep their choice)
 ENABLED = os.environ.get("TESSERA_FUSED_ATTENTION", "1") != "0"
+# "kernel": the one kernel above (A29). "split" (A36): a pass normalising and rotating q and k into (B, H, L, K)
+# (and scoring the grid queries against the prefix keys), cuDNN's attention over the L - P grid rows with its
+# log-sum-exp (flash's where cuDNN is off), then a pass merging the prefix keys into those rows and attending the
+# prefix rows to every key. TESSERA_ATTENTION_METHOD picks one; the module attribute can be set before a forward.
+METHODS = ("kernel", "split")
+METHOD = os.environ.get("TESSERA_ATTENTION_METHOD", "kernel")
+if METHOD not in METHODS:
+    raise ValueError(f"TESSERA_ATTENTION_METHOD={METHOD!r}: expected one of {list(METHODS)}")
 
 
 def fused_attention(qkv_BL3HK: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
@@ -114,7 +122,27 @@ def parse_config(text: str) -> Config:
 
 CONFIG = parse_config(os.environ["TESSERA_ATTENTION_CONFIG"]) if os.environ.get("TESSERA_ATTENTION_CONFIG") \
     else DEFAULT
-PREP_ROWS = 64          # key rows per program of the key pass
+PREP_ROWS = 64          # key rows per program of the key pass (and of the split's q/k pass)
+MERGE_ROWS = 64         # grid rows per program of the split's merge pass
+
+
+def attention_with_lse(q_BHGK: torch.Tensor, k_BHGK: torch.Tensor, v_BHGK: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full attention and its log-sum-exp, forward only: (out (B, H, G, K) in q's dtype, lse (B, H, G) float32 =
+    log sum_s exp(scale q . k_s), natural log). On CUDA aten's cuDNN kernel (flash's where cuDNN is off or on
+    ROCm), called directly: the only way to get the log-sum-exp they compute anyway; elsewhere (Triton's CPU
+    interpreter) the scores in float32, as written."""
+    if q_BHGK.is_cuda:
+        if torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled and torch.version.hip is None:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q_BHGK, k_BHGK, v_BHGK, None, True, 0.0, False, False, scale=scale)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                q_BHGK, k_BHGK, v_BHGK, 0.0, False, False, scale=scale)[:2]
+        return out, lse.reshape(out.shape[:-1])       # cuDNN's is (B, H, G, 1)
+    s_BHGS = q_BHGK.float() @ k_BHGK.float().transpose(-1, -2) * scale
+    lse = s_BHGS.logsumexp(-1)
+    return ((s_BHGS - lse[..., None]).exp() @ v_BHGK.float()).to(q_BHGK.dtype), lse
 
 
 if triton is not None:
@@ -144,16 +172,31 @@ if triton is not None:
         return lo, hi, inside
 
     @triton.jit
-    def _key_prep_kernel(QKV, KW, COS, SIN, KR, L, s_b, s_l, eps, H: tl.constexpr, K: tl.constexpr,
-                         F_: tl.constexpr, NORM: tl.constexpr, BR: tl.constexpr):
-        """Program (i, b * H + h): keys [i BR, +BR) of head h normalised and rotated into KR (B, H, L, K)."""
+    def _prep_kernel(QKV, QW, KW, COS, SIN, QR, KR, SP, L, P, s_b, s_l, eps, scale, H: tl.constexpr,
+                     K: tl.constexpr, F_: tl.constexpr, NORM: tl.constexpr, BR: tl.constexpr, PB: tl.constexpr,
+                     QUERIES: tl.constexpr):
+        """Program (i, b * H + h): keys [i BR, +BR) of head h normalised and rotated into KR (B, H, L, K). With
+        QUERIES also the queries into QR (B, H, L, K) and, when P > 0, SP (B, H, L - P, PB) float32: each grid
+        query's scores against the P leading keys, scale q_j . k_p (natural-log units, for the split's merge)."""
         DT = QKV.dtype.element_ty
-        b, h = tl.program_id(1) // H, tl.program_id(1) % H
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
         start = tl.program_id(0) * BR
-        lo, hi, inside = _rows(QKV + b * s_b + (H + h) * K, KW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BR)
-        out = KR + tl.program_id(1) * L * K + (start + tl.arange(0, BR))[:, None] * K + tl.arange(0, F_)[None, :]
-        tl.store(out, lo, mask=inside[:, None])
-        tl.store(out + F_, hi, mask=inside[:, None])
+        Q_ptr = QKV + b * s_b + h * K
+        rows = start + tl.arange(0, BR)
+        dst = bh * L * K + rows[:, None] * K + tl.arange(0, F_)[None, :]
+        k_lo, k_hi, inside = _rows(Q_ptr + H * K, KW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BR)
+        tl.store(KR + dst, k_lo, mask=inside[:, None])
+        tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
+        if QUERIES:
+            q_lo, q_hi, _q_in = _rows(Q_ptr, QW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BR)
+            tl.store(QR + dst, q_lo, mask=inside[:, None])
+            tl.store(QR + dst + F_, q_hi, mask=inside[:, None])
+            if P > 0:
+                c_lo, c_hi, _c_in = _rows(Q_ptr + H * K, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
+                s = (tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))) * scale
+                sp = SP + (bh * (L - P) + rows - P)[:, None] * PB + tl.arange(0, PB)[None, :]
+                tl.store(sp, s, mask=(inside & (rows >= P))[:, None])
 
     @triton.jit
     def _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT: tl.constexpr):
@@ -235,13 +278,65 @@ if triton is not None:
                 m_i, l_i, acc = _online_step(q_lo, q_hi, k_lo, k_hi, v, seen, m_i, l_i, acc, scale, DT)
         _store(O_ptr, so_l, start, L, acc, l_i, K, DT, BM)
 
+    @triton.jit
+    def _merge_kernel(QKV, QR, KR, OG, LSE, SP, O, L, P, s_b, s_l, og_b, og_h, og_l, lse_b, lse_h, lse_l, so_b, so_l,
+                      scale, H: tl.constexpr, K: tl.constexpr, F_: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      PB: tl.constexpr):
+        """The split's last pass. Program (i, b * H + h): grid rows [i BM, +BM) of head h, out rows P + j, from the
+        attention over the grid keys alone (OG (B, H, G, K), its log-sum-exp LSE (B, H, G), natural log) and the
+        scores against the P leading keys (SP): with m = max(lse, s_1..s_P),
+            out = (e^(lse - m) og + sum_p e^(s_p - m) v_p) / (e^(lse - m) + sum_p e^(s_p - m))
+        in float32 (each weight at most 1). Program 0 of a head also attends the P leading queries (from QR) to
+        every key (KR, and the values from QKV) as one 16-row tile, in key tiles of BN."""
+        DT = QKV.dtype.element_ty
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        G = L - P
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        inside = rows < G
+        cols = tl.arange(0, K)
+        V_ptr = QKV + b * s_b + (2 * H + h) * K
+        O_ptr = O + b * so_b + h * K
+        lse = tl.load(LSE + b * lse_b + h * lse_h + rows * lse_l, mask=inside, other=0.0)
+        og = tl.load(OG + b * og_b + h * og_h + rows[:, None] * og_l + cols[None, :], mask=inside[:, None],
+                     other=0.0).to(tl.float32)
+        sp_row = SP + (bh * G + rows) * PB
+        m = lse
+        for p in range(0, P):
+            m = tl.maximum(m, tl.load(sp_row + p, mask=inside, other=0.0))
+        weight = tl.exp(lse - m)
+        num = og * weight[:, None]
+        den = weight
+        for p in range(0, P):
+            w_p = tl.exp(tl.load(sp_row + p, mask=inside, other=0.0) - m)
+            num += w_p[:, None] * tl.load(V_ptr + p * s_l + cols).to(tl.float32)[None, :]
+            den += w_p
+        tl.store(O_ptr + (P + rows)[:, None] * so_l + cols[None, :], (num / den[:, None]).to(DT), mask=inside[:, None])
+        if (P > 0) & (tl.program_id(0) == 0):       # the leading queries: every key, online softmax in log2 units
+            f = tl.arange(0, F_)
+            prow = tl.arange(0, PB)
+            p_in = prow < P
+            QR_ptr, KR_ptr = QR + bh * L * K, KR + bh * L * K
+            p_lo = tl.load(QR_ptr + prow[:, None] * K + f[None, :], mask=p_in[:, None], other=0.0)
+            p_hi = tl.load(QR_ptr + prow[:, None] * K + F_ + f[None, :], mask=p_in[:, None], other=0.0)
+            pm_i = tl.full([PB], float("-inf"), tl.float32)
+            pl_i = tl.zeros([PB], tl.float32)
+            pacc = tl.zeros([PB, K], tl.float32)
+            for kstart in range(0, L, BN):
+                k_lo, k_hi, v, seen = _key_tile(KR_ptr, KR_ptr, V_ptr, QKV, QKV, QKV, kstart, L, s_l, 0.0, False,
+                                                DT, F_, BN, True)
+                pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k_lo, k_hi, v, seen, pm_i, pl_i, pacc,
+                                                scale * 1.4426950408889634, DT)
+            _store(O_ptr, so_l, 0, P, pacc, pl_i, K, DT, PB)
+
     def _prepare_keys(args: dict) -> None:
         """The key pass before a KPRE config's attention: every head's keys normalised and rotated into KR."""
         kr = args["KR"]
         B, H, L, K = kr.shape
-        _key_prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
-            args["QKV"], args["KW"], args["COS"], args["SIN"], kr, L, args["s_b"], args["s_l"], args["eps"],
-            H=H, K=K, F_=K // 2, NORM=args["NORM"], BR=PREP_ROWS, num_warps=4)
+        _prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
+            args["QKV"], args["QW"], args["KW"], args["COS"], args["SIN"], kr, kr, kr, L, args["P"], args["s_b"],
+            args["s_l"], args["eps"], args["scale"], H=H, K=K, F_=K // 2, NORM=args["NORM"], BR=PREP_ROWS,
+            PB=PREFIX_BLOCK, QUERIES=False, num_warps=4)
 
     def launch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, eps: float, config: Config | None = None) -> torch.Tensor:
@@ -269,9 +364,40 @@ if triton is not None:
                 **args, BM=c.bm, BN=c.bn, KPRE=c.kpre, **options)
         return out
 
+    def launch_split(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, eps: float) -> torch.Tensor:
+        """The "split" method on qkv (B, L, 3, H, K) -> (B, L, H K): the q/k pass, ``attention_with_lse`` over the
+        L - P grid rows (q and k from the pass, v a view of qkv), then the merge pass."""
+        B, L, _, H, K = qkv.shape
+        if qkv.stride()[2:] != (H * K, K, 1):
+            qkv = qkv.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        P = L % PREFIX_BLOCK
+        G = L - P
+        qr = torch.empty(B, H, L, K, dtype=qkv.dtype, device=qkv.device)
+        kr = torch.empty_like(qr)
+        sp = torch.empty(B, H, G, PREFIX_BLOCK, dtype=torch.float32, device=qkv.device) if P else qr
+        out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
+        scale = K ** -0.5
+        with on_device(qkv):
+            _prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
+                qkv, q_weight, k_weight, cos, sin, qr, kr, sp, L, P, qkv.stride(0), qkv.stride(1), eps, scale,
+                H=H, K=K, F_=K // 2, NORM=eps >= 0, BR=PREP_ROWS, PB=PREFIX_BLOCK, QUERIES=True, num_warps=4)
+            if G:
+                og, lse = attention_with_lse(qr[:, :, P:], kr[:, :, P:], qkv[:, P:, 2].transpose(1, 2), scale)
+            else:                       # prefix rows only: nothing to merge (any valid pointers)
+                og, lse = qr, sp.new_empty(B, H, 1)
+            _merge_kernel[(max(triton.cdiv(G, MERGE_ROWS), 1), B * H)](
+                qkv, qr, kr, og, lse, sp, out, L, P, qkv.stride(0), qkv.stride(1), og.stride(0), og.stride(1),
+                og.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), scale, H=H, K=K, F_=K // 2,
+                BM=MERGE_ROWS, BN=64, PB=PREFIX_BLOCK, num_warps=4)
+        return out
+
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())
     def _fused_attention_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, eps: float) -> torch.Tensor:
+        if METHOD == "split":
+            return launch_split(qkv, q_weight, k_weight, cos, sin, eps)
         return launch(qkv, q_weight, k_weight, cos, sin, eps)
 
     @_fused_attention_op.register_fake

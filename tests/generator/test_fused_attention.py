@@ -29,6 +29,7 @@ def tables(L: int, head_dim: int):
 
 
 @needs_kernel
+@pytest.mark.parametrize("method", fa.METHODS)
 @pytest.mark.parametrize("B, L, heads, head_dim, qk_norm", [
     (2, 257, 2, 64, True),      # masked-B's shape per head: a 1-row prefix, two 128-row tiles of grid queries
     (1, 37, 3, 32, False),      # 5 prefix rows, a grid of 32 rows in one partly filled 64-row tile
@@ -36,9 +37,12 @@ def tables(L: int, head_dim: int):
     (1, 300, 2, 128, True),     # a partly filled last key block and query tile after a 12-row prefix
     (2, 9, 2, 32, True),        # prefix rows only (L < 16): one program per head, no grid rows
 ])
-def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm):
+def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm, method, monkeypatch):
     """attn.proj(kernel(qkv)) equals Attention's own torch path (grad enabled, so it does not dispatch to
-    the kernel) to the input dtype's rounding of P (the kernel rounds P for P V as flash attention does)."""
+    the kernel) to the input dtype's rounding of P (the kernel rounds P for P V as flash attention does), by
+    either method: the one kernel, or the split (q/k pass, attention over the grid rows with its log-sum-exp:
+    cuDNN on the GPU, float32 scores on the interpreter, then the merge of the prefix keys and rows)."""
+    monkeypatch.setattr(fa, "METHOD", method)
     attn = attention(heads, head_dim, qk_norm, seed=L)
     cos, sin = tables(L, head_dim)
     x = torch.randn(B, L, heads * head_dim, device=KERNEL_DEVICE).to(DTYPE)
@@ -80,16 +84,18 @@ def test_every_candidate_config_gives_the_same_attention(config, L):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitwise determinism on the GPU")
-def test_the_kernel_gives_the_same_bits_every_call_on_the_gpu():
+@pytest.mark.parametrize("method", fa.METHODS)
+def test_the_kernel_gives_the_same_bits_every_call_on_the_gpu(method, monkeypatch):
     """One fixed config, no autotuner (configs differ in the last bit, so a timing-based pick could change a
-    seed's ids between processes): the same inputs give the same bits, call after call."""
+    seed's ids between processes): the same inputs give the same bits, call after call (either method)."""
+    monkeypatch.setattr(fa, "METHOD", method)
     B, L, heads, head_dim = 4, 257, 12, 64
     attn = attention(heads, head_dim, True, seed=5)
     cos, sin = tables(L, head_dim)
     qkv = torch.randn(B, L, 3, heads, head_dim, device="cuda").to(DTYPE)
     q_w, k_w, eps = fa.norm_weights(attn.q_norm, attn.k_norm, qkv.device)
     with torch.no_grad():
-        outs = [fa.launch(qkv, q_w, k_w, cos, sin, eps) for _ in range(3)]
+        outs = [torch.ops.tessera.fused_attention(qkv, q_w, k_w, cos, sin, eps) for _ in range(3)]
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
@@ -102,9 +108,11 @@ def test_the_config_override_is_parsed_or_named_as_wrong():
 
 
 @needs_kernel
-def test_kernel_sees_every_key_and_only_its_own_head_and_batch():
+@pytest.mark.parametrize("method", fa.METHODS)
+def test_kernel_sees_every_key_and_only_its_own_head_and_batch(method, monkeypatch):
     """A huge value at one key of one head and one sequence moves only that head's and sequence's rows,
     all of them (the prefix key and the grid keys alike)."""
+    monkeypatch.setattr(fa, "METHOD", method)
     B, L, heads, head_dim = 2, 33, 2, 32
     attn = attention(heads, head_dim, False, seed=0)
     cos, sin = tables(L, head_dim)
@@ -182,7 +190,41 @@ def test_kernel_compiles_for_hopper(config):
     assert kernel.asm["cubin"] and "wgmma" in kernel.asm["ptx"]     # Hopper's tensor-core instructions
     assert not maxnreg or f".maxnreg {maxnreg}" in kernel.asm["ptx"]    # the register cap reaches ptxas
     if kpre:
-        prep = {k: signature[k] for k in ["QKV", "KW", "COS", "SIN", "KR", "L", "s_b", "s_l", "eps"]}
-        prep.update(dict.fromkeys(["H", "K", "F_", "NORM", "BR"], "constexpr"))
-        consts = dict(H=12, K=64, F_=32, NORM=True, BR=fa.PREP_ROWS)
-        assert compile_for_hopper(fa._key_prep_kernel, prep, consts, num_warps=4).asm["cubin"]
+        assert compile_for_hopper(fa._prep_kernel, PREP_SIGNATURE, prep_constants(False), num_warps=4).asm["cubin"]
+
+
+PREP_SIGNATURE = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "QR": "*bf16",
+                  "KR": "*bf16", "SP": "*fp32", "L": "i32", "P": "i32", "s_b": "i32", "s_l": "i32", "eps": "fp32",
+                  "scale": "fp32", **dict.fromkeys(["H", "K", "F_", "NORM", "BR", "PB", "QUERIES"], "constexpr")}
+
+
+def prep_constants(queries: bool) -> dict:
+    return dict(H=12, K=64, F_=32, NORM=True, BR=fa.PREP_ROWS, PB=fa.PREFIX_BLOCK, QUERIES=queries)
+
+
+@needs_compiler
+def test_the_split_passes_compile_for_hopper():
+    """The split method's q/k pass and merge pass through Triton's real compiler (sm_90, no GPU)."""
+    assert compile_for_hopper(fa._prep_kernel, PREP_SIGNATURE, prep_constants(True), num_warps=4).asm["cubin"]
+    ints = ["L", "P", "s_b", "s_l", "og_b", "og_h", "og_l", "lse_b", "lse_h", "lse_l", "so_b", "so_l"]
+    signature = {"QKV": "*bf16", "QR": "*bf16", "KR": "*bf16", "OG": "*bf16", "LSE": "*fp32", "SP": "*fp32",
+                 "O": "*bf16", **dict.fromkeys(ints, "i32"), "scale": "fp32",
+                 **dict.fromkeys(["H", "K", "F_", "BM", "BN", "PB"], "constexpr")}
+    consts = dict(H=12, K=64, F_=32, BM=fa.MERGE_ROWS, BN=64, PB=fa.PREFIX_BLOCK)
+    kernel = compile_for_hopper(fa._merge_kernel, signature, consts, num_warps=4)
+    assert kernel.asm["cubin"] and "mma" in kernel.asm["ptx"]       # the prefix rows' tile on the tensor cores
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's log-sum-exp on the GPU")
+def test_attention_with_lse_on_the_gpu_is_the_formula():
+    """The split's grid attention (aten's cuDNN kernel, or flash's) returns softmax(scale q k^T) v and the
+    natural-log log-sum-exp of the scaled scores, on views laid out as the split passes them."""
+    B, L, H, K = 2, 256, 3, 64
+    q, k = (torch.randn(B, H, L + 1, K, device="cuda", dtype=torch.bfloat16)[:, :, 1:] for _ in range(2))
+    v = torch.randn(B, L, 3, H, K, device="cuda", dtype=torch.bfloat16)[:, :, 2].transpose(1, 2)
+    out, lse = fa.attention_with_lse(q, k, v, K ** -0.5)
+    s = q.double() @ k.double().transpose(-1, -2) * K ** -0.5
+    assert lse.shape == (B, H, L) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), s.logsumexp(-1), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.double(), s.softmax(-1) @ v.double(), atol=1e-2, rtol=1e-2)
