@@ -87,7 +87,8 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
 # named explicitly, never in "all": a job that re-runs part of another, and the profiles (diagnostics)
 EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
                  "sample-masked-torch-draw", "sample-masked-cd", "sample-masked-cublaslt",
-                 "sample-masked-autocast-weights", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var", "profile-train-ar", "profile-train-masked", "profile-train-var"}
+                 "sample-masked-autocast-weights", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var",
+                 "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]
