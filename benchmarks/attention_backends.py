@@ -198,7 +198,7 @@ def split_rows(flex=None) -> None:
     """The split method (NOTES A36) at masked-B sampling's shape (128 sequences, 12 heads, 257 tokens): the whole
     method and the one kernel, then its middle alone (the grid attention with its log-sum-exp, cuDNN and flash, on
     the q/k pass's output), and SDPA over 256 grid queries x 257 keys (no merge needed, a third key tile) for
-    scale; the q/k and merge passes are the difference. 10 calls back to back, as ``fused_rows``."""
+    scale, and each of the split's passes alone. 10 calls back to back, as ``fused_rows``."""
     from generator import fused_attention as fa
     from generator.transformer import rope_tables
 
@@ -218,8 +218,15 @@ def split_rows(flex=None) -> None:
         kernel, split = (fa.launch(qkv, weight, weight, cos, sin, 1e-6),
                          fa.launch_split(qkv, weight, weight, cos, sin, 1e-6))
         print(f"max |split - kernel| {(split.float() - kernel.float()).abs().max().item():.4f}", flush=True)
+        parts = fa.split_prepare(qkv, weight, weight, cos, sin, 1e-6)
+        attended = fa.split_attend(qkv, *parts[:2])
         cands = {"kernel": lambda: fa.launch(qkv, weight, weight, cos, sin, 1e-6),
                  "split": lambda: fa.launch_split(qkv, weight, weight, cos, sin, 1e-6),
+                 "split: prepare": lambda: fa.split_prepare(qkv, weight, weight, cos, sin, 1e-6),
+                 "split: attend": lambda: fa.split_attend(qkv, *parts[:2]),
+                 "split: prefix rows": lambda: F.scaled_dot_product_attention(parts[0][:, :, :1], parts[1],
+                                                                              qkv[:, :, 2].transpose(1, 2)),
+                 "split: merge": lambda: fa.split_merge(qkv, *attended, parts[2]),
                  "cuDNN+lse 256": cudnn, "flash+lse 256": flash,
                  "SDPA 256q x 257k": lambda: F.scaled_dot_product_attention(qr[:, :, 1:], kr, qkv[:, :, 2].transpose(1, 2))}
         for name, fn in cands.items():

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from generator.launch import INTERPRETED, on_device
 
@@ -151,12 +152,17 @@ if triton is not None:
                    F_: tl.constexpr):
         """RMSNorm (float32, rounded to DT as the torch path returns it) then RoPE (GPT-NeoX halves, float32,
         rounded to DT) of a tile given as its two halves (rows, K/2) -> the rotated halves in DT."""
+        cos = tl.load(COS + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=1.0).to(tl.float32)
+        sin = tl.load(SIN + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        return _norm_rotate(lo, hi, W, cos, sin, f, eps, NORM, DT, F_)
+
+    @triton.jit
+    def _norm_rotate(lo, hi, W, cos, sin, f, eps, NORM: tl.constexpr, DT: tl.constexpr, F_: tl.constexpr):
+        """``_norm_rope`` with the tile's RoPE tables already loaded (float32)."""
         if NORM:
             r = tl.rsqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / (2 * F_) + eps)
             lo = (lo * r[:, None] * tl.load(W + f).to(tl.float32)[None, :]).to(DT).to(tl.float32)
             hi = (hi * r[:, None] * tl.load(W + F_ + f).to(tl.float32)[None, :]).to(DT).to(tl.float32)
-        cos = tl.load(COS + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=1.0).to(tl.float32)
-        sin = tl.load(SIN + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         return (lo * cos - hi * sin).to(DT), (hi * cos + lo * sin).to(DT)
 
     @triton.jit
@@ -181,19 +187,26 @@ if triton is not None:
         DT = QKV.dtype.element_ty
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
-        start = tl.program_id(0) * BR
-        Q_ptr = QKV + b * s_b + h * K
-        rows = start + tl.arange(0, BR)
-        dst = bh * L * K + rows[:, None] * K + tl.arange(0, F_)[None, :]
-        k_lo, k_hi, inside = _rows(Q_ptr + H * K, KW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BR)
+        f = tl.arange(0, F_)
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        inside = rows < L
+        src = QKV + b * s_b + h * K + rows[:, None] * s_l + f[None, :]      # q's halves; k's at + H K
+        dst = bh * L * K + rows[:, None] * K + f[None, :]
+        cos = tl.load(COS + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=1.0).to(tl.float32)
+        sin = tl.load(SIN + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        lo = tl.load(src + H * K, mask=inside[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(src + H * K + F_, mask=inside[:, None], other=0.0).to(tl.float32)
+        k_lo, k_hi = _norm_rotate(lo, hi, KW, cos, sin, f, eps, NORM, DT, F_)
         tl.store(KR + dst, k_lo, mask=inside[:, None])
         tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
         if QUERIES:
-            q_lo, q_hi, _q_in = _rows(Q_ptr, QW, COS, SIN, start, L, s_l, eps, NORM, DT, F_, BR)
+            lo = tl.load(src, mask=inside[:, None], other=0.0).to(tl.float32)
+            hi = tl.load(src + F_, mask=inside[:, None], other=0.0).to(tl.float32)
+            q_lo, q_hi = _norm_rotate(lo, hi, QW, cos, sin, f, eps, NORM, DT, F_)
             tl.store(QR + dst, q_lo, mask=inside[:, None])
             tl.store(QR + dst + F_, q_hi, mask=inside[:, None])
             if P > 0:
-                c_lo, c_hi, _c_in = _rows(Q_ptr + H * K, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
+                c_lo, c_hi, _c_in = _rows(QKV + b * s_b + (H + h) * K, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
                 s = (tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))) * scale
                 sp = SP + (bh * (L - P) + rows - P)[:, None] * PB + tl.arange(0, PB)[None, :]
                 tl.store(sp, s, mask=(inside & (rows >= P))[:, None])
@@ -279,15 +292,14 @@ if triton is not None:
         _store(O_ptr, so_l, start, L, acc, l_i, K, DT, BM)
 
     @triton.jit
-    def _merge_kernel(QKV, QR, KR, OG, LSE, SP, O, L, P, s_b, s_l, og_b, og_h, og_l, lse_b, lse_h, lse_l, so_b, so_l,
-                      scale, H: tl.constexpr, K: tl.constexpr, F_: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      PB: tl.constexpr):
+    def _merge_kernel(QKV, OG, LSE, SP, PO, O, L, P, s_b, s_l, og_b, og_h, og_l, lse_b, lse_h, lse_l, so_b, so_l,
+                      H: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr):
         """The split's last pass. Program (i, b * H + h): grid rows [i BM, +BM) of head h, out rows P + j, from the
         attention over the grid keys alone (OG (B, H, G, K), its log-sum-exp LSE (B, H, G), natural log) and the
         scores against the P leading keys (SP): with m = max(lse, s_1..s_P),
             out = (e^(lse - m) og + sum_p e^(s_p - m) v_p) / (e^(lse - m) + sum_p e^(s_p - m))
-        in float32 (each weight at most 1). Program 0 of a head also attends the P leading queries (from QR) to
-        every key (KR, and the values from QKV) as one 16-row tile, in key tiles of BN."""
+        in float32 (each weight at most 1). Program 0 of a head also copies the P leading rows' attention over
+        every key (PO (B, H, P, K), contiguous) into out's first rows."""
         DT = QKV.dtype.element_ty
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -312,22 +324,9 @@ if triton is not None:
             num += w_p[:, None] * tl.load(V_ptr + p * s_l + cols).to(tl.float32)[None, :]
             den += w_p
         tl.store(O_ptr + (P + rows)[:, None] * so_l + cols[None, :], (num / den[:, None]).to(DT), mask=inside[:, None])
-        if (P > 0) & (tl.program_id(0) == 0):       # the leading queries: every key, online softmax in log2 units
-            f = tl.arange(0, F_)
-            prow = tl.arange(0, PB)
-            p_in = prow < P
-            QR_ptr, KR_ptr = QR + bh * L * K, KR + bh * L * K
-            p_lo = tl.load(QR_ptr + prow[:, None] * K + f[None, :], mask=p_in[:, None], other=0.0)
-            p_hi = tl.load(QR_ptr + prow[:, None] * K + F_ + f[None, :], mask=p_in[:, None], other=0.0)
-            pm_i = tl.full([PB], float("-inf"), tl.float32)
-            pl_i = tl.zeros([PB], tl.float32)
-            pacc = tl.zeros([PB, K], tl.float32)
-            for kstart in range(0, L, BN):
-                k_lo, k_hi, v, seen = _key_tile(KR_ptr, KR_ptr, V_ptr, QKV, QKV, QKV, kstart, L, s_l, 0.0, False,
-                                                DT, F_, BN, True)
-                pm_i, pl_i, pacc = _online_step(p_lo, p_hi, k_lo, k_hi, v, seen, pm_i, pl_i, pacc,
-                                                scale * 1.4426950408889634, DT)
-            _store(O_ptr, so_l, 0, P, pacc, pl_i, K, DT, PB)
+        if tl.program_id(0) == 0:
+            for p in range(0, P):
+                tl.store(O_ptr + p * so_l + cols, tl.load(PO + (bh * P + p) * K + cols))
 
     def _prepare_keys(args: dict) -> None:
         """The key pass before a KPRE config's attention: every head's keys normalised and rotated into KR."""
@@ -366,31 +365,53 @@ if triton is not None:
 
     def launch_split(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, eps: float) -> torch.Tensor:
-        """The "split" method on qkv (B, L, 3, H, K) -> (B, L, H K): the q/k pass, ``attention_with_lse`` over the
-        L - P grid rows (q and k from the pass, v a view of qkv), then the merge pass."""
-        B, L, _, H, K = qkv.shape
+        """The "split" method on qkv (B, L, 3, H, K) -> (B, L, H K): ``split_prepare``, ``attention_with_lse`` over
+        the L - P grid rows (q and k from the pass, v a view of qkv), SDPA for the P leading rows over every key,
+        then ``split_merge``."""
+        H, K = qkv.shape[3:]
         if qkv.stride()[2:] != (H * K, K, 1):
             qkv = qkv.contiguous()
-        cos, sin = cos.contiguous(), sin.contiguous()
+        qr, kr, sp = split_prepare(qkv, q_weight, k_weight, cos, sin, eps)
+        return split_merge(qkv, *split_attend(qkv, qr, kr), sp)
+
+    def split_prepare(qkv, q_weight, k_weight, cos, sin, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The split's first pass: (q, k normalised and rotated, (B, H, L, K) each; the grid queries' scaled scores
+        against the P leading keys, (B, H, L - P, 16) float32 (q when P = 0))."""
+        B, L, _, H, K = qkv.shape
         P = L % PREFIX_BLOCK
-        G = L - P
         qr = torch.empty(B, H, L, K, dtype=qkv.dtype, device=qkv.device)
         kr = torch.empty_like(qr)
-        sp = torch.empty(B, H, G, PREFIX_BLOCK, dtype=torch.float32, device=qkv.device) if P else qr
-        out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
-        scale = K ** -0.5
+        sp = torch.empty(B, H, L - P, PREFIX_BLOCK, dtype=torch.float32, device=qkv.device) if P else qr
         with on_device(qkv):
             _prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
-                qkv, q_weight, k_weight, cos, sin, qr, kr, sp, L, P, qkv.stride(0), qkv.stride(1), eps, scale,
-                H=H, K=K, F_=K // 2, NORM=eps >= 0, BR=PREP_ROWS, PB=PREFIX_BLOCK, QUERIES=True, num_warps=4)
-            if G:
-                og, lse = attention_with_lse(qr[:, :, P:], kr[:, :, P:], qkv[:, P:, 2].transpose(1, 2), scale)
-            else:                       # prefix rows only: nothing to merge (any valid pointers)
-                og, lse = qr, sp.new_empty(B, H, 1)
-            _merge_kernel[(max(triton.cdiv(G, MERGE_ROWS), 1), B * H)](
-                qkv, qr, kr, og, lse, sp, out, L, P, qkv.stride(0), qkv.stride(1), og.stride(0), og.stride(1),
-                og.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), scale, H=H, K=K, F_=K // 2,
-                BM=MERGE_ROWS, BN=64, PB=PREFIX_BLOCK, num_warps=4)
+                qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), qr, kr, sp, L, P, qkv.stride(0),
+                qkv.stride(1), eps, K ** -0.5, H=H, K=K, F_=K // 2, NORM=eps >= 0, BR=PREP_ROWS, PB=PREFIX_BLOCK,
+                QUERIES=True, num_warps=4)
+        return qr, kr, sp
+
+    def split_attend(qkv, qr, kr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The split's attention: (the grid rows over the grid keys (B, H, G, K), their log-sum-exp (B, H, G), the
+        P leading rows over every key (B, H, P, K))."""
+        B, L, _, H, K = qkv.shape
+        P = L % PREFIX_BLOCK
+        v = qkv[:, :, 2].transpose(1, 2)
+        if L > P:
+            og, lse = attention_with_lse(qr[:, :, P:], kr[:, :, P:], v[:, :, P:], K ** -0.5)
+        else:                           # prefix rows only: nothing to merge (any valid tensors)
+            og, lse = qr, qr.new_empty(B, H, 1, dtype=torch.float32)
+        prefix = F.scaled_dot_product_attention(qr[:, :, :P], kr, v).contiguous() if P else qr
+        return og, lse, prefix
+
+    def split_merge(qkv, og, lse, prefix, sp) -> torch.Tensor:
+        """The split's last pass: the prefix keys merged into the grid rows, and the prefix rows, as (B, L, H K)."""
+        B, L, _, H, K = qkv.shape
+        P = L % PREFIX_BLOCK
+        out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
+        with on_device(qkv):
+            _merge_kernel[(max(triton.cdiv(L - P, MERGE_ROWS), 1), B * H)](
+                qkv, og, lse, sp, prefix, out, L, P, qkv.stride(0), qkv.stride(1), og.stride(0), og.stride(1),
+                og.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), H=H, K=K,
+                BM=MERGE_ROWS, PB=PREFIX_BLOCK, num_warps=4)
         return out
 
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())

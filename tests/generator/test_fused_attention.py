@@ -207,12 +207,10 @@ def test_the_split_passes_compile_for_hopper():
     """The split method's q/k pass and merge pass through Triton's real compiler (sm_90, no GPU)."""
     assert compile_for_hopper(fa._prep_kernel, PREP_SIGNATURE, prep_constants(True), num_warps=4).asm["cubin"]
     ints = ["L", "P", "s_b", "s_l", "og_b", "og_h", "og_l", "lse_b", "lse_h", "lse_l", "so_b", "so_l"]
-    signature = {"QKV": "*bf16", "QR": "*bf16", "KR": "*bf16", "OG": "*bf16", "LSE": "*fp32", "SP": "*fp32",
-                 "O": "*bf16", **dict.fromkeys(ints, "i32"), "scale": "fp32",
-                 **dict.fromkeys(["H", "K", "F_", "BM", "BN", "PB"], "constexpr")}
-    consts = dict(H=12, K=64, F_=32, BM=fa.MERGE_ROWS, BN=64, PB=fa.PREFIX_BLOCK)
-    kernel = compile_for_hopper(fa._merge_kernel, signature, consts, num_warps=4)
-    assert kernel.asm["cubin"] and "mma" in kernel.asm["ptx"]       # the prefix rows' tile on the tensor cores
+    signature = {"QKV": "*bf16", "OG": "*bf16", "LSE": "*fp32", "SP": "*fp32", "PO": "*bf16", "O": "*bf16",
+                 **dict.fromkeys(ints, "i32"), **dict.fromkeys(["H", "K", "BM", "PB"], "constexpr")}
+    consts = dict(H=12, K=64, BM=fa.MERGE_ROWS, PB=fa.PREFIX_BLOCK)
+    assert compile_for_hopper(fa._merge_kernel, signature, consts, num_warps=4).asm["cubin"]
 
 
 @pytest.mark.gpu
