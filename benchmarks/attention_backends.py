@@ -207,33 +207,38 @@ def split_rows(flex=None) -> None:
     weight = torch.rand(K, device="cuda") + 0.5
     positions = torch.stack([torch.arange(256) // 16, torch.arange(256) % 16], dim=-1)
     cos, sin = (t.cuda() for t in rope_tables(positions, K, num_prefix=1))
-    qr = torch.randn(B, H, L, K, device="cuda", dtype=torch.bfloat16)
-    kr = torch.randn_like(qr)
-    v = qkv[:, 1:, 2].transpose(1, 2)
-    cudnn = lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(   # noqa: E731
-        qr[:, :, 1:], kr[:, :, 1:], v, None, True, 0.0, False, False, scale=K ** -0.5)
-    flash = lambda: torch.ops.aten._scaled_dot_product_flash_attention(   # noqa: E731
-        qr[:, :, 1:], kr[:, :, 1:], v, 0.0, False, False, scale=K ** -0.5)
     with torch.no_grad():
         kernel, split = (fa.launch(qkv, weight, weight, cos, sin, 1e-6),
                          fa.launch_split(qkv, weight, weight, cos, sin, 1e-6))
         print(f"max |split - kernel| {(split.float() - kernel.float()).abs().max().item():.4f}", flush=True)
-        parts = fa.split_prepare(qkv, weight, weight, cos, sin, 1e-6)
-        attended = fa.split_attend(qkv, *parts[:2])
+        qr, kr, *prefix = fa.split_prepare(qkv, weight, weight, cos, sin, 1e-6)
+        attended = fa.split_attend(qkv, qr, kr)
+        v, scale = qkv[:, :, 2].transpose(1, 2), K ** -0.5
         cands = {"kernel": lambda: fa.launch(qkv, weight, weight, cos, sin, 1e-6),
                  "split": lambda: fa.launch_split(qkv, weight, weight, cos, sin, 1e-6),
                  "split: prepare": lambda: fa.split_prepare(qkv, weight, weight, cos, sin, 1e-6),
-                 "split: attend": lambda: fa.split_attend(qkv, *parts[:2]),
-                 "split: prefix rows": lambda: F.scaled_dot_product_attention(parts[0][:, :, :1], parts[1],
-                                                                              qkv[:, :, 2].transpose(1, 2)),
-                 "split: merge": lambda: fa.split_merge(qkv, *attended, parts[2]),
-                 "cuDNN+lse 256": cudnn, "flash+lse 256": flash,
-                 "SDPA 256q x 257k": lambda: F.scaled_dot_product_attention(qr[:, :, 1:], kr, qkv[:, :, 2].transpose(1, 2))}
+                 "split: attend": lambda: fa.split_attend(qkv, qr, kr),
+                 "split: merge": lambda: fa.split_merge(qkv, *attended, *prefix),
+                 "cuDNN+lse 256": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                     qr[:, :, 1:], kr[:, :, 1:], v[:, :, 1:], None, True, 0.0, False, False, scale=scale),
+                 "flash+lse 256": lambda: torch.ops.aten._scaled_dot_product_flash_attention(
+                     qr[:, :, 1:], kr[:, :, 1:], v[:, :, 1:], 0.0, False, False, scale=scale),
+                 "SDPA 256q x 257k": lambda: F.scaled_dot_product_attention(qr[:, :, 1:], kr, v)}
         for name, fn in cands.items():
             try:
                 print(f"  {name:18s} {time_ms(fn, reps=10):.4f} ms", flush=True)
             except RuntimeError as e:
                 print(f"  {name:18s} n/a ({str(e).splitlines()[0][:80]})", flush=True)
+        saved = fa.PREP_ROWS, fa.PREP_WARPS, fa.MERGE_ROWS, fa.MERGE_WARPS
+        for rows, warps in [(32, 4), (64, 8), (128, 8), (32, 2)]:      # the passes' tile sizes
+            fa.PREP_ROWS, fa.PREP_WARPS, fa.MERGE_ROWS, fa.MERGE_WARPS = rows, warps, rows, warps
+            qr, kr, *prefix = fa.split_prepare(qkv, weight, weight, cos, sin, 1e-6)
+            diff = (fa.launch_split(qkv, weight, weight, cos, sin, 1e-6).float() - split.float()).abs().max().item()
+            prep = time_ms(lambda: fa.split_prepare(qkv, weight, weight, cos, sin, 1e-6), reps=10)
+            merge = time_ms(lambda: fa.split_merge(qkv, *attended, *prefix), reps=10)
+            print(f"  rows {rows:3d} warps {warps}: prepare {prep:.4f} ms, merge {merge:.4f} ms, max |diff| {diff:.4f}",
+                  flush=True)
+        fa.PREP_ROWS, fa.PREP_WARPS, fa.MERGE_ROWS, fa.MERGE_WARPS = saved
 
 
 def ncu_launches(flex=None) -> None:

@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from generator.launch import INTERPRETED, on_device
 
@@ -125,6 +124,7 @@ CONFIG = parse_config(os.environ["TESSERA_ATTENTION_CONFIG"]) if os.environ.get(
     else DEFAULT
 PREP_ROWS = 64          # key rows per program of the key pass (and of the split's q/k pass)
 MERGE_ROWS = 64         # grid rows per program of the split's merge pass
+PREP_WARPS = MERGE_WARPS = 4
 
 
 def attention_with_lse(q_BHGK: torch.Tensor, k_BHGK: torch.Tensor, v_BHGK: torch.Tensor,
@@ -148,17 +148,10 @@ def attention_with_lse(q_BHGK: torch.Tensor, k_BHGK: torch.Tensor, v_BHGK: torch
 
 if triton is not None:
     @triton.jit
-    def _norm_rope(lo, hi, W, COS, SIN, rows, inside, f, eps, NORM: tl.constexpr, DT: tl.constexpr,
-                   F_: tl.constexpr):
-        """RMSNorm (float32, rounded to DT as the torch path returns it) then RoPE (GPT-NeoX halves, float32,
-        rounded to DT) of a tile given as its two halves (rows, K/2) -> the rotated halves in DT."""
-        cos = tl.load(COS + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=1.0).to(tl.float32)
-        sin = tl.load(SIN + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        return _norm_rotate(lo, hi, W, cos, sin, f, eps, NORM, DT, F_)
-
-    @triton.jit
     def _norm_rotate(lo, hi, W, cos, sin, f, eps, NORM: tl.constexpr, DT: tl.constexpr, F_: tl.constexpr):
-        """``_norm_rope`` with the tile's RoPE tables already loaded (float32)."""
+        """RMSNorm (float32, rounded to DT as the torch path returns it) then RoPE (GPT-NeoX halves, float32,
+        rounded to DT) of a tile given as its two halves (rows, K/2) and its RoPE tables (float32) -> the rotated
+        halves in DT."""
         if NORM:
             r = tl.rsqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / (2 * F_) + eps)
             lo = (lo * r[:, None] * tl.load(W + f).to(tl.float32)[None, :]).to(DT).to(tl.float32)
@@ -172,44 +165,70 @@ if triton is not None:
         f = tl.arange(0, F_)
         rows = start + tl.arange(0, BR)
         inside = rows < end
-        lo = tl.load(X_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        hi = tl.load(X_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        lo, hi = _norm_rope(lo, hi, W, COS, SIN, rows, inside, f, eps, NORM, DT, F_)
+        lo, hi = _load_norm_rotate(X_ptr, W, COS, SIN, rows, inside, f, s_l, eps, NORM, DT, F_)
         return lo, hi, inside
 
     @triton.jit
-    def _prep_kernel(QKV, QW, KW, COS, SIN, QR, KR, SP, L, P, s_b, s_l, eps, scale, H: tl.constexpr,
+    def _prep_kernel(QKV, QW, KW, COS, SIN, QR, KR, SP, PACC, PSTAT, L, P, s_b, s_l, eps, scale, H: tl.constexpr,
                      K: tl.constexpr, F_: tl.constexpr, NORM: tl.constexpr, BR: tl.constexpr, PB: tl.constexpr,
                      QUERIES: tl.constexpr):
-        """Program (i, b * H + h): keys [i BR, +BR) of head h normalised and rotated into KR (B, H, L, K). With
-        QUERIES also the queries into QR (B, H, L, K) and, when P > 0, SP (B, H, L - P, PB) float32: each grid
-        query's scores against the P leading keys, scale q_j . k_p (natural-log units, for the split's merge)."""
+        """Program (i, b * H + h, z), rows [i BR, +BR) of head h. z = 0: the keys normalised and rotated into KR
+        (B, H, L, K). With QUERIES (the split method; grid (T, B H, 2)):
+        - z = 0 also the P leading queries' attention over these keys, as partials for the merge: PACC (B H, T, PB,
+          K) float32 the unnormalised sum of p v, PSTAT (B H, T, 2, PB) the running max (log2 units) and sum of p;
+        - z = 1: the queries normalised and rotated into QR (B, H, L, K), and when P > 0 SP (B H, P, L - P)
+          float32, each grid query's scores against the P leading keys, scale q_j . k_p (natural-log units)."""
         DT = QKV.dtype.element_ty
-        bh = tl.program_id(1)
+        bh, tile = tl.program_id(1), tl.program_id(0)
         b, h = bh // H, bh % H
         f = tl.arange(0, F_)
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        rows = tile * BR + tl.arange(0, BR)
         inside = rows < L
-        src = QKV + b * s_b + h * K + rows[:, None] * s_l + f[None, :]      # q's halves; k's at + H K
+        base = QKV + b * s_b + h * K                  # the head's q; its k at + H K, its v at + 2 H K
         dst = bh * L * K + rows[:, None] * K + f[None, :]
+        pcol = tl.arange(0, PB)
+        if QUERIES:
+            if tl.program_id(2) == 1:
+                q_lo, q_hi = _load_norm_rotate(base, QW, COS, SIN, rows, inside, f, s_l, eps, NORM, DT, F_)
+                tl.store(QR + dst, q_lo, mask=inside[:, None])
+                tl.store(QR + dst + F_, q_hi, mask=inside[:, None])
+                if P > 0:
+                    c_lo, c_hi, _c_in = _rows(base + H * K, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
+                    s = (tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))) * scale     # (BR, PB)
+                    sp = SP + (bh * P + pcol[None, :]) * (L - P) + (rows - P)[:, None]
+                    tl.store(sp, s, mask=(inside & (rows >= P))[:, None] & (pcol < P)[None, :])
+            else:
+                k_lo, k_hi = _load_norm_rotate(base + H * K, KW, COS, SIN, rows, inside, f, s_l, eps, NORM, DT, F_)
+                tl.store(KR + dst, k_lo, mask=inside[:, None])
+                tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
+                if P > 0:
+                    p_lo, p_hi, _p_in = _rows(base, QW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
+                    v = tl.load(base + 2 * H * K + rows[:, None] * s_l + tl.arange(0, K)[None, :],
+                                mask=inside[:, None], other=0.0)
+                    s = (tl.dot(p_lo, tl.trans(k_lo)) + tl.dot(p_hi, tl.trans(k_hi))) * (scale * 1.4426950408889634)
+                    s = tl.where(inside[None, :], s, float("-inf"))              # (PB, BR), log2 units
+                    m = tl.max(s, axis=1)                                         # finite: row i BR < L is inside
+                    p = tl.exp2(s - m[:, None])
+                    acc = tl.dot(p.to(DT), v)
+                    part = bh * tl.num_programs(0) + tile
+                    tl.store(PACC + (part * PB + pcol)[:, None] * K + tl.arange(0, K)[None, :], acc,
+                             mask=(pcol < P)[:, None])
+                    tl.store(PSTAT + (part * 2) * PB + pcol, m, mask=pcol < P)
+                    tl.store(PSTAT + (part * 2 + 1) * PB + pcol, tl.sum(p, axis=1), mask=pcol < P)
+        else:
+            k_lo, k_hi = _load_norm_rotate(base + H * K, KW, COS, SIN, rows, inside, f, s_l, eps, NORM, DT, F_)
+            tl.store(KR + dst, k_lo, mask=inside[:, None])
+            tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
+
+    @triton.jit
+    def _load_norm_rotate(X_ptr, W, COS, SIN, rows, inside, f, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr,
+                          F_: tl.constexpr):
+        """Given rows of q or k (those ``inside``; the rest zero), normalised and rotated: (lo, hi) in DT."""
         cos = tl.load(COS + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=1.0).to(tl.float32)
         sin = tl.load(SIN + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        lo = tl.load(src + H * K, mask=inside[:, None], other=0.0).to(tl.float32)
-        hi = tl.load(src + H * K + F_, mask=inside[:, None], other=0.0).to(tl.float32)
-        k_lo, k_hi = _norm_rotate(lo, hi, KW, cos, sin, f, eps, NORM, DT, F_)
-        tl.store(KR + dst, k_lo, mask=inside[:, None])
-        tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
-        if QUERIES:
-            lo = tl.load(src, mask=inside[:, None], other=0.0).to(tl.float32)
-            hi = tl.load(src + F_, mask=inside[:, None], other=0.0).to(tl.float32)
-            q_lo, q_hi = _norm_rotate(lo, hi, QW, cos, sin, f, eps, NORM, DT, F_)
-            tl.store(QR + dst, q_lo, mask=inside[:, None])
-            tl.store(QR + dst + F_, q_hi, mask=inside[:, None])
-            if P > 0:
-                c_lo, c_hi, _c_in = _rows(QKV + b * s_b + (H + h) * K, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
-                s = (tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))) * scale
-                sp = SP + (bh * (L - P) + rows - P)[:, None] * PB + tl.arange(0, PB)[None, :]
-                tl.store(sp, s, mask=(inside & (rows >= P))[:, None])
+        lo = tl.load(X_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(X_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        return _norm_rotate(lo, hi, W, cos, sin, f, eps, NORM, DT, F_)
 
     @triton.jit
     def _online_step(q_lo, q_hi, k_lo, k_hi, v, visible, m_i, l_i, acc, scale, DT: tl.constexpr):
@@ -292,14 +311,14 @@ if triton is not None:
         _store(O_ptr, so_l, start, L, acc, l_i, K, DT, BM)
 
     @triton.jit
-    def _merge_kernel(QKV, OG, LSE, SP, PO, O, L, P, s_b, s_l, og_b, og_h, og_l, lse_b, lse_h, lse_l, so_b, so_l,
-                      H: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr):
+    def _merge_kernel(QKV, OG, LSE, SP, PACC, PSTAT, O, L, P, T, s_b, s_l, og_b, og_h, og_l, lse_b, lse_h, lse_l,
+                      so_b, so_l, H: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr):
         """The split's last pass. Program (i, b * H + h): grid rows [i BM, +BM) of head h, out rows P + j, from the
         attention over the grid keys alone (OG (B, H, G, K), its log-sum-exp LSE (B, H, G), natural log) and the
         scores against the P leading keys (SP): with m = max(lse, s_1..s_P),
             out = (e^(lse - m) og + sum_p e^(s_p - m) v_p) / (e^(lse - m) + sum_p e^(s_p - m))
-        in float32 (each weight at most 1). Program 0 of a head also copies the P leading rows' attention over
-        every key (PO (B, H, P, K), contiguous) into out's first rows."""
+        in float32 (each weight at most 1). Program 0 of a head also combines the P leading queries' T partials
+        from the first pass (PACC, PSTAT) into out's first rows."""
         DT = QKV.dtype.element_ty
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -312,28 +331,40 @@ if triton is not None:
         lse = tl.load(LSE + b * lse_b + h * lse_h + rows * lse_l, mask=inside, other=0.0)
         og = tl.load(OG + b * og_b + h * og_h + rows[:, None] * og_l + cols[None, :], mask=inside[:, None],
                      other=0.0).to(tl.float32)
-        sp_row = SP + (bh * G + rows) * PB
         m = lse
         for p in range(0, P):
-            m = tl.maximum(m, tl.load(sp_row + p, mask=inside, other=0.0))
+            m = tl.maximum(m, tl.load(SP + (bh * P + p) * G + rows, mask=inside, other=0.0))
         weight = tl.exp(lse - m)
         num = og * weight[:, None]
         den = weight
         for p in range(0, P):
-            w_p = tl.exp(tl.load(sp_row + p, mask=inside, other=0.0) - m)
+            w_p = tl.exp(tl.load(SP + (bh * P + p) * G + rows, mask=inside, other=0.0) - m)
             num += w_p[:, None] * tl.load(V_ptr + p * s_l + cols).to(tl.float32)[None, :]
             den += w_p
         tl.store(O_ptr + (P + rows)[:, None] * so_l + cols[None, :], (num / den[:, None]).to(DT), mask=inside[:, None])
-        if tl.program_id(0) == 0:
-            for p in range(0, P):
-                tl.store(O_ptr + p * so_l + cols, tl.load(PO + (bh * P + p) * K + cols))
+        if (P > 0) & (tl.program_id(0) == 0):
+            pcol = tl.arange(0, PB)
+            mx = tl.full([PB], float("-inf"), tl.float32)
+            for t in range(0, T):
+                mx = tl.maximum(mx, tl.load(PSTAT + ((bh * T + t) * 2) * PB + pcol, mask=pcol < P, other=0.0))
+            total = tl.zeros([PB], tl.float32)
+            acc = tl.zeros([PB, K], tl.float32)
+            for t in range(0, T):
+                part = bh * T + t
+                scale_t = tl.exp2(tl.load(PSTAT + (part * 2) * PB + pcol, mask=pcol < P, other=0.0) - mx)
+                total += scale_t * tl.load(PSTAT + (part * 2 + 1) * PB + pcol, mask=pcol < P, other=0.0)
+                acc += scale_t[:, None] * tl.load(PACC + (part * PB + pcol)[:, None] * K + cols[None, :],
+                                                  mask=(pcol < P)[:, None], other=0.0)
+            total = tl.where(pcol < P, total, 1.0)          # rows >= P: not stored
+            tl.store(O_ptr + pcol[:, None] * so_l + cols[None, :], (acc / total[:, None]).to(DT),
+                     mask=(pcol < P)[:, None])
 
     def _prepare_keys(args: dict) -> None:
         """The key pass before a KPRE config's attention: every head's keys normalised and rotated into KR."""
         kr = args["KR"]
         B, H, L, K = kr.shape
-        _prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
-            args["QKV"], args["QW"], args["KW"], args["COS"], args["SIN"], kr, kr, kr, L, args["P"], args["s_b"],
+        _prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H, 1)](
+            args["QKV"], args["QW"], args["KW"], args["COS"], args["SIN"], kr, kr, kr, kr, kr, L, args["P"], args["s_b"],
             args["s_l"], args["eps"], args["scale"], H=H, K=K, F_=K // 2, NORM=args["NORM"], BR=PREP_ROWS,
             PB=PREFIX_BLOCK, QUERIES=False, num_warps=4)
 
@@ -366,52 +397,50 @@ if triton is not None:
     def launch_split(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, eps: float) -> torch.Tensor:
         """The "split" method on qkv (B, L, 3, H, K) -> (B, L, H K): ``split_prepare``, ``attention_with_lse`` over
-        the L - P grid rows (q and k from the pass, v a view of qkv), SDPA for the P leading rows over every key,
-        then ``split_merge``."""
+        the L - P grid rows (q and k from the pass, v a view of qkv), then ``split_merge``."""
         H, K = qkv.shape[3:]
         if qkv.stride()[2:] != (H * K, K, 1):
             qkv = qkv.contiguous()
-        qr, kr, sp = split_prepare(qkv, q_weight, k_weight, cos, sin, eps)
-        return split_merge(qkv, *split_attend(qkv, qr, kr), sp)
+        qr, kr, *prefix = split_prepare(qkv, q_weight, k_weight, cos, sin, eps)
+        return split_merge(qkv, *split_attend(qkv, qr, kr), *prefix)
 
-    def split_prepare(qkv, q_weight, k_weight, cos, sin, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The split's first pass: (q, k normalised and rotated, (B, H, L, K) each; the grid queries' scaled scores
-        against the P leading keys, (B, H, L - P, 16) float32 (q when P = 0))."""
+    def split_prepare(qkv, q_weight, k_weight, cos, sin, eps) -> tuple[torch.Tensor, ...]:
+        """The split's first pass: q and k normalised and rotated ((B, H, L, K) each), the grid queries' scaled
+        scores against the P leading keys ((B H, P, L - P) float32), and the P leading queries' partial
+        attention per key tile (``_prep_kernel``'s PACC, PSTAT). The last three are q when P = 0 (unread)."""
         B, L, _, H, K = qkv.shape
         P = L % PREFIX_BLOCK
+        T = triton.cdiv(L, PREP_ROWS)
         qr = torch.empty(B, H, L, K, dtype=qkv.dtype, device=qkv.device)
         kr = torch.empty_like(qr)
-        sp = torch.empty(B, H, L - P, PREFIX_BLOCK, dtype=torch.float32, device=qkv.device) if P else qr
+        f32 = dict(dtype=torch.float32, device=qkv.device)
+        sp, pacc, pstat = ((torch.empty(B * H, P, L - P, **f32), torch.empty(B * H, T, PREFIX_BLOCK, K, **f32),
+                            torch.empty(B * H, T, 2, PREFIX_BLOCK, **f32)) if P else (qr, qr, qr))
         with on_device(qkv):
-            _prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H)](
-                qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), qr, kr, sp, L, P, qkv.stride(0),
-                qkv.stride(1), eps, K ** -0.5, H=H, K=K, F_=K // 2, NORM=eps >= 0, BR=PREP_ROWS, PB=PREFIX_BLOCK,
-                QUERIES=True, num_warps=4)
-        return qr, kr, sp
+            _prep_kernel[(T, B * H, 2)](
+                qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), qr, kr, sp, pacc, pstat, L, P,
+                qkv.stride(0), qkv.stride(1), eps, K ** -0.5, H=H, K=K, F_=K // 2, NORM=eps >= 0, BR=PREP_ROWS,
+                PB=PREFIX_BLOCK, QUERIES=True, num_warps=PREP_WARPS)
+        return qr, kr, sp, pacc, pstat
 
-    def split_attend(qkv, qr, kr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The split's attention: (the grid rows over the grid keys (B, H, G, K), their log-sum-exp (B, H, G), the
-        P leading rows over every key (B, H, P, K))."""
+    def split_attend(qkv, qr, kr) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's attention: the grid rows over the grid keys (B, H, G, K) and their log-sum-exp (B, H, G)."""
         B, L, _, H, K = qkv.shape
         P = L % PREFIX_BLOCK
-        v = qkv[:, :, 2].transpose(1, 2)
-        if L > P:
-            og, lse = attention_with_lse(qr[:, :, P:], kr[:, :, P:], v[:, :, P:], K ** -0.5)
-        else:                           # prefix rows only: nothing to merge (any valid tensors)
-            og, lse = qr, qr.new_empty(B, H, 1, dtype=torch.float32)
-        prefix = F.scaled_dot_product_attention(qr[:, :, :P], kr, v).contiguous() if P else qr
-        return og, lse, prefix
+        if L == P:                      # prefix rows only: nothing to merge (any valid tensors)
+            return qr, qr.new_empty(B, H, 1, dtype=torch.float32)
+        return attention_with_lse(qr[:, :, P:], kr[:, :, P:], qkv[:, P:, 2].transpose(1, 2), K ** -0.5)
 
-    def split_merge(qkv, og, lse, prefix, sp) -> torch.Tensor:
+    def split_merge(qkv, og, lse, sp, pacc, pstat) -> torch.Tensor:
         """The split's last pass: the prefix keys merged into the grid rows, and the prefix rows, as (B, L, H K)."""
         B, L, _, H, K = qkv.shape
         P = L % PREFIX_BLOCK
         out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
         with on_device(qkv):
             _merge_kernel[(max(triton.cdiv(L - P, MERGE_ROWS), 1), B * H)](
-                qkv, og, lse, sp, prefix, out, L, P, qkv.stride(0), qkv.stride(1), og.stride(0), og.stride(1),
-                og.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), H=H, K=K,
-                BM=MERGE_ROWS, PB=PREFIX_BLOCK, num_warps=4)
+                qkv, og, lse, sp, pacc, pstat, out, L, P, triton.cdiv(L, PREP_ROWS), qkv.stride(0), qkv.stride(1),
+                og.stride(0), og.stride(1), og.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0),
+                out.stride(1), H=H, K=K, BM=MERGE_ROWS, PB=PREFIX_BLOCK, num_warps=MERGE_WARPS)
         return out
 
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())

@@ -194,7 +194,7 @@ def test_kernel_compiles_for_hopper(config):
 
 
 PREP_SIGNATURE = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "QR": "*bf16",
-                  "KR": "*bf16", "SP": "*fp32", "L": "i32", "P": "i32", "s_b": "i32", "s_l": "i32", "eps": "fp32",
+                  "KR": "*bf16", "SP": "*fp32", "PACC": "*fp32", "PSTAT": "*fp32", "L": "i32", "P": "i32", "s_b": "i32", "s_l": "i32", "eps": "fp32",
                   "scale": "fp32", **dict.fromkeys(["H", "K", "F_", "NORM", "BR", "PB", "QUERIES"], "constexpr")}
 
 
@@ -206,8 +206,9 @@ def prep_constants(queries: bool) -> dict:
 def test_the_split_passes_compile_for_hopper():
     """The split method's q/k pass and merge pass through Triton's real compiler (sm_90, no GPU)."""
     assert compile_for_hopper(fa._prep_kernel, PREP_SIGNATURE, prep_constants(True), num_warps=4).asm["cubin"]
-    ints = ["L", "P", "s_b", "s_l", "og_b", "og_h", "og_l", "lse_b", "lse_h", "lse_l", "so_b", "so_l"]
-    signature = {"QKV": "*bf16", "OG": "*bf16", "LSE": "*fp32", "SP": "*fp32", "PO": "*bf16", "O": "*bf16",
+    ints = ["L", "P", "T", "s_b", "s_l", "og_b", "og_h", "og_l", "lse_b", "lse_h", "lse_l", "so_b", "so_l"]
+    signature = {"QKV": "*bf16", "OG": "*bf16", "LSE": "*fp32", "SP": "*fp32", "PACC": "*fp32", "PSTAT": "*fp32",
+                 "O": "*bf16",
                  **dict.fromkeys(ints, "i32"), **dict.fromkeys(["H", "K", "BM", "PB"], "constexpr")}
     consts = dict(H=12, K=64, BM=fa.MERGE_ROWS, PB=fa.PREFIX_BLOCK)
     assert compile_for_hopper(fa._merge_kernel, signature, consts, num_warps=4).asm["cubin"]
