@@ -51,7 +51,7 @@ JOBS = [
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 160),  # subset of sample-masked
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
-    Job("sample-masked-split-attn", "benchmarks.generators", ["--part", "sample-masked-split-attn"], 90),  # A36
+    Job("sample-masked-split-attn", "benchmarks.generators", ["--part", "sample-masked-split-attn"], 60),  # A36: 32 s
     Job("sample-masked-torch-draw", "benchmarks.generators", ["--part", "sample-masked-torch-draw"], 60),  # A32 off
     Job("sample-masked-cd", "benchmarks.generators", ["--part", "sample-masked-cd"], 200),  # unmeasured guess
     Job("sample-masked-cublaslt", "benchmarks.generators", ["--part", "sample-masked-cublaslt"], 90),  # a guess
