@@ -188,46 +188,59 @@ if triton is not None:
         dst = bh * L * K + rows[:, None] * K + f[None, :]
         pcol = tl.arange(0, PB)
         if QUERIES:
+            # every load first (the P leading rows' masked off when P = 0), so each program waits on memory once
+            lead = pcol < P
             if tl.program_id(2) == 1:
-                q_lo, q_hi = _load_norm_rotate(base, QW, COS, SIN, rows, inside, f, s_l, eps, NORM, DT, F_)
+                lo, hi, cos, sin = _load_rows(base, COS, SIN, rows, inside, f, s_l, F_)
+                c_lo, c_hi, c_cos, c_sin = _load_rows(base + H * K, COS, SIN, pcol, lead, f, s_l, F_)
+                q_lo, q_hi = _norm_rotate(lo, hi, QW, cos, sin, f, eps, NORM, DT, F_)
                 tl.store(QR + dst, q_lo, mask=inside[:, None])
                 tl.store(QR + dst + F_, q_hi, mask=inside[:, None])
                 if P > 0:
-                    c_lo, c_hi, _c_in = _rows(base + H * K, KW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
-                    s = (tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))) * scale     # (BR, PB)
+                    kc_lo, kc_hi = _norm_rotate(c_lo, c_hi, KW, c_cos, c_sin, f, eps, NORM, DT, F_)
+                    s = (tl.dot(q_lo, tl.trans(kc_lo)) + tl.dot(q_hi, tl.trans(kc_hi))) * scale     # (BR, PB)
                     sp = SP + (bh * P + pcol[None, :]) * (L - P) + (rows - P)[:, None]
-                    tl.store(sp, s, mask=(inside & (rows >= P))[:, None] & (pcol < P)[None, :])
+                    tl.store(sp, s, mask=(inside & (rows >= P))[:, None] & lead[None, :])
             else:
-                k_lo, k_hi = _load_norm_rotate(base + H * K, KW, COS, SIN, rows, inside, f, s_l, eps, NORM, DT, F_)
+                lo, hi, cos, sin = _load_rows(base + H * K, COS, SIN, rows, inside, f, s_l, F_)
+                p_lo, p_hi, p_cos, p_sin = _load_rows(base, COS, SIN, pcol, lead, f, s_l, F_)
+                v = tl.load(base + 2 * H * K + rows[:, None] * s_l + tl.arange(0, K)[None, :],
+                            mask=(inside & (P > 0))[:, None], other=0.0)
+                k_lo, k_hi = _norm_rotate(lo, hi, KW, cos, sin, f, eps, NORM, DT, F_)
                 tl.store(KR + dst, k_lo, mask=inside[:, None])
                 tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
                 if P > 0:
-                    p_lo, p_hi, _p_in = _rows(base, QW, COS, SIN, 0, P, s_l, eps, NORM, DT, F_, PB)
-                    v = tl.load(base + 2 * H * K + rows[:, None] * s_l + tl.arange(0, K)[None, :],
-                                mask=inside[:, None], other=0.0)
-                    s = (tl.dot(p_lo, tl.trans(k_lo)) + tl.dot(p_hi, tl.trans(k_hi))) * (scale * 1.4426950408889634)
+                    qp_lo, qp_hi = _norm_rotate(p_lo, p_hi, QW, p_cos, p_sin, f, eps, NORM, DT, F_)
+                    s = (tl.dot(qp_lo, tl.trans(k_lo)) + tl.dot(qp_hi, tl.trans(k_hi))) * (scale * 1.4426950408889634)
                     s = tl.where(inside[None, :], s, float("-inf"))              # (PB, BR), log2 units
                     m = tl.max(s, axis=1)                                         # finite: row i BR < L is inside
                     p = tl.exp2(s - m[:, None])
                     acc = tl.dot(p.to(DT), v)
                     part = bh * tl.num_programs(0) + tile
                     tl.store(PACC + (part * PB + pcol)[:, None] * K + tl.arange(0, K)[None, :], acc,
-                             mask=(pcol < P)[:, None])
-                    tl.store(PSTAT + (part * 2) * PB + pcol, m, mask=pcol < P)
-                    tl.store(PSTAT + (part * 2 + 1) * PB + pcol, tl.sum(p, axis=1), mask=pcol < P)
+                             mask=lead[:, None])
+                    tl.store(PSTAT + (part * 2) * PB + pcol, m, mask=lead)
+                    tl.store(PSTAT + (part * 2 + 1) * PB + pcol, tl.sum(p, axis=1), mask=lead)
         else:
             k_lo, k_hi = _load_norm_rotate(base + H * K, KW, COS, SIN, rows, inside, f, s_l, eps, NORM, DT, F_)
             tl.store(KR + dst, k_lo, mask=inside[:, None])
             tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
 
     @triton.jit
-    def _load_norm_rotate(X_ptr, W, COS, SIN, rows, inside, f, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr,
-                          F_: tl.constexpr):
-        """Given rows of q or k (those ``inside``; the rest zero), normalised and rotated: (lo, hi) in DT."""
+    def _load_rows(X_ptr, COS, SIN, rows, inside, f, s_l, F_: tl.constexpr):
+        """Given rows of q or k (those ``inside``; the rest zero) as their two halves, and their RoPE tables, all
+        float32 and unnormalised: (lo, hi, cos, sin), for ``_norm_rotate``."""
         cos = tl.load(COS + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=1.0).to(tl.float32)
         sin = tl.load(SIN + rows[:, None] * F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         lo = tl.load(X_ptr + rows[:, None] * s_l + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         hi = tl.load(X_ptr + rows[:, None] * s_l + F_ + f[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        return lo, hi, cos, sin
+
+    @triton.jit
+    def _load_norm_rotate(X_ptr, W, COS, SIN, rows, inside, f, s_l, eps, NORM: tl.constexpr, DT: tl.constexpr,
+                          F_: tl.constexpr):
+        """Given rows of q or k (those ``inside``; the rest zero), normalised and rotated: (lo, hi) in DT."""
+        lo, hi, cos, sin = _load_rows(X_ptr, COS, SIN, rows, inside, f, s_l, F_)
         return _norm_rotate(lo, hi, W, cos, sin, f, eps, NORM, DT, F_)
 
     @triton.jit
@@ -312,13 +325,14 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(QKV, OG, LSE, SP, PACC, PSTAT, O, L, P, T, s_b, s_l, og_b, og_h, og_l, lse_b, lse_h, lse_l,
-                      so_b, so_l, H: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr):
+                      so_b, so_l, H: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, PB: tl.constexpr,
+                      TB: tl.constexpr):
         """The split's last pass. Program (i, b * H + h): grid rows [i BM, +BM) of head h, out rows P + j, from the
         attention over the grid keys alone (OG (B, H, G, K), its log-sum-exp LSE (B, H, G), natural log) and the
         scores against the P leading keys (SP): with m = max(lse, s_1..s_P),
             out = (e^(lse - m) og + sum_p e^(s_p - m) v_p) / (e^(lse - m) + sum_p e^(s_p - m))
         in float32 (each weight at most 1). Program 0 of a head also combines the P leading queries' T partials
-        from the first pass (PACC, PSTAT) into out's first rows."""
+        from the first pass (PACC, PSTAT; TB a power of two >= T) into out's first rows."""
         DT = QKV.dtype.element_ty
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -328,36 +342,36 @@ if triton is not None:
         cols = tl.arange(0, K)
         V_ptr = QKV + b * s_b + (2 * H + h) * K
         O_ptr = O + b * so_b + h * K
+        pcol = tl.arange(0, PB)
+        lead = pcol < P
+        # every load first, so a program waits on memory once (the P leading rows' masked off when P = 0)
         lse = tl.load(LSE + b * lse_b + h * lse_h + rows * lse_l, mask=inside, other=0.0)
         og = tl.load(OG + b * og_b + h * og_h + rows[:, None] * og_l + cols[None, :], mask=inside[:, None],
                      other=0.0).to(tl.float32)
-        m = lse
-        for p in range(0, P):
-            m = tl.maximum(m, tl.load(SP + (bh * P + p) * G + rows, mask=inside, other=0.0))
+        s_p = tl.load(SP + (bh * P + pcol[None, :]) * G + rows[:, None], mask=inside[:, None] & lead[None, :],
+                      other=float("-inf"))                                    # (BM, PB)
+        v_p = tl.load(V_ptr + pcol[:, None] * s_l + cols[None, :], mask=lead[:, None], other=0.0).to(tl.float32)
+        m = tl.maximum(lse, tl.max(s_p, axis=1))
         weight = tl.exp(lse - m)
-        num = og * weight[:, None]
-        den = weight
-        for p in range(0, P):
-            w_p = tl.exp(tl.load(SP + (bh * P + p) * G + rows, mask=inside, other=0.0) - m)
-            num += w_p[:, None] * tl.load(V_ptr + p * s_l + cols).to(tl.float32)[None, :]
-            den += w_p
+        w_p = tl.exp(s_p - m[:, None])                                        # 0 at the masked columns
+        num = og * weight[:, None] + tl.dot(w_p, v_p, input_precision="ieee")
+        den = weight + tl.sum(w_p, axis=1)
         tl.store(O_ptr + (P + rows)[:, None] * so_l + cols[None, :], (num / den[:, None]).to(DT), mask=inside[:, None])
-        if (P > 0) & (tl.program_id(0) == 0):
-            pcol = tl.arange(0, PB)
-            mx = tl.full([PB], float("-inf"), tl.float32)
-            for t in range(0, T):
-                mx = tl.maximum(mx, tl.load(PSTAT + ((bh * T + t) * 2) * PB + pcol, mask=pcol < P, other=0.0))
-            total = tl.zeros([PB], tl.float32)
-            acc = tl.zeros([PB, K], tl.float32)
-            for t in range(0, T):
-                part = bh * T + t
-                scale_t = tl.exp2(tl.load(PSTAT + (part * 2) * PB + pcol, mask=pcol < P, other=0.0) - mx)
-                total += scale_t * tl.load(PSTAT + (part * 2 + 1) * PB + pcol, mask=pcol < P, other=0.0)
-                acc += scale_t[:, None] * tl.load(PACC + (part * PB + pcol)[:, None] * K + cols[None, :],
-                                                  mask=(pcol < P)[:, None], other=0.0)
-            total = tl.where(pcol < P, total, 1.0)          # rows >= P: not stored
-            tl.store(O_ptr + pcol[:, None] * so_l + cols[None, :], (acc / total[:, None]).to(DT),
-                     mask=(pcol < P)[:, None])
+        if (P > 0) & (tl.program_id(0) == 0):     # the leading rows: the first pass's T partials (TB >= T), combined
+            t = tl.arange(0, TB)
+            seen = (t < T)[:, None] & lead[None, :]
+            stat = PSTAT + ((bh * T + t[:, None]) * 2) * PB + pcol[None, :]
+            m_t = tl.load(stat, mask=seen, other=float("-inf"))               # (TB, PB), log2 units
+            l_t = tl.load(stat + PB, mask=seen, other=0.0)
+            acc_t = tl.load(PACC + (((bh * T + t[:, None, None]) * PB + pcol[None, :, None]) * K + cols[None, None, :]),
+                            mask=seen[:, :, None], other=0.0)                 # (TB, PB, K)
+            mx = tl.max(m_t, axis=0)
+            mx = tl.where(lead, mx, 0.0)
+            scale_t = tl.exp2(m_t - mx[None, :])                              # 0 at the masked entries
+            total = tl.sum(scale_t * l_t, axis=0)
+            total = tl.where(lead, total, 1.0)                                # rows >= P: not stored
+            acc = tl.sum(scale_t[:, :, None] * acc_t, axis=0)
+            tl.store(O_ptr + pcol[:, None] * so_l + cols[None, :], (acc / total[:, None]).to(DT), mask=lead[:, None])
 
     def _prepare_keys(args: dict) -> None:
         """The key pass before a KPRE config's attention: every head's keys normalised and rotated into KR."""
@@ -414,8 +428,11 @@ if triton is not None:
         qr = torch.empty(B, H, L, K, dtype=qkv.dtype, device=qkv.device)
         kr = torch.empty_like(qr)
         f32 = dict(dtype=torch.float32, device=qkv.device)
-        sp, pacc, pstat = ((torch.empty(B * H, P, L - P, **f32), torch.empty(B * H, T, PREFIX_BLOCK, K, **f32),
-                            torch.empty(B * H, T, 2, PREFIX_BLOCK, **f32)) if P else (qr, qr, qr))
+        if P:
+            sp, pacc, pstat = (torch.empty(B * H, P, L - P, **f32), torch.empty(B * H, T, PREFIX_BLOCK, K, **f32),
+                               torch.empty(B * H, T, 2, PREFIX_BLOCK, **f32))
+        else:                           # never read: any float32 pointer, so the kernels compile one way
+            sp = pacc = pstat = torch.empty(1, **f32)
         with on_device(qkv):
             _prep_kernel[(T, B * H, 2)](
                 qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), qr, kr, sp, pacc, pstat, L, P,
@@ -427,7 +444,7 @@ if triton is not None:
         """The split's attention: the grid rows over the grid keys (B, H, G, K) and their log-sum-exp (B, H, G)."""
         B, L, _, H, K = qkv.shape
         P = L % PREFIX_BLOCK
-        if L == P:                      # prefix rows only: nothing to merge (any valid tensors)
+        if L == P:                      # prefix rows only: nothing to merge (any valid tensors: nothing is read)
             return qr, qr.new_empty(B, H, 1, dtype=torch.float32)
         return attention_with_lse(qr[:, :, P:], kr[:, :, P:], qkv[:, P:, 2].transpose(1, 2), K ** -0.5)
 
@@ -436,11 +453,13 @@ if triton is not None:
         B, L, _, H, K = qkv.shape
         P = L % PREFIX_BLOCK
         out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
+        T = triton.cdiv(L, PREP_ROWS)               # the first pass's row tiles: its partials per head
         with on_device(qkv):
             _merge_kernel[(max(triton.cdiv(L - P, MERGE_ROWS), 1), B * H)](
-                qkv, og, lse, sp, pacc, pstat, out, L, P, triton.cdiv(L, PREP_ROWS), qkv.stride(0), qkv.stride(1),
+                qkv, og, lse, sp, pacc, pstat, out, L, P, T, qkv.stride(0), qkv.stride(1),
                 og.stride(0), og.stride(1), og.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0),
-                out.stride(1), H=H, K=K, BM=MERGE_ROWS, PB=PREFIX_BLOCK, num_warps=MERGE_WARPS)
+                out.stride(1), H=H, K=K, BM=MERGE_ROWS, PB=PREFIX_BLOCK, TB=triton.next_power_of_2(T),
+                num_warps=MERGE_WARPS)
         return out
 
     @torch.library.custom_op("tessera::fused_attention", mutates_args=())
