@@ -209,8 +209,8 @@ def test_the_split_passes_compile_for_hopper():
     ints = ["L", "P", "T", "s_b", "s_l", "og_b", "og_h", "og_l", "lse_b", "lse_h", "lse_l", "so_b", "so_l"]
     signature = {"QKV": "*bf16", "OG": "*bf16", "LSE": "*fp32", "SP": "*fp32", "PACC": "*fp32", "PSTAT": "*fp32",
                  "O": "*bf16",
-                 **dict.fromkeys(ints, "i32"), **dict.fromkeys(["H", "K", "BM", "PB"], "constexpr")}
-    consts = dict(H=12, K=64, BM=fa.MERGE_ROWS, PB=fa.PREFIX_BLOCK)
+                 **dict.fromkeys(ints, "i32"), **dict.fromkeys(["H", "K", "BM", "PB", "TB"], "constexpr")}
+    consts = dict(H=12, K=64, BM=fa.MERGE_ROWS, PB=fa.PREFIX_BLOCK, TB=8)
     assert compile_for_hopper(fa._merge_kernel, signature, consts, num_warps=4).asm["cubin"]
 
 
