@@ -18,6 +18,14 @@ and column cost a third 128-wide tile. The qk-norm/RoPE kernel before it writes 
 the attention to read again; the compiled torch path takes 0.26-0.27 ms per call in all. Here the L mod
 16 leading rows (the class token) are a 16-wide block of their own, keys and queries alike, so the grid's
 256 rows tile exactly, and q never leaves the kernel: 0.19-0.20 ms per call, 262 vs 275 ms per @16 batch.
+
+A second method, "split" (``METHOD``, TESSERA_ATTENTION_METHOD=split; NOTES A36), runs the grid rows through
+cuDNN at 256 tokens (0.083 ms) and merges the class key in through the log-sum-exp: ``split_prepare`` (q and k
+normalised and rotated, the grid queries' scores against the prefix keys, the prefix queries' attention per key
+tile), ``split_attend`` (cuDNN with its log-sum-exp), ``split_merge`` (out = (e^lse o + sum_p e^s_p v_p) /
+(e^lse + sum_p e^s_p) in float32, and the prefix rows). Off by default: measured slower in session 14 (0.226 ms
+per call for its second version, whose passes ran ~3x off their bandwidth floors); the current third version is
+unmeasured.
 """
 from __future__ import annotations
 
@@ -211,7 +219,7 @@ if triton is not None:
                 tl.store(KR + dst + F_, k_hi, mask=inside[:, None])
                 if P > 0:
                     qp_lo, qp_hi = _norm_rotate(p_lo, p_hi, QW, p_cos, p_sin, f, eps, NORM, DT, F_)
-                    s = (tl.dot(qp_lo, tl.trans(k_lo)) + tl.dot(qp_hi, tl.trans(k_hi))) * (scale * 1.4426950408889634)
+                    s = (tl.dot(qp_lo, tl.trans(k_lo)) + tl.dot(qp_hi, tl.trans(k_hi))) * scale * 1.4426950408889634
                     s = tl.where(inside[None, :], s, float("-inf"))              # (PB, BR), log2 units
                     m = tl.max(s, axis=1)                                         # finite: row i BR < L is inside
                     p = tl.exp2(s - m[:, None])
@@ -363,7 +371,7 @@ if triton is not None:
             stat = PSTAT + ((bh * T + t[:, None]) * 2) * PB + pcol[None, :]
             m_t = tl.load(stat, mask=seen, other=float("-inf"))               # (TB, PB), log2 units
             l_t = tl.load(stat + PB, mask=seen, other=0.0)
-            acc_t = tl.load(PACC + (((bh * T + t[:, None, None]) * PB + pcol[None, :, None]) * K + cols[None, None, :]),
+            acc_t = tl.load(PACC + ((bh * T + t[:, None, None]) * PB + pcol[None, :, None]) * K + cols[None, None, :],
                             mask=seen[:, :, None], other=0.0)                 # (TB, PB, K)
             mx = tl.max(m_t, axis=0)
             mx = tl.where(lead, mx, 0.0)
@@ -378,8 +386,8 @@ if triton is not None:
         kr = args["KR"]
         B, H, L, K = kr.shape
         _prep_kernel[(triton.cdiv(L, PREP_ROWS), B * H, 1)](
-            args["QKV"], args["QW"], args["KW"], args["COS"], args["SIN"], kr, kr, kr, kr, kr, L, args["P"], args["s_b"],
-            args["s_l"], args["eps"], args["scale"], H=H, K=K, F_=K // 2, NORM=args["NORM"], BR=PREP_ROWS,
+            args["QKV"], args["QW"], args["KW"], args["COS"], args["SIN"], kr, kr, kr, kr, kr, L, args["P"],
+            args["s_b"], args["s_l"], args["eps"], args["scale"], H=H, K=K, F_=K // 2, NORM=args["NORM"], BR=PREP_ROWS,
             PB=PREFIX_BLOCK, QUERIES=False, num_warps=4)
 
     def launch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
@@ -421,7 +429,7 @@ if triton is not None:
     def split_prepare(qkv, q_weight, k_weight, cos, sin, eps) -> tuple[torch.Tensor, ...]:
         """The split's first pass: q and k normalised and rotated ((B, H, L, K) each), the grid queries' scaled
         scores against the P leading keys ((B H, P, L - P) float32), and the P leading queries' partial
-        attention per key tile (``_prep_kernel``'s PACC, PSTAT). The last three are q when P = 0 (unread)."""
+        attention per key tile (``_prep_kernel``'s PACC, PSTAT). The last three are a placeholder when P = 0."""
         B, L, _, H, K = qkv.shape
         P = L % PREFIX_BLOCK
         T = triton.cdiv(L, PREP_ROWS)

@@ -194,8 +194,8 @@ def test_kernel_compiles_for_hopper(config):
 
 
 PREP_SIGNATURE = {"QKV": "*bf16", "QW": "*fp32", "KW": "*fp32", "COS": "*fp32", "SIN": "*fp32", "QR": "*bf16",
-                  "KR": "*bf16", "SP": "*fp32", "PACC": "*fp32", "PSTAT": "*fp32", "L": "i32", "P": "i32", "s_b": "i32", "s_l": "i32", "eps": "fp32",
-                  "scale": "fp32", **dict.fromkeys(["H", "K", "F_", "NORM", "BR", "PB", "QUERIES"], "constexpr")}
+                  "KR": "*bf16", "SP": "*fp32", "PACC": "*fp32", "PSTAT": "*fp32", "L": "i32", "P": "i32", "s_b": "i32",
+                  "s_l": "i32", "eps": "fp32", "scale": "fp32", **dict.fromkeys(["H", "K", "F_", "NORM", "BR", "PB", "QUERIES"], "constexpr")}
 
 
 def prep_constants(queries: bool) -> dict:
