@@ -189,7 +189,8 @@ def sample_masked(args, sink: RowSink) -> None:
     status = compile_forward(b, args.compile_mode, lambda: b.sample(B, num_steps=16))
     for steps in (16, 8):
         for decode in (False, True):
-            fn = (lambda s=steps: b.decode(b.sample(B, num_steps=s))) if decode else (lambda s=steps: b.sample(B, num_steps=s))
+            fn = ((lambda s=steps: b.decode(b.sample(B, num_steps=s))) if decode
+                  else (lambda s=steps: b.sample(B, num_steps=s)))
             b.guarded(f"@{steps} compiled", fn, batch=B, decode=decode, steps=steps, **status)
     b.guarded("@16 compiled b1", lambda: b.sample(1, num_steps=16), batch=1, decode=False, slow=True,
               compile=status["compile"])   # its warm-up call compiles the batch-1 shapes

@@ -27,7 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import default_emoji_cache, device_facts, device_slug, make_lpips_importable, print_table, repo_root, write_json
+from benchmarks.common import (default_emoji_cache, device_facts, device_slug, make_lpips_importable, print_table,
+                               repo_root, write_json)
 from benchmarks.peers import ratios
 
 

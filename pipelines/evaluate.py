@@ -8,9 +8,10 @@ Generation (N samples, classes balanced ``i % C``): Frechet distance, precision 
 the classifier's accuracy on the samples, against N train images of the same class mix. The real-vs-real
 floor is reported beside them: val images vs train images, both with one class mix, as balanced as
 the val split allows (water-filling), N of each when the val split has N; a generator cannot be
-expected to beat it. Frechet distances shrink as N grows, so compare numbers of one N only. Every number in a feature space names it ("feature_space"): the
-project's classifier ("tessera-emoji-classifier <hash>", a stand-in used because Inception cannot be
-downloaded here) or, when its weights are present, Inception-v3 through torchmetrics ("extractor").
+expected to beat it. Frechet distances shrink as N grows, so compare numbers of one N only. Every
+number in a feature space names it ("feature_space"): the project's classifier
+("tessera-emoji-classifier <hash>", a stand-in used because Inception cannot be downloaded here) or,
+when its weights are present, Inception-v3 through torchmetrics ("extractor").
 A Frechet distance in the classifier's space is not an FID and is never called one.
 """
 from __future__ import annotations

@@ -197,7 +197,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="class labels -> images (a labelled grid, one row per class)",
                        description="Generate images of the given classes with a trained generator and its tokenizer.")
     add_model_args(p)
-    p.add_argument("--classes", required=True, nargs="+", metavar="CLASS", help="class ids or names (quote names with spaces)")
+    p.add_argument("--classes", required=True, nargs="+", metavar="CLASS",
+                   help="class ids or names (quote names with spaces)")
     p.add_argument("--num-per-class", type=int, default=4, metavar="N", help="images per class (a grid row)")
     add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=64)

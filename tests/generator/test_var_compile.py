@@ -1,7 +1,8 @@
 """VARGenerator.sample(compile=True) on the CPU: one compiled function runs each scale's whole forward
 (two graphs: the 1-token first scale, then a dynamic one), gives the eager ids under the same seed,
-keeps its KV caches for the next call, falls back to eager with a warning, and is rebuilt by a deepcopy. The 'eager' dynamo backend
-traces exactly as a real compile would but runs the captured graph with eager kernels (seconds)."""
+keeps its KV caches for the next call, falls back to eager with a warning, and is rebuilt by a deepcopy.
+The 'eager' dynamo backend traces exactly as a real compile would but runs the captured graph with eager
+kernels (seconds)."""
 import copy
 import logging
 
