@@ -22,7 +22,10 @@ capture it), the x and Wg/Wu tiles loaded by the copy engine (zero-filled past M
 through a descriptor (clipped at M, N), one tile per program or persistent (a program per SM looping over
 tiles, the loads' pipeline running on into the next tile). TMA needs 16-byte aligned rows (K and N
 multiples of 8) and sm_90+; elsewhere, on Triton without the API, and on the CPU interpreter, only the
-``tl.load`` configs run.
+``tl.load`` configs run. The autotuner stays because the kernel is an opt-in experiment: the candidates
+differ in BK (32 or 64) and tile shape, so in how the K sum is grouped, and a timing-based pick could change
+a value's last bit, and so a seed's late tokens, between processes. Before it could go on by default it needs
+one fixed config, as the attention (NOTES A33) and draw (A32) kernels have.
 
 Why a kernel (benchmarks/NOTES.md A31, the prediction): in masked-B sampling (M = 128 x 257 = 32896 rows,
 D 768, Hd 2048) cuBLAS writes the (M, 2 Hd) bf16 gate_up output (270 MB) and inductor's silu*up kernel
