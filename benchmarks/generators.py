@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from unittest import mock
 
 import torch
 
@@ -410,17 +411,7 @@ def sample_masked_split_attention(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the attention's "split" method (NOTES A36: a q/k pass, cuDNN over the grid rows
     with its log-sum-exp, a merge pass) instead of the one kernel; to pair with ``sample-masked-fused``'s rows."""
     from generator import fused_attention
-    sample_masked_under(args, sink, attention_method(fused_attention, "split"), " [split attention]")
-
-
-@contextlib.contextmanager
-def attention_method(module, method: str):
-    """``module.METHOD`` (generator/fused_attention.py's) set to ``method`` inside, restored after."""
-    saved, module.METHOD = module.METHOD, method
-    try:
-        yield
-    finally:
-        module.METHOD = saved
+    sample_masked_under(args, sink, mock.patch.object(fused_attention, "METHOD", "split"), " [split attention]")
 
 
 def sample_masked_torch_draw(args, sink: RowSink) -> None:
@@ -453,14 +444,9 @@ def sample_masked_under(args, sink: RowSink, context, tag: str) -> None:
         sample_masked_fused(Bench(args, sink, "masked-B"), tag=tag)
 
 
-@contextlib.contextmanager
 def kernel_off(kernel_module):
-    """``kernel_module.ENABLED`` (one of generator/'s Triton kernels) False inside, restored after."""
-    saved, kernel_module.ENABLED = kernel_module.ENABLED, False
-    try:
-        yield
-    finally:
-        kernel_module.ENABLED = saved
+    """A context with ``kernel_module.ENABLED`` (one of generator/'s Triton kernels) False, restored after."""
+    return mock.patch.object(kernel_module, "ENABLED", False)
 
 
 @contextlib.contextmanager
