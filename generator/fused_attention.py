@@ -90,7 +90,7 @@ class Config(NamedTuple):
     bn: int                     # key rows per loop step (the online softmax's order: it changes the bits)
     warps: int
     stages: int
-    kpre: bool                  # keys normalised and rotated once per head by ``_key_prep_kernel`` (else per tile)
+    kpre: bool                  # keys normalised and rotated once per head by the key pass (else per tile)
     maxnreg: int | None = None  # a register cap per thread, so more programs share a multiprocessor
 
 
@@ -381,6 +381,12 @@ if triton is not None:
             acc = tl.sum(scale_t[:, :, None] * acc_t, axis=0)
             tl.store(O_ptr + pcol[:, None] * so_l + cols[None, :], (acc / total[:, None]).to(DT), mask=lead[:, None])
 
+    def _packed(qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (B, L, 3, H, K) with q, k, v and the heads side by side in each token's row, as the kernels index it
+        (copied where they are not)."""
+        H, K = qkv.shape[3:]
+        return qkv if qkv.stride()[2:] == (H * K, K, 1) else qkv.contiguous()
+
     def _prepare_keys(args: dict) -> None:
         """The key pass before a KPRE config's attention: every head's keys normalised and rotated into KR."""
         kr = args["KR"]
@@ -394,9 +400,8 @@ if triton is not None:
                sin: torch.Tensor, eps: float, config: Config | None = None) -> torch.Tensor:
         """The kernel on qkv (B, L, 3, H, K) -> (B, L, H K) with ``CONFIG``, or ``config`` (a ``Config``: the
         tests and the micro-benchmark run each of ``CANDIDATES``)."""
+        qkv = _packed(qkv)
         B, L, _, H, K = qkv.shape
-        if qkv.stride()[2:] != (H * K, K, 1):      # q, k, v and the heads side by side in each token's row
-            qkv = qkv.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         c = CONFIG if config is None else config
         out = torch.empty(B, L, H * K, dtype=qkv.dtype, device=qkv.device)
@@ -420,9 +425,7 @@ if triton is not None:
                      sin: torch.Tensor, eps: float) -> torch.Tensor:
         """The "split" method on qkv (B, L, 3, H, K) -> (B, L, H K): ``split_prepare``, ``attention_with_lse`` over
         the L - P grid rows (q and k from the pass, v a view of qkv), then ``split_merge``."""
-        H, K = qkv.shape[3:]
-        if qkv.stride()[2:] != (H * K, K, 1):
-            qkv = qkv.contiguous()
+        qkv = _packed(qkv)
         qr, kr, *prefix = split_prepare(qkv, q_weight, k_weight, cos, sin, eps)
         return split_merge(qkv, *split_attend(qkv, qr, kr), *prefix)
 
