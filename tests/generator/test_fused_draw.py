@@ -88,7 +88,7 @@ def test_dispatch_covers_only_the_unfiltered_cuda_draw():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel inside the sampler's update on CUDA")
-def test_update_with_the_kernel_picks_the_torch_paths_ids():
+def test_update_with_the_kernel_picks_the_torch_paths_ids(monkeypatch):
     B, L, V = 4, 64, 16384
     logits, noise, _ = inputs(B, L, L, V, True, seed=1, dtype=torch.bfloat16)
     ids = torch.full((B, L), V, dtype=torch.long, device="cuda")
@@ -99,11 +99,8 @@ def test_update_with_the_kernel_picks_the_torch_paths_ids():
     remain = torch.full((B,), 20, device="cuda")
     args = (logits, ids, remain, noise, choice)
     got = confidence_update(*args, mask_id=V, cfg_scale=2.0, positions_BM=positions)
-    saved, fd.ENABLED = fd.ENABLED, False
-    try:
-        want = confidence_update(*args, mask_id=V, cfg_scale=2.0, positions_BM=positions)
-    finally:
-        fd.ENABLED = saved
+    monkeypatch.setattr(fd, "ENABLED", False)
+    want = confidence_update(*args, mask_id=V, cfg_scale=2.0, positions_BM=positions)
     assert torch.equal(got, want)
 
 
