@@ -239,9 +239,11 @@ class VQGANLoss(nn.Module):
         if not self.disc_active(step):
             zero = torch.zeros((), device=images.device, requires_grad=True)   # backward-able, no grads
             return LossOutput(zero, {"disc_loss": zero.detach()})
-        # one forward over real and fake: one DDP reduction; per-sample norms keep the halves apart
-        logits = self.discriminator(torch.cat([images.detach(), recon.detach().to(images.dtype)])).float()
-        logits_real, logits_fake = logits.chunk(2)
+        real, fake = images.detach(), recon.detach().to(images.dtype)
+        if c.disc_norm == "batch":   # batch statistics of each half alone (as taming), as the G step sees fakes
+            logits_real, logits_fake = self.discriminator(real).float(), self.discriminator(fake).float()
+        else:                        # per-sample norms keep the halves apart: one forward over both
+            logits_real, logits_fake = self.discriminator(torch.cat([real, fake])).float().chunk(2)
         d_loss = hinge_d_loss(logits_real, logits_fake)
         metrics = {"disc_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         loss = d_loss

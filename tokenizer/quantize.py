@@ -88,7 +88,10 @@ class Codebook(nn.Module):
                  groups: int = 1, buffer_rows: int | None = None):
         super().__init__()
         self.size, self.dim, self.l2_normalize, self.window = size, dim, l2_normalize, window
-        self.weight = nn.Parameter(torch.empty(size, dim).uniform_(-1 / size, 1 / size))  # taming/VAR init
+        weight_VC = torch.empty(size, dim).uniform_(-1 / size, 1 / size)   # taming/VAR init
+        # unit rows when only directions count (as LlamaGen): at norm ~1/V the gradient through
+        # normalize grows as 1/norm, and one optimizer step would turn a code by tens of degrees
+        self.weight = nn.Parameter(F.normalize(weight_VC, dim=-1) if l2_normalize else weight_VC)
         rows = max(buffer_rows or size, size)   # >= size rows: every dead code gets a distinct vector
         self.register_buffer("last_used_GV", torch.full((groups, size), -1, dtype=torch.long), persistent=False)
         self.register_buffer("last_reset_V", torch.zeros(size, dtype=torch.long), persistent=False)
@@ -109,8 +112,14 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def record(self, ids: torch.Tensor, group: int = 0) -> None:
-        """Mark the codes in ``ids`` as used at the current step (training only)."""
-        self.last_used_GV[group, ids.flatten()] = self.step
+        """Mark the codes in ``ids`` as used at the current step (training only). Under torch.distributed
+        a code used on any rank counts as used (a DDP forward broadcasts rank 0's buffers, so usage kept
+        per rank would declare codes used only on other ranks dead)."""
+        used_V = torch.zeros(self.size, dtype=torch.int32, device=ids.device)
+        used_V[ids.flatten()] = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(used_V, op=dist.ReduceOp.MAX)
+        self.last_used_GV[group] = torch.where(used_V.bool(), self.step, self.last_used_GV[group])
 
     @torch.no_grad()
     def remember(self, z_NC: torch.Tensor, rows: int, generator: torch.Generator | None = None) -> None:
@@ -245,7 +254,11 @@ class MultiScaleQuantizer(nn.Module):
         self.phis = nn.ModuleList(Phi(codebook_dim, phi_ratio) for _ in range(phi_count))
 
     def phi_index(self, k: int) -> int:
-        """Phi used at scale k: round-half-up(k / (K - 1) * (phi_count - 1))."""
+        """Phi used at scale k: round-half-up(k / (K - 1) * (phi_count - 1)), evenly spread over the scales.
+
+        VAR's PhiPartiallyShared shares phi_count Phi the same way but picks the nearest of its own ticks,
+        so some scales get a neighbouring Phi (6 scales, 4 Phi: here 0,1,1,2,2,3, VAR 0,0,1,2,3,3); VAR's
+        released weights would need its assignment. Shipped checkpoints use this one."""
         K = len(self.scales)
         return 0 if K == 1 else int(math.floor(k / (K - 1) * (len(self.phis) - 1) + 0.5))
 

@@ -31,6 +31,7 @@ from pipelines.checkpoint import load_checkpoint
 from pipelines.data import ImageFolderDataset, TokenDataset, tokenize_dataset
 from pipelines.sampler import ResumableBatchSampler, SeededDataset, ShardedBatchSampler, build_batch_sampler
 from tests.pipelines.test_train_generator import ColourData, make_tokenizer
+from tokenizer.quantize import VectorQuantizer
 from tokenizer.vqgan import VQGAN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,6 +171,36 @@ def test_each_rank_restores_its_own_random_stream():
     fresh = torch.get_rng_state()
     distributed.restore_rng(tensors, 2, seed=0, step=5)
     assert torch.equal(torch.get_rng_state(), fresh) and not torch.equal(fresh, rows[1])
+
+
+def _codebook_rank(rank: int, port: int, out: Path) -> None:
+    """One rank of the dead-code test: rank 0 only ever uses codes 0 and 1, rank 1 only 2 and 3."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, l2_normalize=False, usage_window=2)
+    with torch.no_grad():
+        vq.codebook.weight.copy_(torch.cat([torch.eye(4), -torch.eye(4)]))    # +-e_i: well apart
+    ddp = torch.nn.parallel.DistributedDataParallel(vq.train())               # broadcasts rank 0's buffers
+    z = torch.eye(4)[[0, 1] if rank == 0 else [2, 3]].repeat(8, 1).T.reshape(1, 4, 4, 4)
+    restarted = []
+    for _ in range(6):
+        result = ddp(z)
+        (result.z_q.sum() + result.loss).backward()
+        restarted.append(int(result.stats["restarted"]))
+    torch.save({"restarted": restarted, "weight": vq.codebook.weight.detach(), "ids": result.ids}, out / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_dead_codes_count_every_ranks_usage(tmp_path):
+    """Under DDP a code used only on rank 1 is alive: the usage is combined over ranks, not rank 0's."""
+    torch.multiprocessing.start_processes(_codebook_rank, (free_ports(1)[0], tmp_path), nprocs=2,
+                                          start_method="fork")
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["restarted"] == [0, 0, 0, 4, 0, 0]          # codes 4-7 only, once the window has passed
+        assert torch.equal(r["weight"][:4], torch.eye(4))    # the used codes are untouched on every rank
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
+    assert ranks[1]["ids"].unique().tolist() == [2, 3]
 
 
 # ------------------------------------------------------------------ real 2-process runs

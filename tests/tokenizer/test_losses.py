@@ -53,6 +53,8 @@ def test_adaptive_weight_equals_hand_computed_gradient_ratio():
     g_g = torch.autograd.grad(g, dec.conv.weight, retain_graph=True)[0]
     torch.testing.assert_close(w, g_rec.norm() / (g_g.norm() + 1e-4))
     assert not w.requires_grad
+    assert w > 0.01
+    assert adaptive_weight(rec, g, dec.conv.weight, max_weight=0.01).item() == pytest.approx(0.01)   # clamped
     with torch.no_grad():   # no gradients available (eval): 0, as taming
         assert adaptive_weight(rec.detach(), g.detach(), dec.conv.weight).item() == 0.0
 
@@ -90,8 +92,11 @@ def test_no_gan_term_before_disc_start():
     assert all(p.grad is None for p in crit.discriminator.parameters())
 
 
-def test_discriminator_loss_is_hinge_on_detached_reconstructions():
-    crit = tiny_loss()
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_discriminator_loss_is_hinge_on_detached_reconstructions(norm):
+    """Real and fake logits as D gives them alone: with batch norm the halves keep their own batch
+    statistics, so D scores the fakes as the generator step does."""
+    crit = tiny_loss(disc_norm=norm)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     recon = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
     out = crit.discriminator_loss(images, recon, step=5)

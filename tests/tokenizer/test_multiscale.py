@@ -82,6 +82,22 @@ def test_loss_is_the_mean_over_scales_of_running_sum_errors():
     torch.testing.assert_close(out.loss, expected / len(SCALES))
 
 
+def test_loss_gradient_reaches_the_encoder_only_through_the_beta_term():
+    """d loss / d f = beta / K sum_k 2 (f - f_hat_k) / numel: the codebook term stops f, the commitment
+    term stops f_hat_k."""
+    q = MultiScaleQuantizer(32, 4, scales=SCALES, phi_count=2, beta=0.25).eval()
+    f = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = q(f)
+    out.loss.backward()
+    f_hat, expected = None, torch.zeros_like(f)
+    with torch.no_grad():
+        for k, ids in enumerate(out.ids):
+            f_hat, _ = q.next_scale_input(f_hat, ids, k)
+            expected += 0.25 * 2 * (f - f_hat) / f.numel() / len(SCALES)
+    torch.testing.assert_close(f.grad, expected)
+    assert q.codebook.weight.grad.abs().sum() > 0 and all(p.grad is not None for p in q.phis.parameters())
+
+
 def test_straight_through_gradient_reaches_the_encoder_output():
     q = MultiScaleQuantizer(32, 4, scales=SCALES, phi_count=2)
     f = torch.randn(2, 4, 8, 8, requires_grad=True)

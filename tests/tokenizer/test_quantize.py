@@ -57,6 +57,30 @@ def test_quant_loss_is_codebook_plus_beta_commitment():
     torch.testing.assert_close(out.stats["codebook_loss"], mse)
 
 
+def test_quant_loss_gradients_put_beta_on_the_encoder_side():
+    """d loss / d e_v = sum over the vectors n with id v of 2 (e_v - z_n) / (N C) (codebook term, z stopped),
+    d loss / d z_n = beta 2 (z_n - e_id(n)) / (N C) (commitment term, e stopped)."""
+    vq = VectorQuantizer(16, 4, l2_normalize=False, beta=0.25, restart_dead_codes=False).eval()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    out = vq(z)
+    out.loss.backward()
+    z_NC, ids_N = z.detach().permute(0, 2, 3, 1).reshape(-1, 4), out.ids.flatten()
+    e_NC = vq.codebook.weight.detach()[ids_N]
+    numel = z_NC.numel()
+    expected_w = torch.zeros(16, 4).index_add_(0, ids_N, 2 * (e_NC - z_NC) / numel)
+    torch.testing.assert_close(vq.codebook.weight.grad, expected_w)
+    expected_z = (0.25 * 2 * (z_NC - e_NC) / numel).view(2, 3, 3, 4).permute(0, 3, 1, 2)
+    torch.testing.assert_close(z.grad, expected_z)
+
+
+def test_l2_codebook_starts_with_unit_rows():
+    """Only directions count with l2 codes: rows start unit-norm (at ~1/V the gradient through the
+    normalisation would be ~V times larger and one step would turn a code far)."""
+    assert torch.allclose(VectorQuantizer(1024, 8, l2_normalize=True).codebook.weight.norm(dim=-1), torch.ones(1024))
+    plain = VectorQuantizer(1024, 8, l2_normalize=False).codebook.weight
+    assert plain.abs().max() <= 1 / 1024                    # taming / VAR's uniform(-1/V, 1/V) where norms count
+
+
 def test_entropy_loss_hand_made_values():
     T = 0.01
     # p1 = (0.75, 0.25), p2 = (0.25, 0.75): mean sample entropy H(0.75) minus batch entropy log 2
