@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.base import CompiledOrEager, Generator, LossOutput
+from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine_doubled, cfg_scale_at, draw_with_noise, fill_exponential_, keep_known
 from generator.transformer import rope_tables
@@ -102,8 +102,7 @@ class ARGenerator(Generator):
         return self.head(h_BND)
 
     def _flat_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = torch.as_tensor(ids, device=self.head.weight.device)
-        return self.check_ids(ids.reshape(ids.shape[0], -1) if ids.dim() == 3 else ids, self.config.num_tokens)
+        return self.check_ids(self.token_batch(torch.as_tensor(ids, device=self.head.weight.device)))
 
     def logits(self, ids_BL: torch.Tensor, classes_B) -> torch.Tensor:
         """Full teacher-forced forward: ids (B, N) or (B, h, w) long, classes (B,) -> logits (B, N, V)."""
@@ -115,29 +114,23 @@ class ARGenerator(Generator):
 
         No host sync here (ids are trusted to be in range: the token cache records codebook_size).
         """
-        if ids_BL.dim() == 3:
-            ids_BL = ids_BL.reshape(ids_BL.shape[0], -1)
-        if ids_BL.shape[1] != self.config.num_tokens:
-            raise ValueError(f"expected {self.config.num_tokens} tokens per image, got {ids_BL.shape[1]}")
-        ids_BL = ids_BL.long()
+        ids_BL = self.token_batch(ids_BL)
+        self.check_label_count(labels_B, ids_BL.shape[0])
         logits_BNV = self._forward(ids_BL, self.drop_classes(labels_B.long()))
         loss = F.cross_entropy(logits_BNV.float().flatten(0, 1), ids_BL.flatten())
         accuracy = (logits_BNV.detach().argmax(-1) == ids_BL).float().mean()
         return LossOutput(loss, {"loss": loss.detach(), "accuracy": accuracy})
 
+    @torch.no_grad()
+    @eval_mode
     def nll_bits_per_token(self, ids_BL: torch.Tensor, labels_B, generator: torch.Generator | None = None
                            ) -> torch.Tensor:
         """Exact -log2 p(x | class) / N per image, (B,) float. Class given (no dropout), dropout off;
         ``generator`` is unused (the AR likelihood is exact)."""
-        was_training = self.training
-        self.eval()
-        try:
-            ids_BL = self._flat_ids(ids_BL)
-            logits_BNV = self._forward(ids_BL, self.class_ids(labels_B, ids_BL.shape[0])).float()
-            nll_BN = F.cross_entropy(logits_BNV.transpose(1, 2), ids_BL, reduction="none")
-            return nll_BN.mean(dim=1) / math.log(2)
-        finally:
-            self.train(was_training)
+        ids_BL = self._flat_ids(ids_BL)
+        logits_BNV = self._forward(ids_BL, self.class_ids(labels_B, ids_BL.shape[0])).float()
+        nll_BN = F.cross_entropy(logits_BNV.transpose(1, 2), ids_BL, reduction="none")
+        return nll_BN.mean(dim=1) / math.log(2)
 
     # ---- cached decoding (gpt-fast: prefill -> decode_one_token -> decode_n_tokens) -----------
     def _cond(self, cls_BD):
@@ -239,6 +232,7 @@ class ARGenerator(Generator):
         return buf.ids_BN.clone()
 
     @torch.no_grad()
+    @eval_mode
     def sample(self, classes, *, num_steps: int | None = None, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
                cfg_tokens: int | None = None, generator: torch.Generator | None = None,
@@ -303,14 +297,11 @@ class ARGenerator(Generator):
         if compile is None:
             compile = device.type == "cuda"
 
-        was_training = self.training
-        self.eval()
         try:
             ids_BN = self.decode_n_tokens(classes_B, scales, guided, temperature, top_k, top_p, generator, known_BN,
                                           mask_BN, compile)
         finally:
             self.backbone.remove_caches()     # the decode buffers own the caches (kept with their graphs)
-            self.train(was_training)
         return ids_BN.reshape(B, g, g)
 
 

@@ -6,6 +6,7 @@ sampler (``loss``, ``nll_bits_per_token``, ``sample``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -24,6 +25,21 @@ from generator.transformer import Transformer, flops_per_token, init_weights
 FAMILIES = {"masked": "generator.masked:MaskedGenerator",
             "ar": "generator.autoregressive:ARGenerator",
             "var": "generator.var:VARGenerator"}
+
+
+def eval_mode(method: Callable) -> Callable:
+    """Run a sampling / likelihood method with the module in eval mode (no dropout, no class dropout:
+    the same seed gives the same result), then restore the module's mode."""
+    @functools.wraps(method)
+    def in_eval(self, *args, **kwargs):
+        if not self.training:
+            return method(self, *args, **kwargs)
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train()
+    return in_eval
 
 
 class CompiledOrEager:
@@ -96,24 +112,46 @@ class Generator(nn.Module):
 
     # ---- checks a user can trip --------------------------------------------------------------
     def class_ids(self, classes, batch: int | None = None, device=None) -> torch.Tensor:
-        """Class labels -> LongTensor (B,) on ``device``; None -> null class (unconditional)."""
+        """Class labels (B,) -> LongTensor (B,) on ``device``; None -> null class (unconditional).
+        ``batch``: the batch the labels are for (None: any), e.g. the token grids they label."""
         device = device or self.head.weight.device
         if classes is None:
             if batch is None:
                 raise ValueError("give classes or a batch size")
             return torch.full((batch,), self.config.null_class, dtype=torch.long, device=device)
         classes = torch.as_tensor(classes)      # checked where it is: lists and CPU tensors need no device sync
-        if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
-            raise ValueError(f"class ids must be integers, got dtype {classes.dtype}")
-        classes = classes.long().reshape(-1)
         if classes.numel() == 0:
             raise ValueError("no classes given: batch size would be 0")
+        if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+            raise ValueError(f"class ids must be integers, got dtype {classes.dtype}")
+        if classes.dim() > 1:
+            raise ValueError(f"class ids must be a list or a 1-D tensor, got shape {tuple(classes.shape)}")
+        classes = classes.long().reshape(-1)
+        self.check_label_count(classes, batch)
         out_of_range = (classes < 0) | (classes > self.config.num_classes)
         if out_of_range.any():         # on a GPU tensor, one device-to-host read (session 13's trace: ~1.3 ms)
             raise ValueError(f"class id {int(classes[out_of_range][0])} is out of range: the model has "
                              f"{self.config.num_classes} classes (0..{self.config.num_classes - 1}; "
                              f"{self.config.null_class} = unconditional)")
         return classes.to(device)
+
+    @staticmethod
+    def check_label_count(labels_B: torch.Tensor, batch: int | None) -> None:
+        """One label per token grid (a shape check: no host sync)."""
+        if batch is not None and (labels_B.dim() != 1 or labels_B.shape[0] != batch):
+            raise ValueError(f"got {labels_B.numel()} class labels for a batch of {batch}")
+
+    def token_batch(self, ids: torch.Tensor) -> torch.Tensor:
+        """A training batch's ids, (B, N) or (B, h, w) -> (B, N) long: shape and dtype checked, values not
+        (no host sync; the token cache checked them)."""
+        N = self.config.num_tokens
+        if ids.dim() == 3:
+            ids = ids.reshape(ids.shape[0], -1)
+        if ids.dim() != 2 or ids.shape[1] != N:
+            raise ValueError(f"expected {N} tokens per image, as ids of shape (B, {N}), got shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        return ids.long()
 
     def check_ids(self, ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
         if ids.is_floating_point() or ids.dtype == torch.bool:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generator import fused_draw
-from generator.base import CompiledOrEager, Generator, LossOutput
+from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
 from generator.config import GeneratorConfig
 from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise,
                                 gumbel_noise, keep_known, sample_logits)
@@ -280,15 +280,6 @@ class MaskedGenerator(Generator):
         """Same as ``self(ids_BL, classes_B)`` (goes through a compiled forward after ``compile()``)."""
         return self(ids_BL, classes_B)
 
-    def _check_batch(self, ids_BL: torch.Tensor) -> torch.Tensor:
-        """Shape/dtype check without a host sync (values come from a token cache that checked them)."""
-        L = self.config.num_tokens
-        if ids_BL.dim() != 2 or ids_BL.shape[1] != L:
-            raise ValueError(f"expected token ids of shape (B, {L}), got {tuple(ids_BL.shape)}")
-        if ids_BL.is_floating_point() or ids_BL.dtype == torch.bool:
-            raise ValueError(f"token ids must be integers, got dtype {ids_BL.dtype}")
-        return ids_BL.long()
-
     def q_sample(self, ids_BL: torch.Tensor, t_B, generator: torch.Generator | None = None):
         """Forward marginal q(x_t | x_0) = Cat(alpha_t x_0 + (1 - alpha_t) m) (seed 002): each token
         independently stays with probability alpha(t), else becomes [MASK].
@@ -310,8 +301,9 @@ class MaskedGenerator(Generator):
                      NELBO per token in nats (seed 002), an unbiased estimate of nll_bits_per_token * ln 2.
         - "maskgit": mean CE over all masked tokens of the batch (w = 1).
         """
-        ids_BL = self._check_batch(ids_BL)
+        ids_BL = self.token_batch(ids_BL)
         B, L = ids_BL.shape
+        self.check_label_count(labels_B, B)
         dev = ids_BL.device
         u = torch.rand((), generator=generator, device=dev)
         t_B = as_time((u + torch.arange(B, device=dev)) / B)
@@ -332,6 +324,7 @@ class MaskedGenerator(Generator):
         return LossOutput(loss, metrics)
 
     @torch.no_grad()
+    @eval_mode
     def nll_bits_per_token(self, ids_BL: torch.Tensor, labels_B=None, generator: torch.Generator | None = None,
                            num_t: int = 16) -> torch.Tensor:
         """The continuous-time NELBO (seed 002) in bits per token, (B,) float: the likelihood bound
@@ -348,14 +341,11 @@ class MaskedGenerator(Generator):
         """
         if num_t < 1:
             raise ValueError(f"num_t must be >= 1, got {num_t}")
-        ids_BL = self.check_ids(ids_BL.reshape(ids_BL.shape[0], -1) if ids_BL.dim() == 3 else ids_BL,
-                                self.config.num_tokens)
+        ids_BL = self.check_ids(self.token_batch(torch.as_tensor(ids_BL)))
         B, L = ids_BL.shape
         dev = self.head.weight.device
         ids_BL = ids_BL.to(dev)
         classes_B = self.class_ids(labels_B, B, dev)
-        if classes_B.shape[0] != B:
-            raise ValueError(f"got {classes_B.shape[0]} labels for {B} token grids")
         u = torch.rand((), generator=generator, device=dev)
         k_J = (1 + ((torch.arange(num_t, device=dev) + u) * L / num_t).floor().long()).clamp(max=L)
         total_B = torch.zeros(B, device=dev)
@@ -398,6 +388,7 @@ class MaskedGenerator(Generator):
                             fullgraph=True)))
 
     @torch.no_grad()
+    @eval_mode
     def sample(self, classes, *, num_steps: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                cfg_scale: float = 1.0, cfg_schedule: str = "constant", sampler: str = "confidence",
                choice_temperature: float = 4.5, generator: torch.Generator | None = None,
@@ -408,7 +399,7 @@ class MaskedGenerator(Generator):
 
         known_ids / known_mask (B, h, w) long / bool: inpainting; known tokens start unmasked and
         never change. cfg_scale 1 runs the conditional pass only; cfg_schedule "linear" ramps the
-        scale from 1 at the first step to cfg_scale at the last. Call ``eval()`` first.
+        scale from 1 at the first step to cfg_scale at the last. Runs in eval mode (``eval_mode``).
 
         ``compile``: run the forward through torch.compile (reduce-overhead on CUDA) and the
         confidence update (CFG combine, candidate draw, confidence ranking: ``confidence_update``)
@@ -427,8 +418,9 @@ class MaskedGenerator(Generator):
         if ignored:
             logger.debug("masked sampler ignores %s", sorted(ignored))
         dev = self.head.weight.device
-        batch = batch_size or (known_ids.shape[0] if known_ids is not None else 1)
-        classes_B = self.class_ids(classes, batch, dev)
+        if classes is None and batch_size is None:
+            batch_size = known_ids.shape[0] if known_ids is not None else 1
+        classes_B = self.class_ids(classes, batch_size, dev)
         B, L = classes_B.shape[0], self.config.num_tokens
         known_ids_BL, known_mask_BL = self._known(known_ids, known_mask, B, dev)
         ids_BL = keep_known(torch.full((B, L), self.mask_id, dtype=torch.long, device=dev), known_ids_BL, known_mask_BL)

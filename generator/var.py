@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator.base import CompiledOrEager, Generator, LossOutput
+from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine_doubled, cfg_scale_at, keep_known, sample_logits
 from generator.transformer import BlockCausal, rope_tables
@@ -187,11 +187,8 @@ class VARGenerator(Generator):
              codec_inputs_BlC: torch.Tensor | None = None) -> LossOutput:
         """Mean cross-entropy over all L tokens (teacher forcing, class dropout for CFG).
         ``codec_inputs_BlC`` = codec.teacher_forcing_input(split_scales(ids)); None -> the set codec."""
-        if ids_BL.is_floating_point() or ids_BL.dtype == torch.bool:
-            raise ValueError(f"token ids must be integers, got dtype {ids_BL.dtype}")
-        if ids_BL.shape[-1] != self.config.num_tokens:   # values are not checked here: no host sync per step
-            raise ValueError(f"expected {self.config.num_tokens} tokens per image, got {ids_BL.shape[-1]}")
-        ids_BL = ids_BL.to(self.head.weight.device).long()
+        ids_BL = self.token_batch(ids_BL).to(self.head.weight.device)   # values unchecked: no host sync per step
+        self.check_label_count(labels_B, ids_BL.shape[0])
         labels_B = self.drop_classes(labels_B.to(self.head.weight.device).long())
         ce_BL, logits_BLV = self._ce_BL(ids_BL, labels_B, codec_inputs_BlC)
         loss = ce_BL.mean()
@@ -204,11 +201,12 @@ class VARGenerator(Generator):
         return LossOutput(loss, metrics)
 
     @torch.no_grad()
+    @eval_mode
     def nll_bits_per_token(self, ids_BL: torch.Tensor, labels_B=None, generator: torch.Generator | None = None,
                            codec_inputs_BlC: torch.Tensor | None = None) -> torch.Tensor:
         """Exact -log2 p(ids | class) / L per image, (B,) float. VAR's factorisation over scales is
         exact, so no sampling is involved (``generator`` is unused). Labels None -> unconditional."""
-        ids_BL = self.check_ids(ids_BL, self.config.num_tokens).to(self.head.weight.device)
+        ids_BL = self.check_ids(self.token_batch(torch.as_tensor(ids_BL))).to(self.head.weight.device)
         labels_B = self.class_ids(labels_B, ids_BL.shape[0])
         ce_BL, _ = self._ce_BL(ids_BL, labels_B, codec_inputs_BlC)
         return ce_BL.mean(1) / math.log(2)
@@ -235,7 +233,7 @@ class VARGenerator(Generator):
                                  f"{tuple(ids.shape)} / {tuple(mask.shape)}")
             if mask.dtype != torch.bool:
                 raise ValueError(f"known_mask must be bool, got {mask.dtype}")
-            out_ids.append(self.check_ids(ids).to(device))
+            out_ids.append(self.check_ids(torch.where(mask, ids, 0)).to(device))   # unknown cells: any value
             out_mask.append(mask.to(device))
         return out_ids, out_mask
 
@@ -262,6 +260,7 @@ class VARGenerator(Generator):
                                                           **options))
 
     @torch.no_grad()
+    @eval_mode
     def sample(self, classes=None, *, codec: ScaleCodec | None = None, num_steps: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
                cfg_schedule: str = "linear", generator: torch.Generator | None = None,

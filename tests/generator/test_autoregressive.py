@@ -70,6 +70,23 @@ def test_loss_starts_at_log_v_and_nll_matches_loss():
     assert torch.allclose(bits.mean(), model.loss(ids, labels).loss / math.log(2), atol=1e-5)
 
 
+def test_input_i_is_rotated_by_the_cell_of_the_token_it_carries():
+    """Inputs are [class, t_0 .. t_{N-2}]: row 0 (the class) is the identity rotation and input i >= 1
+    carries t_{i-1}, so its angles are those of cell i - 1 = (row, col) in raster order."""
+    model = tiny(perturb=False)
+    g, K, base = model.config.grid_size, model.config.head_dim, model.config.rope_base
+    n = K // 4
+    freqs = base ** (-torch.arange(n, dtype=torch.float64) / n)
+    N = g * g
+    assert model.rope_cos.shape == (N, K // 2)
+    assert torch.equal(model.rope_cos[0], torch.ones(K // 2)) and torch.equal(model.rope_sin[0], torch.zeros(K // 2))
+    for i in range(1, N):
+        row, col = divmod(i - 1, g)
+        angles = torch.cat([row * freqs, col * freqs])
+        torch.testing.assert_close(model.rope_cos[i], angles.cos().float())
+        torch.testing.assert_close(model.rope_sin[i], angles.sin().float())
+
+
 def test_causal_logits_at_i_ignore_tokens_from_i_on():
     model = tiny()
     ids, classes = torch.randint(0, 32, (2, 16)), torch.tensor([0, 2])

@@ -21,6 +21,22 @@ def test_rope_is_relative():
     assert torch.allclose((rq[1] * rk[0]).sum(), (rq[3] * rk[2]).sum(), atol=1e-5)
 
 
+def test_rope_tables_follow_the_formula_per_axis():
+    """Row p of the table: angles [row_p base^(-i/n) for i < n, col_p base^(-i/n) for i < n], n = K/4,
+    so each axis rotates its own quarter of the head's frequency pairs."""
+    pos = torch.tensor([[2.0, 3.0], [0.5, 7.0]])
+    K, base = 16, 100.0
+    cos, sin = rope_tables(pos, K, base)
+    n = K // 4
+    freqs = base ** (-torch.arange(n, dtype=torch.float64) / n)
+    angles = torch.cat([pos[:, :1].double() * freqs, pos[:, 1:].double() * freqs], dim=1)
+    torch.testing.assert_close(cos, angles.cos().float())
+    torch.testing.assert_close(sin, angles.sin().float())
+    q, k = torch.randn(16), torch.randn(16)        # different offsets: different scores
+    score = lambda a, b: (apply_rope(q, cos[a], sin[a]) * apply_rope(k, cos[b], sin[b])).sum()
+    assert not torch.allclose(score(0, 1), score(1, 0), atol=1e-3)
+
+
 def test_rope_prefix_rows_are_identity():
     cos, sin = rope_tables(torch.zeros(3, 2) + 5, 8, num_prefix=2)
     assert cos.shape == (5, 4)

@@ -190,6 +190,10 @@ def test_inpainting_forces_known_tokens_at_every_scale():
     ref = reference_sample(model, codec, [0, 1], cfg_scale=2.0, known_ids=known, known_mask=mask,
                            generator=torch.Generator().manual_seed(6))
     assert all(torch.equal(a, b) for a, b in zip(out, ref))   # forced tokens also feed the next scale
+    placeholders = [torch.where(m, ids, -1) for ids, m in zip(known, mask)]   # unknown cells hold any value
+    again = model.sample([0, 1], codec=codec, cfg_scale=2.0, known_ids=placeholders, known_mask=mask,
+                         generator=torch.Generator().manual_seed(6))
+    assert all(torch.equal(a, b) for a, b in zip(again, out))
     everything = [torch.ones_like(m) for m in mask]
     full = model.sample(None, codec=codec, known_ids=join_scales(known), known_mask=join_scales(everything))
     assert all(torch.equal(a, b) for a, b in zip(full, known))
