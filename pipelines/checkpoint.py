@@ -179,7 +179,7 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str,
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    _prune(root, keep_last)
+    _prune(root, keep_last, step)
     logger.info("checkpoint written: %s", final)
     return final
 
@@ -193,12 +193,16 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, written_step: int) -> None:
+    """Remove unfinished writes and all but the ``keep_last`` newest checkpoints up to the one just
+    written (kept). Newer ones (damaged checkpoints a resume skipped) are left for the user to inspect:
+    counting them would prune the new checkpoints."""
     for p in root.iterdir():  # leftovers of interrupted writes
         if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".old")):
             shutil.rmtree(p, ignore_errors=True)
     if keep_last > 0:
-        for _, p in list_checkpoints(root.parent)[keep_last:]:
+        older = [p for step, p in list_checkpoints(root.parent) if step < written_step]
+        for p in older[keep_last - 1:]:
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -64,6 +64,12 @@ class AugmentConfig:
     scale_range: float = 0.1         # random zoom in [1 - r, 1 + r]
     label_smoothing: float = 0.1     # cross-entropy label smoothing
 
+    def __post_init__(self):
+        for name, value, top in (("max_shift", self.max_shift, 0.5), ("scale_range", self.scale_range, 1.0),
+                                 ("label_smoothing", self.label_smoothing, 1.0)):
+            if not 0.0 <= value < top:
+                raise ValueError(f"augment.{name} must be in [0, {top}), got {value}")
+
 
 class EmojiClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig):
@@ -204,6 +210,7 @@ def train_classifier(model_cfg: ClassifierConfig, aug: AugmentConfig, train: Tra
         raise ValueError(f"model.num_classes is {model_cfg.num_classes} but the dataset has {len(names)} classes")
     model_cfg = dataclasses.replace(model_cfg, num_classes=len(names), class_names=names,
                                     resolution=data.resolution, dataset=data.dataset)
+    torch.manual_seed(train.seed)        # the initial weights: same seed, same run (as the other trainers)
     model = EmojiClassifier(model_cfg).to(memory_format=torch.channels_last)
     run_config = {"model": to_dict(model_cfg), "augment": to_dict(aug), "train": to_dict(train), "data": to_dict(data)}
     weights = sample_weights(train_set) if data.balanced else None

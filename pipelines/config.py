@@ -1,8 +1,9 @@
 """YAML run configs -> config dataclasses, strictly.
 
 A run config is a YAML mapping of sections (``model``, ``loss``, ``train``, ``data``); each
-section loads 1:1 into a dataclass. An unknown key, a wrong type or a missing section is a
-``ConfigError`` that names the key and lists the valid ones. ``--set a.b=value`` overrides any key
+section loads 1:1 into a dataclass (a section left out takes its defaults). An unknown key or section,
+a key given twice, a wrong type or a non-finite number is a ``ConfigError`` that names the key and lists
+the valid ones. ``--set a.b=value`` overrides any key
 (the value is parsed as YAML, so ``--set train.lr=1e-4`` gives a float and
 ``--set model.scales=[1,2,4]`` a list). Files and overrides are read with ``parse_yaml``: PyYAML's
 safe loader plus YAML 1.2's floats without a dot ("3e-4"), which its YAML 1.1 rules read as strings.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -26,7 +28,20 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader with YAML 1.2's exponent floats ("1e-4", "2E5"): YAML 1.1 requires a dot."""
+    """yaml.SafeLoader with YAML 1.2's exponent floats ("1e-4", "2E5"): YAML 1.1 requires a dot; a key
+    given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue                     # SafeLoader's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -98,6 +113,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):     # .inf / .nan pass every `< 0` check and train a NaN model
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

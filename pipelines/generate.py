@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from generator.base import CompiledOrEager, Generator
 from pipelines.config import coerce, parse_overrides
-from pipelines.images import output_image_path, tensor_to_pil
+from pipelines.images import output_dir_path, output_image_path, tensor_to_pil
 from pipelines.loading import (check_compatible, class_names_for, load_generator_dir, load_tokenizer, pick_device,
                                resolve_classes)
 
@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --out PNG (the grid) and/or --out-dir DIR (single images)")
     if args.out:
         output_image_path(args.out)         # a bad name fails now, not after the sampling
+    out_dir = output_dir_path(args.out_dir) if args.out_dir else None
     if args.num_per_class < 1:
         raise ValueError(f"--num-per-class must be >= 1, got {args.num_per_class}")
     if args.batch_size < 1:
@@ -230,9 +231,7 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         class_grid(images, names, args.num_per_class).save(out)
         written.append(f"{out} ({len(ids)} classes x {args.num_per_class})")
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
         for i, image in enumerate(images):
             r, c = divmod(i, args.num_per_class)
             image.save(out_dir / f"{r:03d}-{_slug(names[r])}-{c:02d}.png")

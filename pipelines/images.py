@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 MAX_PIXELS = 8192 * 8192        # refuse larger images (PIL's bomb check fires at 2x its limit)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -56,6 +56,15 @@ def output_image_path(path: str | Path) -> Path:
     return path
 
 
+def output_dir_path(path: str | Path) -> Path:
+    """``path`` as a directory for single images, made now (a file there fails before any work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out-dir {path} is a file, not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: alpha (RGBA, LA, palette with transparency) composited on white,
     16/32-bit greyscale scaled to 8 bits, CMYK/YCbCr/L converted."""
@@ -73,9 +82,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def center_square(width: int, height: int) -> tuple[float, float, float, float]:
+    """The centre square (left, top, right, bottom) of a width x height image, in source pixels."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
 def resize_center_crop(image: Image.Image, resolution: int, resample=Image.BICUBIC) -> Image.Image:
-    """Resize the shorter side to ``resolution`` then crop the centre square."""
-    return ImageOps.fit(image, (resolution, resolution), method=resample, centering=(0.5, 0.5))
+    """Resize the shorter side to ``resolution`` then crop the centre square (as ``ImageOps.fit``)."""
+    return image.resize((resolution, resolution), resample, box=center_square(*image.size))
+
+
+def any_in_cells(arr_HW: np.ndarray, resolution: int) -> np.ndarray:
+    """bool (R, R): whether any nonzero source pixel overlaps each pixel of the centre square resized to
+    R x R (the cells ``resize_center_crop`` maps onto each output pixel), however small the overlap."""
+    height, width = arr_HW.shape
+    left, top, right, bottom = center_square(width, height)
+    steps = np.arange(resolution + 1) / resolution
+
+    def spans(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+        edges = lo + (hi - lo) * steps
+        first = np.floor(edges[:-1]).astype(np.int64)
+        return first, np.maximum(np.ceil(edges[1:]).astype(np.int64), first + 1)
+
+    (y0, y1), (x0, x1) = spans(top, bottom), spans(left, right)
+    total = np.zeros((height + 1, width + 1), dtype=np.int64)
+    total[1:, 1:] = (arr_HW != 0).cumsum(0).cumsum(1)          # summed-area table
+    count = total[y1][:, x1] - total[y0][:, x1] - total[y1][:, x0] + total[y0][:, x0]
+    return count > 0
 
 
 def image_to_tensor(image: Image.Image | str | Path, resolution: int) -> torch.Tensor:
@@ -143,9 +178,7 @@ def mask_to_tensor(mask, image_size: tuple[int, int], resolution: int) -> torch.
         if arr.shape != (height, width):
             raise ValueError(f"the mask is {arr.shape[1]}x{arr.shape[0]} but the image is {width}x{height}")
         arr = (arr > 0.5).astype(np.float32)
-    m = Image.fromarray((arr * 255).astype(np.uint8), mode="L")
-    m = resize_center_crop(m, resolution, resample=Image.BILINEAR)
-    return torch.from_numpy(np.asarray(m) > 0)
+    return torch.from_numpy(any_in_cells(arr, resolution))
 
 
 def _box_coords(box) -> tuple[int, int, int, int]:

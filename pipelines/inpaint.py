@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from pipelines.generate import TokenPipeline, add_model_args, add_sampling_args, class_grid, sampling_options
-from pipelines.images import (image_to_tensor, mask_to_tensor, open_image, output_image_path, paste, scale_masks,
-                              tensor_to_pil, token_mask)
+from pipelines.images import (image_to_tensor, mask_to_tensor, open_image, output_dir_path, output_image_path, paste,
+                              scale_masks, tensor_to_pil, token_mask)
 from pipelines.loading import resolve_classes
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --out PNG and/or --out-dir DIR (one PNG per sample)")
     if args.out:
         output_image_path(args.out)         # a bad name fails now, not after the sampling
+    out_dir = output_dir_path(args.out_dir) if args.out_dir else None
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--dilate", args.dilate, 0),
                              ("--feather", args.feather, 0)):
         if value < low:
@@ -163,9 +164,7 @@ def run(args: argparse.Namespace) -> int:
             class_grid([tensor_to_pil(inputs.image_3RR[None])[0], mask_overlay(inputs), *images], [label],
                        len(images) + 2).save(out)
             written.append(f"{out} (input, mask, {len(images)} samples)")
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
         for i, image_i in enumerate(images):
             image_i.save(out_dir / f"inpaint-{i:02d}.png")
         written.append(f"{len(images)} images in {out_dir}/")

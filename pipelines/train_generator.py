@@ -11,6 +11,7 @@ NLL, masked NELBO) on TOKENS/val to metrics.jsonl; and writes DIR as a generator
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -105,6 +106,19 @@ def val_bits_per_token(generator: Generator, val: TokenDataset, max_items: int =
     return total / max(count, 1)
 
 
+def last_validation_step(log: Path) -> int:
+    """The last step metrics.jsonl holds a validation line for (-1: none)."""
+    if not log.is_file():
+        return -1
+    steps = [-1]
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            record = json.loads(line)
+            if "val/bits_per_token" in record:
+                steps.append(int(record["step"]))
+    return max(steps)
+
+
 class GeneratorTask:
     """TrainTask for every generator family (see pipelines/trainer.py)."""
     throughput_unit = "tokens"
@@ -117,7 +131,7 @@ class GeneratorTask:
         self.output_dir, self.val, self.eval_every, self.val_items = output_dir, val, eval_every, val_items
         self.tokenizer, self.is_main = tokenizer, is_main
         self.units_per_item = generator.config.num_tokens
-        self.model, self.metrics, self._evaluated = self.wrapper, {}, -1
+        self.model, self.metrics, self._evaluated = self.wrapper, {}, None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.wrapper}
@@ -129,6 +143,8 @@ class GeneratorTask:
         self.model = prepared["model"]
 
     def train_step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        if self._evaluated is None:     # a resumed run's log may hold this step's validation already
+            self._evaluated = last_validation_step(self.output_dir / "metrics.jsonl")
         if self.eval_every and step and step % self.eval_every == 0 and step != self._evaluated:
             self._evaluated = step                       # once per step, not per gradient-accumulation micro-batch
             self.log_validation(step)

@@ -31,8 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint, \
-    save_checkpoint
+from pipelines.checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, list_checkpoints, \
+    load_checkpoint, save_checkpoint
 from pipelines.config import config_hash, parse_yaml
 from pipelines.sampler import SeededDataset, build_batch_sampler
 from pipelines.train_utils import (EMA, StopVote, TrainConfig, adamw, extra_buffers, load_extra_buffers,
@@ -82,6 +82,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=mp, fsdp_plugin=plugin)
         distributed.check_launch(self.accelerator, train_config.distributed)
         self._stop_signal: str | None = None
+        self._saved_run_config: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def _check_run_config(self, saved: dict | None) -> None:
@@ -112,8 +113,12 @@ class Trainer:
         ckpt = None
         if self.resume:
             path = latest_checkpoint(self.output_dir)
+            if path is None and list_checkpoints(self.output_dir):   # never start over a run's damaged history
+                names = ", ".join(p.name for _, p in list_checkpoints(self.output_dir))
+                raise CheckpointError(f"--resume: no checkpoint of {self.output_dir} passes verification ({names}; "
+                                      f"the warnings above say why); move them away to start fresh")
             if path is None:
-                logger.warning("--resume: %s has no intact checkpoint; starting fresh", self.output_dir)
+                logger.warning("--resume: %s has no checkpoint; starting fresh", self.output_dir)
             else:
                 ckpt = load_checkpoint(path)
                 run_yaml = self.output_dir / "run.yaml"
@@ -121,9 +126,12 @@ class Trainer:
                 if saved is None and run_yaml.is_file():
                     saved = parse_yaml(run_yaml.read_text())
                 self._check_run_config(saved)
+                self._saved_run_config = saved
         elif list_checkpoints(self.output_dir):
             raise ValueError(f"{self.output_dir} already holds checkpoints; pass --resume to continue that run "
                              f"or choose a new output dir")
+        if acc.is_main_process:   # the log continues from the checkpoint (a fresh run: from nothing)
+            truncate_log(self.output_dir / "metrics.jsonl", int(ckpt.state.get("step", 0)) if ckpt else 0)
         self._write_run_yaml()
 
         self.raw = dict(self.task.modules())
@@ -174,7 +182,14 @@ class Trainer:
         for name, module in self.raw.items():
             if name not in ckpt.tensors:
                 raise ValueError(f"checkpoint {ckpt.path} has no weights for module '{name}'")
-            module.load_state_dict(ckpt.tensors[name], strict=True)
+            try:
+                module.load_state_dict(ckpt.tensors[name], strict=True)
+            except RuntimeError as e:     # e.g. a changed loss.disc_layers: the discriminator has other shapes
+                changed = [d for section, given in (self.run_config or {}).items() if section != "train"
+                           for d in _diff((self._saved_run_config or {}).get(section), given, section)]
+                why = f" (changed since the saved run: {', '.join(changed)})" if changed else ""
+                raise ValueError(f"cannot resume {self.output_dir}: the checkpoint's '{name}' weights do not fit "
+                                 f"the module this config builds{why}: {' '.join(str(e).split())[:300]}") from e
             load_extra_buffers(module, ckpt.tensors.get(f"{name}.buffers", {}))
         if self.ema is not None:
             if "ema" not in ckpt.tensors:
@@ -448,6 +463,24 @@ def _ignore_stop_signals(worker_id: int) -> None:
     end with the loader (or their parent)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """A resumed run's metrics log: drop the lines of steps after the checkpoint it resumes from (the run
+    logs them again), so every step appears once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")     # a torn last line of a killed run: dropped
 
 
 def _diff(a: Any, b: Any, where: str) -> list[str]:

@@ -261,6 +261,10 @@ CASES = [
      "cannot write an image to {bad}/grid: unknown image extension '' (use .png, .jpg, .webp ...)"),
     ("output-is-a-directory", lambda a, b: inpaint(a, *BOX, out=b["dir"]),
      "folder.png is a directory; give an image file name such as "),
+    ("out-dir-is-a-file", lambda a, b: generate(a, "--classes", "0", "--out-dir", a["image"]),
+     "--out-dir {image} is a file, not a directory"),
+    ("inpaint-out-dir-is-a-file", lambda a, b: inpaint(a, *BOX, "--out-dir", a["image"]),
+     "--out-dir {image} is a file, not a directory"),
     ("reconstruct-output-unknown-extension", lambda a, b: reconstruct(a, a["image"], out=b["dir"] / "x.pnj"),
      "unknown image extension '.pnj'"),
 ]
@@ -269,7 +273,8 @@ CASES = [
 @pytest.mark.parametrize("argv, expected", [pytest.param(argv, expected, id=name) for name, argv, expected in CASES])
 def test_one_clear_line_and_a_traceback_with_debug(capsys, art, bad, argv, expected):
     argv = argv(art, bad)
-    expected = expected.format(other=art["other"].fingerprint(), vq=art["vq"].fingerprint(), bad=bad["dir"])
+    expected = expected.format(other=art["other"].fingerprint(), vq=art["vq"].fingerprint(), bad=bad["dir"],
+                               image=art["image"])
     line = one_error_line(capsys, argv)
     assert expected in line
     assert not (art["root"] / "never-written.png").exists() and not (art["root"] / "never-trained" /

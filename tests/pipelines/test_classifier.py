@@ -57,6 +57,12 @@ def test_config_errors():
         ClassifierConfig(num_classes=2, class_names=("a",))
 
 
+@pytest.mark.parametrize("kw", [dict(label_smoothing=1.5), dict(scale_range=-1.0), dict(max_shift=0.5)])
+def test_augment_config_refuses_impossible_values(kw):
+    with pytest.raises(ValueError, match=f"augment.{next(iter(kw))} must be in"):
+        AugmentConfig(**kw)
+
+
 def test_augment_is_seeded_and_identity_without_range():
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     aug = AugmentConfig(max_shift=0.1, scale_range=0.1)
@@ -103,3 +109,8 @@ def test_train_few_steps_then_reload(tmp_path):
     assert accuracy_report(model, Colours(12, 1)) == report["val"]
     x = Colours(4, 2).images
     assert torch.equal(model.features(x), EmojiClassifier.from_pretrained(out).features(x))
+    torch.manual_seed(123)                                       # the global RNG state does not matter
+    train_classifier(ClassifierConfig(**TINY), AugmentConfig(), train, data, tmp_path / "again",
+                     train_set=Colours(48, 0), val_set=Colours(12, 1))
+    again = EmojiClassifier.from_pretrained(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

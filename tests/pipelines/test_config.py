@@ -22,3 +22,16 @@ def test_a_config_file_and_overrides_with_exponent_floats_load(tmp_path):
     path.write_text("train:\n  lr: 3e-4x\n")
     with pytest.raises(ConfigError, match="train.lr: expected a number, got '3e-4x'"):
         load_sections(path, {"train": TrainConfig})
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_by_name(value):
+    with pytest.raises(ConfigError, match=f"train.lr: expected a finite number"):
+        load_sections(None, {"train": TrainConfig}, overrides=[f"train.lr={value}"])
+
+
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  batch_size: 8\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' is given twice \(line 4, column 3\)"):
+        load_sections(path, {"train": TrainConfig})

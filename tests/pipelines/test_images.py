@@ -49,6 +49,12 @@ def test_box_and_array_masks_and_their_errors():
     assert torch.equal(mask_to_tensor(arr, (16, 16), 16), m)
     with pytest.raises(ValueError, match="outside the 16x16 image"):
         mask_to_tensor((0, 0, 20, 8), (16, 16), 16)
+    tiny = mask_to_tensor((500, 500, 501, 501), (1024, 1024), 32)     # one pixel of 32 x 32 per cell
+    assert tiny.sum() == 1 and tiny[15, 15]
+    wide = mask_to_tensor((0, 5, 1, 6), (40, 20), 10)                  # a wide image: centre crop x in [10, 30)
+    assert not wide.any()                                               # outside the crop
+    edge = mask_to_tensor((29, 0, 30, 1), (40, 20), 10)
+    assert edge.sum() == 1 and edge[0, 9]                               # the crop's last column
     with pytest.raises(ValueError, match="the mask is 8x16 but the image is 16x16"):
         mask_to_tensor(np.zeros((16, 8)), (16, 16), 16)
 

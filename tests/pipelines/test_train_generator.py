@@ -172,6 +172,8 @@ def test_resume_continues_to_the_same_weights(tmp_path, capsys, art):
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/bits_per_token" in r] == [2, 4]   # step 2's validation once
     msg = user_error(capsys, "train-generator", "--config", art["root"] / "ar-tiny.yaml", "--tokens", art["tokens"],
                      "--output", tmp_path / "straight")
     assert "--resume" in msg                                                   # no silent overwrite

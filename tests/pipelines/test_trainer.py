@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipelines.checkpoint import load_checkpoint, load_model_dir, save_model_dir
+from pipelines.checkpoint import CheckpointError, load_checkpoint, load_model_dir, save_model_dir
 from pipelines.sampler import ResumableBatchSampler, SeededDataset
 from pipelines.train_utils import StopVote, extra_buffers
 from pipelines.trainer import EMA, TrainConfig, Trainer, adamw, lr_factor
@@ -44,9 +44,9 @@ class ToyTask:
     """Two modules, two optimizers, two losses (like a GAN's generator and discriminator)."""
     throughput_unit = "samples"
 
-    def __init__(self, nan_steps=(), crash_at: int | None = None, sleep: float = 0.0):
+    def __init__(self, nan_steps=(), crash_at: int | None = None, sleep: float = 0.0, width: int = 16):
         torch.manual_seed(0)
-        self.model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+        self.model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, 1))
         self.aux = nn.Linear(4, 1)
         self.nan_steps, self.crash_at, self.sleep = set(nan_steps), crash_at, sleep
         self.net, self.aux_net = self.model, self.aux
@@ -297,7 +297,40 @@ def test_resume_refuses_a_different_model_config_and_fresh_run_refuses_old_check
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, caplog):
     result = train(tmp_path, resume=True, max_steps=2)
-    assert result["step"] == 2 and "no intact checkpoint" in caplog.text
+    assert result["step"] == 2 and "has no checkpoint" in caplog.text
+
+
+def test_resume_with_only_damaged_checkpoints_refuses_to_start_over(tmp_path):
+    """Starting fresh would overwrite the run's model and prune its history: an error instead."""
+    train(tmp_path, max_steps=8)                                     # checkpoints 4 and 8
+    for manifest in (tmp_path / "checkpoints").glob("*/manifest.json"):
+        manifest.write_text("{")
+    with pytest.raises(CheckpointError, match="no checkpoint of .* passes verification .*step-0000008"):
+        train(tmp_path, resume=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+
+
+def test_resume_past_a_damaged_newest_checkpoint_keeps_its_new_ones(tmp_path):
+    """keep_checkpoints 1: the newest (damaged) checkpoint of the old timeline must not count against the
+    checkpoints the resumed run writes; the metrics log drops the steps the run logs again."""
+    train(tmp_path, max_steps=12, keep_checkpoints=3)                 # 4, 8, 12
+    (tmp_path / "checkpoints/step-0000012/manifest.json").write_text("{")
+    before = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert before == [2, 4, 6, 8, 10, 12]
+    result = train(tmp_path, resume=True, max_steps=10, keep_checkpoints=1)   # from 8 to 10
+    assert result["step"] == 10
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000010", "step-0000012"]
+    assert load_checkpoint(tmp_path / "checkpoints/step-0000010").step == 10
+    after = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert after == [2, 4, 6, 8, 10]                                 # each step once
+
+
+def test_resume_with_weights_of_another_shape_names_the_changed_key(tmp_path):
+    """A section other than model shapes a module too (the tokenizer's loss.disc_layers): a clear error."""
+    Trainer(config(max_steps=4), tmp_path, ToyTask(), ToyData(), run_config={"model": {}, "loss": {"w": 16}}).fit()
+    with pytest.raises(ValueError, match=r"'model' weights do not fit .*loss.w \(saved 16, given 32\)"):
+        Trainer(config(max_steps=8), tmp_path, ToyTask(width=32), ToyData(), resume=True,
+                run_config={"model": {}, "loss": {"w": 32}}).fit()
 
 
 # ------------------------------------------------------------------ real processes
