@@ -77,7 +77,9 @@ def draw_with_noise(logits: torch.Tensor, noise: torch.Tensor | None, temperatur
     logits = logits.float()
     if noise is None:
         return logits.argmax(dim=-1), None
-    probs = top_k_top_p_filter(logits / temperature, top_k, top_p).softmax(dim=-1)
+    # shifted by the row max first: the same softmax (bit for bit at temperature 1), and a tiny temperature
+    # gives -inf, not inf - inf = nan (which argmax would read as token 0)
+    probs = top_k_top_p_filter((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p).softmax(dim=-1)
     return (probs / noise).argmax(dim=-1), probs
 
 

@@ -63,6 +63,13 @@ def test_draws_follow_the_filtered_distribution_and_the_generator():
     assert torch.equal(ids, again) and not torch.equal(ids, other)
 
 
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    """logits / 1e-38 overflow to +-inf; the row max is subtracted first, so the draw stays the argmax."""
+    logits = torch.tensor([[1.0, 5.0, -2.0, 4.0], [0.5, -1.0, 3.0, 2.0]])
+    ids, probs = sample_logits(logits, temperature=1e-38, generator=make_generator(0, "cpu"))
+    assert ids.tolist() == [1, 2] and torch.equal(probs, torch.nn.functional.one_hot(ids, 4).float())
+
+
 def test_temperature_sharpens_and_flattens():
     _, cold = sample_logits(LOGITS, temperature=0.5)
     _, hot = sample_logits(LOGITS, temperature=2.0)
