@@ -25,8 +25,9 @@ from typing import Callable
 
 import torch
 
-# measured on the H100 of this workplace (METHOD.md's two numbers): bf16 dense matmul peak and
-# device-to-device copy bandwidth (bytes read + written)
+# METHOD.md's two numbers, bf16 dense matmul peak and device-to-device copy bandwidth (bytes read + written):
+# the H100's measured here; the H200's not measured by tessera but taken from the device tool's KINDS.md
+# (an 8192^3 bf16 product at 769-798 TFLOP/s on random data, copies at ~4.3 TB/s on its H200s)
 PEAK_BF16_FLOPS = {"H100": 798e12, "H200": 790e12}
 PEAK_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.3e12}
 H100 = "H100"   # smoke rows compute their floors on the H100's numbers (marked smoke: nothing is measured)

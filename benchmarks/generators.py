@@ -199,7 +199,7 @@ def sample_masked(args, sink: RowSink) -> None:
     sample_masked_fused(b)
 
 
-def sample_masked_fused(b: Bench, tag: str = "") -> None:
+def sample_masked_fused(b: Bench, tag: str = "", weights: str = FP32_FROZEN) -> None:
     """``sample(compile=True)``: the model's own compiled path, the forward through torch.compile
     (reduce-overhead on CUDA) and the fused CFG combine + MaskGIT confidence update through
     torch.compile(fullgraph=True); only the noise is drawn eagerly. A compile failure falls back to
@@ -221,7 +221,7 @@ def sample_masked_fused(b: Bench, tag: str = "") -> None:
                 (f"@16 fused-compiled{tag} b1", lambda: sample(1, 16), 1, 16, False)]        # warm-up compiles b1
         for i, (name, fn, batch, steps, decode) in enumerate(rows):
             b.guarded(name, fn, batch=batch, compile=warn.status(label), decode=decode, steps=steps,
-                      slow=batch == 1, compile_s=first.get("compile_s") if i == 0 else None)
+                      slow=batch == 1, compile_s=first.get("compile_s") if i == 0 else None, weights=weights)
 
 
 def sampler_step(b: Bench) -> None:
@@ -397,7 +397,8 @@ def sample_masked_autocast_weights(args, sink: RowSink) -> None:
     b = Bench(args, sink, "masked-B")
     if b.dev.type == "cuda":
         b.model.autocast_weights(torch.bfloat16)
-    sample_masked_fused(b, tag=" autocast-weights")
+    sample_masked_fused(b, tag=" autocast-weights",
+                        weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN)
 
 
 def sample_masked_torch_attention(args, sink: RowSink) -> None:

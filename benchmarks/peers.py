@@ -114,7 +114,8 @@ def _matches(row: dict, sel: dict) -> bool:
 def ratios(rows: list[dict]) -> list[dict]:
     """Ours / peer for every (our row, target) pair: images/s ratios at the peer's batch (higher is
     better) and batch-1 latency ratios peer / ours (higher is better). A peer row is used only from
-    the same run (``run_id``); otherwise the anchor, marked ``same_run: False``."""
+    the same run (``run_id``); otherwise the anchor, marked ``same_run: False`` with ``met: None``: a ratio
+    across runs (and, for the H100 anchors, across devices) is not a measurement of the target."""
     out = []
     peers = [r for r in rows if r.get("bench") == "peer" and not r.get("error")]
     ours = [r for r in rows if r.get("bench") in ("sample", "decode") and r.get("images_per_s")]
@@ -137,7 +138,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             ratio = r["images_per_s"] / ips
             out.append({"ratio": name, "ours": r["name"], "ours_compile": r.get("compile"), "batch": r["batch"],
                         "ours_images_per_s": r["images_per_s"], "peer_images_per_s": ips, "value": ratio,
-                        "target": target, "met": ratio >= target, "same_run": same, "peer_source": source,
+                        "target": target, "met": ratio >= target if same else None, "same_run": same,
+                        "peer_source": source, "run_id": r.get("run_id"), "device": r.get("device"),
                         "smoke": r.get("smoke", False)})
     for name, sel, key, target in LATENCY_TARGETS:
         for r in (r for r in ours if _matches(r, sel) and r.get("batch") == 1):
@@ -146,8 +148,8 @@ def ratios(rows: list[dict]) -> list[dict]:
                 continue
             out.append({"ratio": name, "ours": r["name"], "ours_compile": r.get("compile"), "batch": 1,
                         "ours_latency_s": r["median_s"], "peer_latency_s": 1 / ips, "value": (1 / ips) / r["median_s"],
-                        "target": target, "met": (1 / ips) / r["median_s"] >= target, "same_run": same,
-                        "peer_source": source,
+                        "target": target, "met": (1 / ips) / r["median_s"] >= target if same else None,
+                        "same_run": same, "peer_source": source, "run_id": r.get("run_id"), "device": r.get("device"),
                         "smoke": r.get("smoke", False)})
     return out
 

@@ -91,9 +91,9 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-autocast-weights", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
-COLUMNS = ["job", "name", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
+COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
            "memory_floor_s", "gap", "peak_mem_gb", "note"]
-RATIO_COLUMNS = ["ratio", "ours", "batch", "value", "target", "met", "same_run", "peer_source"]
+RATIO_COLUMNS = ["ratio", "ours", "batch", "value", "target", "met", "same_run", "peer_source", "run_id"]
 QUALITY_TABLES = {   # rows of the quality jobs (their own output has the full markdown tables)
     "quality": ["name", "steps", "params", "images_per_s", "fd", "precision", "recall", "class_acc", "bits_per_token",
                 "error"],
@@ -213,15 +213,35 @@ def write_outputs(payload: dict, out: str | None, smoke: bool) -> list[str]:
         paths.append(out)
     if os.environ.get("OUT"):
         paths.append(str(Path(os.environ["OUT"]) / "bench.json"))
+    results = None
     if not smoke:     # a quality-only run gets its own file: it must not replace the speed results
         quality_only = payload["rows"] and all(r.get("bench") in QUALITY_TABLES for r in payload["rows"])
         name = f"{payload['slug']}{'-quality' if quality_only else ''}.json"
-        paths.append(str(repo_root() / "benchmarks" / "results" / name))
+        results = repo_root() / "benchmarks" / "results" / name
     elif not out:
         paths.append("/tmp/tessera-bench/smoke.json")      # smoke numbers are never results
     for p in dict.fromkeys(paths):
         write_json(p, payload)
+    if results is not None:
+        write_json(str(results), accumulate(results, payload))
+        paths.append(str(results))
     return paths
+
+
+def accumulate(path: Path, payload: dict) -> dict:
+    """The device's results file keeps every run: the rows and jobs of the runs in ``payload`` replace
+    only their own earlier versions (a run rewrites the file after each job), and the ratios are paired
+    over all rows (each within its own run)."""
+    if not path.is_file():
+        return payload
+    old = json.loads(path.read_text())
+    runs = {r.get("run_id") for r in payload["rows"]} | {payload.get("run_id")}
+    runs.discard(None)
+    rows = [r for r in old.get("rows", []) if r.get("run_id") not in runs] + payload["rows"]
+    jobs = [j for j in old.get("jobs", []) if j.get("run_id") not in runs] + payload.get("jobs", [])
+    merged_from = old.get("merged_from") or ([old["run_id"]] if old.get("run_id") else [])
+    merged_from = [m for m in merged_from if m not in runs] + sorted(runs)
+    return {**payload, "merged_from": merged_from, "jobs": jobs, "rows": rows, "ratios": ratios(rows)}
 
 
 def merge(files: list[str]) -> None:
@@ -285,7 +305,7 @@ def main() -> None:
                 print(f"  {job.name}: skipped (~{est:.0f} s > {left:.0f} s left)", flush=True)
                 continue
             res = run_job(job, a.smoke, rows_file, log, left - 5, env, a.models)
-            payload["jobs"].append(res)
+            payload["jobs"].append({**res, "run_id": run_id})
             payload["rows"] = read_rows(rows_file, run_id)
             payload["ratios"] = ratios(payload["rows"])
             payload["wall_s"] = round(time.perf_counter() - t_start, 1)

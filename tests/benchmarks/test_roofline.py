@@ -27,3 +27,16 @@ def test_masked_sampling_flops_are_the_forwards_matmuls_plus_attention():
             matmuls += sum(n for op, n in fc.get_flop_counts()["Global"].items() if "mm" in str(op))
     attention = steps * 2 * B * cfg.depth * 4 * (L + 1) ** 2 * cfg.dim
     assert roofline.masked_sampling(cfg, 0, B, steps, cfg=True)["flops"] == matmuls + attention
+
+
+def test_masked_sampling_flops_match_what_sample_multiplies():
+    """The same count through ``sample()`` itself (guided, so the doubled batch; the head and last block at
+    the masked positions the sampler picks): if the sampler stopped passing its positions, this fails."""
+    cfg = GeneratorConfig(kind="masked", codebook_size=16, grid_size=4, num_classes=3, dim=32, depth=2, heads=2)
+    model = MaskedGenerator(cfg).eval()
+    B, L, steps = 3, cfg.num_tokens, 4
+    with FlopCounterMode(display=False) as fc:
+        model.sample([0, 1, 2], num_steps=steps, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    matmuls = sum(n for op, n in fc.get_flop_counts()["Global"].items() if "mm" in str(op))
+    attention = steps * 2 * B * cfg.depth * 4 * (L + 1) ** 2 * cfg.dim
+    assert roofline.masked_sampling(cfg, 0, B, steps, cfg=True)["flops"] == matmuls + attention
