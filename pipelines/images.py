@@ -6,6 +6,7 @@ scaled), resize of the shorter side + centre crop, and one-line errors that name
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
@@ -14,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_PIXELS = 8192 * 8192        # refuse larger images (PIL's bomb check fires at 2x its limit)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+logger = logging.getLogger(__name__)
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -32,7 +34,7 @@ def open_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return im.copy()
+                return ImageOps.exif_transpose(im)      # as viewers show it (a phone JPEG's orientation tag)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"{path} is too large: more than {MAX_PIXELS} pixels (decompression bomb guard)") from None
     except PermissionError:
@@ -145,8 +147,10 @@ def mask_to_tensor(mask, image_size: tuple[int, int], resolution: int) -> torch.
 
     ``mask`` is a path, a PIL image or an array the size of the image (white / > 0.5 = regenerate;
     non-binary masks are thresholded at 0.5), or a box ``(x0, y0, x1, y1)`` in image pixels.
-    It goes through the same resize + centre crop as the image; a resized pixel is regenerated if
-    any part of it was masked.
+    An image with alpha regenerates where it is opaque and white; numeric images (modes I, F) and arrays
+    are read by value ((1, H, W) and (H, W, C) too). It goes through the same resize + centre crop as the
+    image; a resized pixel is regenerated if any part of it was masked. A mask wholly outside the centre
+    square is an error, one partly outside a warning (the output is that square).
     """
     width, height = image_size
     if isinstance(mask, (tuple, list)) and len(mask) == 4 and all(np.isscalar(v) for v in mask):
@@ -159,17 +163,22 @@ def mask_to_tensor(mask, image_size: tuple[int, int], resolution: int) -> torch.
     else:
         if isinstance(mask, (str, Path)):
             mask = open_image(mask)
-        if isinstance(mask, Image.Image):
-            m = mask if mask.mode in ("1", "L", "RGB") else to_rgb(mask)
-            arr = np.asarray(m.convert("L"), dtype=np.float32) / 255.0
-        else:
+        if isinstance(mask, Image.Image) and mask.mode in ("1", "L", "RGB", "P", "RGBA", "LA", "PA"):
+            if mask.mode == "P":
+                mask = mask.convert("RGBA")
+            arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+            if "A" in mask.mode:      # opaque and white = regenerate (transparent = keep, whatever its colour)
+                arr = arr * np.asarray(mask.getchannel("A"), dtype=np.float32) / 255.0
+        else:                         # arrays, tensors and numeric images (modes I, I;16, F): by value
             try:
                 arr = np.asarray(mask, dtype=np.float32)
             except (TypeError, ValueError):     # strings, ragged lists, objects...
                 what = f"{type(mask).__name__} of {mask.dtype}" if hasattr(mask, "dtype") else type(mask).__name__
                 raise ValueError(f"a mask must be a path, a PIL image, an array of numbers or a box "
                                  f"(x0, y0, x1, y1); got a {what}") from None
-            if arr.ndim == 3:
+            if arr.ndim == 3 and arr.shape[0] == 1:       # (1, H, W), e.g. a channel-first tensor
+                arr = arr[0]
+            elif arr.ndim == 3:
                 arr = arr.mean(axis=-1)
             if arr.size and arr.max() > 1.0:
                 arr = arr / 255.0
@@ -178,7 +187,17 @@ def mask_to_tensor(mask, image_size: tuple[int, int], resolution: int) -> torch.
         if arr.shape != (height, width):
             raise ValueError(f"the mask is {arr.shape[1]}x{arr.shape[0]} but the image is {width}x{height}")
         arr = (arr > 0.5).astype(np.float32)
-    return torch.from_numpy(any_in_cells(arr, resolution))
+    cells = any_in_cells(arr, resolution)
+    left, top, right, bottom = center_square(width, height)
+    x0, y0, x1, y1 = math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)
+    outside = int(arr.sum() - arr[y0:y1, x0:x1].sum())
+    if outside and not cells.any():
+        raise ValueError(f"the mask lies outside the centre square the image is cropped to (x {x0}..{x1}, "
+                         f"y {y0}..{y1} of the {width}x{height} image): nothing there would be regenerated")
+    if outside:
+        logger.warning("%d masked pixels lie outside the centre square the image is cropped to (x %d..%d, y %d..%d); "
+                       "the output covers that square only", outside, x0, x1, y0, y1)
+    return torch.from_numpy(cells)
 
 
 def _box_coords(box) -> tuple[int, int, int, int]:
@@ -210,12 +229,16 @@ def scale_masks(unknown_Bhw: torch.Tensor, scales: tuple[int, ...]) -> list[torc
 def paste(original_B3HW: torch.Tensor, generated_B3HW: torch.Tensor, mask_BHW: torch.Tensor,
           feather: int = 0) -> torch.Tensor:
     """Keep the input's pixels outside the mask exactly; inside, the generated pixels. With
-    ``feather`` > 0 the weight of the generated image ramps from 0 at the mask's edge to 1 at
-    ``feather`` pixels inside it, so the blend stays inside the mask."""
+    ``feather`` > 0 the weight of the generated image is min(1, d / feather), d = a masked pixel's distance
+    (in pixels, counting itself; 8-neighbourhood) to the nearest unmasked one: 1/feather on the mask's
+    edge, 1 from ``feather`` pixels inside, so the blend stays inside the mask and every masked pixel,
+    however thin the stroke, takes some of the generated image. The image's border is not an edge."""
     m = mask_BHW.float()[:, None].to(generated_B3HW.device)
     if feather > 0:
-        k = 2 * feather + 1
-        blurred = F.avg_pool2d(F.pad(m, (feather,) * 4, mode="replicate"), k, stride=1)
-        m = m * ((blurred - 0.5) * 2).clamp(0, 1)
+        depth, inside = torch.zeros_like(m), m
+        for _ in range(feather):      # erosion by a 3x3 square, feather times: depth = levels survived
+            depth = depth + inside
+            inside = -F.max_pool2d(-F.pad(inside, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        m = depth / feather
     out = original_B3HW.to(generated_B3HW.device) * (1 - m) + generated_B3HW * m
     return torch.where(m > 0, out, original_B3HW.to(generated_B3HW.device))

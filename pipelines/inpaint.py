@@ -119,9 +119,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, metavar="PNG", help="input image (resized + centre-cropped to the "
                                                                  "tokenizer's resolution)")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mask", metavar="PNG", help="mask the size of the image: white = regenerate")
+    where.add_argument("--mask", metavar="PNG", help="mask the size of the image: white (and opaque) = regenerate; "
+                                                     "the output is the image's centre square")
     where.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
-                       help="regenerate this box (image pixels, x1 y1 exclusive)")
+                       help="regenerate this box (image pixels, x1 y1 exclusive; inside the centre square the "
+                            "output covers)")
     p.add_argument("--class", dest="class_label", metavar="ID|NAME", help="class id or name (default: unconditional)")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="> 1: a grid of input, mask, samples")
     add_sampling_args(p)

@@ -189,7 +189,13 @@ def resolve_classes(classes: Sequence[str | int], class_names: Sequence[str]) ->
         if isinstance(c, numbers.Integral):                # numpy / torch integer scalars too
             c = int(c)
         elif isinstance(c, str) and _INT.fullmatch(c.strip()):
-            c = int(c.strip())
+            as_id, as_name = int(c.strip()), lookup.get(c.strip().casefold())
+            if as_name is not None and as_name != as_id:        # folders named 1..12 sort as 1, 10, 11, 12, 2...
+                if 0 <= as_id < len(class_names):
+                    raise ValueError(f"'{c.strip()}' is ambiguous: class id {as_id} is '{class_names[as_id]}', "
+                                     f"class '{c.strip()}' has id {as_name}; give {as_name} for that class")
+                as_id = as_name                                 # not an id here: the name
+            c = as_id
         if isinstance(c, int):
             if not 0 <= c < len(class_names):
                 raise ValueError(f"class id {c} is out of range: the model has {len(class_names)} classes "

@@ -280,7 +280,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "val"], help="only this split (default: both)")
     p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's resolution")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-flip", action="store_true", help="do not add mirrored train images")
+    p.add_argument("--no-flip", action="store_true", help="do not add mirrored train images (mirroring applies to "
+                                                          "every class: flags and text come out mirrored too)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=run_tokenize)
 

@@ -158,6 +158,11 @@ def test_image_folder_splits(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / "tv" / split / c / "x.png")
     val = build_image_dataset(DataConfig(dataset=str(tmp_path / "tv"), resolution=8), "val")
     assert val.class_names == ["cat", "dog"] and val.labels.tolist() == [1]   # ids follow train/
+    for c in ("cat", "dog"):                                                  # train/ without val/: say so
+        (tmp_path / "only" / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "only" / "train" / c / "x.png")
+    with pytest.raises(ValueError, match="has train/ but no val/: add val/<class>/ images, or point --data at"):
+        build_image_dataset(DataConfig(dataset=str(tmp_path / "only"), resolution=8), "train")
 
 
 def test_image_folder_errors_name_the_folder_or_file(tmp_path, monkeypatch):

@@ -97,6 +97,10 @@ def test_resolve_classes():
         resolve_classes(["purple"], CLASSES)
     with pytest.raises(ValueError, match="unknown class name 'gre'"):      # exact, not a prefix
         resolve_classes(["gre"], CLASSES)
+    months = sorted(str(m) for m in range(1, 13))                         # folders 1..12: '1', '10', '11', '12', '2'...
+    with pytest.raises(ValueError, match="'2' is ambiguous: class id 2 is '11', class '2' has id 4; give 4"):
+        resolve_classes(["2"], months)
+    assert resolve_classes(["12", 4, "0"], months) == [3, 4, 0]          # '12' is no id here: the name
 
 
 def test_check_compatible_names_both_sides(art):

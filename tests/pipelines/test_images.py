@@ -42,6 +42,25 @@ def test_paste_keeps_outside_pixels_bit_exact_with_and_without_feather():
     assert torch.allclose(feathered[:, :, 8, 8], gen[:, :, 8, 8])      # deep inside: generated
 
 
+def test_feather_weight_is_the_distance_to_the_mask_edge():
+    """min(1, d / feather) for the distance d to the nearest unmasked pixel (8-neighbourhood, 1 on the edge):
+    thin strokes and box corners keep some of the generated image, the middle of a wide mask all of it."""
+    orig, gen = torch.zeros(1, 3, 20, 20), torch.ones(1, 3, 20, 20)
+    box = torch.zeros(1, 20, 20, dtype=torch.bool)
+    box[:, 2:18, 2:18] = True
+    weight = paste(orig, gen, box, 4)[0, 0]
+    for d in range(1, 9):                  # ring d of the 16 x 16 box: rows/cols 2 + d - 1 and 17 - (d - 1)
+        ring = weight[1 + d:19 - d, 1 + d:19 - d].clone()
+        ring[1:-1, 1:-1] = float("nan")
+        edge = ring[~ring.isnan()]
+        assert torch.allclose(edge, torch.full_like(edge, min(1.0, d / 4)))
+    assert weight[2, 2] == 0.25 and not weight[~box[0]].any()      # a corner is an edge pixel too
+    stroke = torch.zeros(1, 20, 20, dtype=torch.bool)
+    stroke[:, :, 9] = True                                         # 1 px wide, touching the image border
+    w = paste(orig, gen, stroke, 4)[0, 0]
+    assert torch.allclose(w[:, 9], torch.full((20,), 0.25)) and not w[:, torch.arange(20) != 9].any()
+
+
 def test_box_and_array_masks_and_their_errors():
     m = mask_to_tensor((0, 0, 8, 16), (16, 16), 16)
     assert m[:, :8].all() and not m[:, 8:].any()
@@ -51,9 +70,7 @@ def test_box_and_array_masks_and_their_errors():
         mask_to_tensor((0, 0, 20, 8), (16, 16), 16)
     tiny = mask_to_tensor((500, 500, 501, 501), (1024, 1024), 32)     # one pixel of 32 x 32 per cell
     assert tiny.sum() == 1 and tiny[15, 15]
-    wide = mask_to_tensor((0, 5, 1, 6), (40, 20), 10)                  # a wide image: centre crop x in [10, 30)
-    assert not wide.any()                                               # outside the crop
-    edge = mask_to_tensor((29, 0, 30, 1), (40, 20), 10)
+    edge = mask_to_tensor((29, 0, 30, 1), (40, 20), 10)                # a wide image: centre crop x in [10, 30)
     assert edge.sum() == 1 and edge[0, 9]                               # the crop's last column
     with pytest.raises(ValueError, match="the mask is 8x16 but the image is 16x16"):
         mask_to_tensor(np.zeros((16, 8)), (16, 16), 16)
@@ -101,3 +118,42 @@ def test_random_shift_translates_with_edges_repeated():
         seen.add((dy, dx))
     assert len(seen) > 15                                         # most of the 25 shifts occur
     assert random_shift(image, 0) is image
+
+
+def test_masks_of_every_form_mean_the_same_region():
+    """The same 4 x 4 square as a PIL image of any mode (alpha: opaque white only), an array, a 0/1 numeric
+    image (modes I and F, read by value) or a channel-first tensor."""
+    square = np.zeros((16, 16), dtype=np.uint8)
+    square[4:8, 4:8] = 255
+    expected = mask_to_tensor(square, (16, 16), 16)
+    assert expected.sum() == 16
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., :3] = 255                                          # white everywhere, opaque only in the square
+    rgba[..., 3] = square
+    forms = [Image.fromarray(square), Image.fromarray(square).convert("RGB"), Image.fromarray(rgba, "RGBA"),
+             Image.fromarray((square > 0).astype(np.int32)), Image.fromarray((square > 0).astype(np.float32)),
+             torch.from_numpy(square)[None], Image.fromarray(square).convert("P")]
+    for form in forms:
+        assert torch.equal(mask_to_tensor(form, (16, 16), 16), expected), form
+
+
+def test_a_mask_outside_the_centre_crop_is_an_error_and_partly_outside_a_warning(caplog):
+    """A 40 x 20 image is cropped to x 10..30: a box at x 32..36 would regenerate nothing."""
+    with pytest.raises(ValueError, match=r"outside the centre square .* \(x 10..30, y 0..20 of the 40x20 image\)"):
+        mask_to_tensor((32, 5, 36, 9), (40, 20), 10)
+    with caplog.at_level("WARNING"):
+        m = mask_to_tensor((26, 5, 34, 9), (40, 20), 10)
+    assert m.any() and "16 masked pixels lie outside the centre square" in caplog.text
+
+
+def test_open_image_applies_the_exif_orientation(tmp_path):
+    """A phone JPEG stored sideways with Orientation 6 opens as viewers show it."""
+    arr = np.zeros((64, 96, 3), dtype=np.uint8)
+    arr[:, :48] = (255, 0, 0)                                    # stored: red on the left, 96 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6                                             # rotate 90 degrees clockwise to display
+    Image.fromarray(arr).save(tmp_path / "phone.jpg", exif=exif)
+    opened = open_image(tmp_path / "phone.jpg")
+    assert opened.size == (64, 96)                               # displayed: 64 wide, 96 tall
+    top, bottom = np.asarray(opened)[:40].mean(axis=(0, 1)), np.asarray(opened)[56:].mean(axis=(0, 1))
+    assert top[0] > 200 and bottom[0] < 60                        # red on top once rotated
