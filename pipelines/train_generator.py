@@ -209,7 +209,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
     for split, dataset in datasets.items():
         out = Path(args.output) / split
         info = tokenize_dataset(tokenizer, dataset, out, batch_size=args.batch_size,
-                                flips=split == "train" and not args.no_flip)
+                                flips=split == "train" and not args.no_flip, no_flip_classes=args.no_flip_class or ())
         print(f"{split}: {info.num_items} token sequences of {info.seq_len} tokens "
               f"({len(info.class_names)} classes) -> {out}")
     print(f"tokenized with tokenizer {tokenizer.fingerprint()} in {time.perf_counter() - t0:.1f} s")
@@ -281,7 +281,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's resolution")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-flip", action="store_true", help="do not add mirrored train images (mirroring applies to "
-                                                          "every class: flags and text come out mirrored too)")
+                                                          "every class but --no-flip-class)")
+    p.add_argument("--no-flip-class", nargs="+", metavar="NAME", help="classes with no mirrored copies, e.g. "
+                                                                      "Flags Symbols (flags, text and arrows)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=run_tokenize)
 

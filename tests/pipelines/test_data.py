@@ -79,6 +79,16 @@ def test_emoji_styles_split_people_and_flips(emoji_cache):
     train.generator = torch.Generator().manual_seed(1)
     flips = [not torch.equal(train[0][0], train.images_NHW3[0].permute(2, 0, 1).float() / 127.5 - 1) for _ in range(40)]
     assert 5 < sum(flips) < 35                                    # a fair coin, drawn from the given generator
+    # a class in no_flip_classes is never mirrored; the coin is still drawn, so the other items flip as before
+    name = train.class_names[int(train.labels[0])]
+    kept = _emoji(emoji_cache, "train", no_flip_classes=(name,))
+    kept.generator = torch.Generator().manual_seed(1)
+    assert all(torch.equal(kept[0][0], train.images_NHW3[0].permute(2, 0, 1).float() / 127.5 - 1) for _ in range(40))
+    other = next(i for i in range(len(train)) if train.labels[i] != train.labels[0])
+    train.generator, kept.generator = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    assert all(torch.equal(train[other][0], kept[other][0]) for _ in range(10))
+    with pytest.raises(ValueError, match="data.no_flip_classes: no class 'Flagz'"):
+        _emoji(emoji_cache, "train", no_flip_classes=("Flagz",))
 
 
 def test_emoji_shifts_on_the_train_split_only(emoji_cache):
@@ -270,6 +280,21 @@ def test_token_cache_round_trip(tmp_path, quantizer):
         cache.check_tokenizer("tok-b")
     with pytest.raises(IndexError):
         cache[20]
+
+
+def test_token_cache_leaves_the_no_flip_classes_unmirrored(tmp_path):
+    ds, tok = _Images(10), _FakeTokenizer("vq")                  # labels 0,1,2,0,1,2,...: "b" has 3 images
+    info = tokenize_dataset(tok, ds, tmp_path, batch_size=4, flips=True, no_flip_classes=["b"])
+    assert info.num_items == 10 + 7 and info.unflipped_classes == ["b"]
+    cache = TokenDataset(tmp_path)
+    items = sorted((cache[i][0].tolist(), int(cache[i][1])) for i in range(len(cache)))
+    tok.eval()
+    ids_of = lambda x: tok.encode(x[None]).flatten().tolist()  # noqa: E731
+    expected = [(ids_of(im), int(l)) for im, l in zip(ds.images, ds.labels)]
+    expected += [(ids_of(im.flip(-1)), int(l)) for im, l in zip(ds.images, ds.labels) if l != 1]
+    assert items == sorted(expected)
+    with pytest.raises(ValueError, match="no_flip_classes: no class 'd' in this dataset; its classes: a, b, c"):
+        tokenize_dataset(tok, ds, tmp_path / "x", no_flip_classes=["d"])
 
 
 def test_token_cache_rewrite_and_errors_name_the_file(tmp_path):
