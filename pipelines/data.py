@@ -377,7 +377,8 @@ def read_token_info(path: str | os.PathLike) -> TokenCacheInfo:
     try:
         raw = json.loads(file.read_text())
         if raw.get("version") != TOKEN_CACHE_VERSION:
-            raise ValueError(f"format version {raw.get('version')}, expected {TOKEN_CACHE_VERSION}")
+            raise ValueError(f"format version {raw.get('version')}, expected {TOKEN_CACHE_VERSION} (written by "
+                             f"another tessera version: run `tessera tokenize` again)")
         info = TokenCacheInfo(**raw)
     except (ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"token cache file {file} is corrupt: {e}") from None
@@ -461,7 +462,7 @@ class TokenDataset(Dataset):
         return ids_NL[j].long(), labels_N[j].long()
 
     def check_tokenizer(self, tokenizer_hash) -> None:
-        """ValueError unless the cache was made by the tokenizer with this config hash (str or tokenizer)."""
+        """ValueError unless the cache was made by this tokenizer (its fingerprint: config and weights; a str or a tokenizer)."""
         if hasattr(tokenizer_hash, "fingerprint"):
             tokenizer_hash = tokenizer_hash.fingerprint()
         if str(tokenizer_hash) != self.info.tokenizer_hash:
