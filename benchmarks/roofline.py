@@ -118,9 +118,9 @@ TRAIN_ACTIVATION_BYTES_PER_D = 24
 
 def training_step(config: GeneratorConfig, params: int, batch: int) -> dict:
     """One optimizer step on B sequences of L tokens: 3x the forward FLOPs (flops_per_token(training)).
-    Bytes (a rough floor; training is compute-bound: ~4.7x at masked-L batch 256): bf16 weight reads in forward and the two
-    backward matmuls (6), fp32 cast source (4) and grad (4 + 4), fused AdamW p, m, v read + write (24)
-    = 42 bytes/param; logits (B L V) bf16 out + fp32 loss + grad (12 bytes); activations written in
+    Bytes (a rough floor; training is compute-bound: ~4.7x at masked-L batch 256): bf16 weight reads in
+    forward and the two backward matmuls (6), fp32 cast source (4) and grad (4 + 4), fused AdamW p, m, v
+    read + write (24) = 42 bytes/param; logits (B L V) bf16 out + fp32 loss + grad (12 bytes); activations written in
     forward and read in backward (2 x 24 D bytes per token per block)."""
     tokens = batch * config.num_tokens
     flops = tokens * flops_per_token(config, config.num_tokens, training=True)

@@ -91,8 +91,8 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-autocast-weights", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
-COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu", "compute_floor_s",
-           "memory_floor_s", "gap", "peak_mem_gb", "note"]
+COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
+           "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]
 RATIO_COLUMNS = ["ratio", "ours", "batch", "value", "target", "met", "same_run", "peer_source", "run_id"]
 QUALITY_TABLES = {   # rows of the quality jobs (their own output has the full markdown tables)
     "quality": ["name", "steps", "params", "images_per_s", "fd", "precision", "recall", "class_acc", "bits_per_token",

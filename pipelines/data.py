@@ -462,7 +462,8 @@ class TokenDataset(Dataset):
         return ids_NL[j].long(), labels_N[j].long()
 
     def check_tokenizer(self, tokenizer_hash) -> None:
-        """ValueError unless the cache was made by this tokenizer (its fingerprint: config and weights; a str or a tokenizer)."""
+        """ValueError unless the cache was made by this tokenizer: its fingerprint (config and weights), given
+        as a str or as the tokenizer."""
         if hasattr(tokenizer_hash, "fingerprint"):
             tokenizer_hash = tokenizer_hash.fingerprint()
         if str(tokenizer_hash) != self.info.tokenizer_hash:
