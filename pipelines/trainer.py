@@ -149,6 +149,7 @@ class Trainer:
                                                      cfg.batch_size)
             if note and acc.is_main_process:
                 logger.warning(note)
+            self._continue_in_epoch()
         self.shadow = fsdp_utils.shadow_copies(self.raw) if fsdp_utils.is_fsdp(acc) else None
 
         to_prepare = dict(self.raw)
@@ -204,6 +205,21 @@ class Trainer:
         for key in self.state:
             self.state[key] = int(ckpt.state.get(key, 0))
 
+    def _continue_in_epoch(self) -> None:
+        """A resumed position in units of the current batch and dataset: a changed train.batch_size (or data
+        that gained or lost items) makes it inexact, said once; past the end of the epoch, the next begins."""
+        st, saved = self.state, (self._saved_run_config or {}).get("train", {}).get("batch_size")
+        if saved is not None and saved != self.config.batch_size and self.accelerator.is_main_process:
+            logger.warning("train.batch_size changed from %s to %s: the resumed run continues epoch %d at step %d "
+                           "of the new batch size, so the items of this epoch are not exactly those of one run",
+                           saved, self.config.batch_size, st["epoch"], st["step_in_epoch"])
+        steps = self.sampler.steps_in_epoch(st["epoch"])
+        if st["step_in_epoch"] >= steps:
+            if self.accelerator.is_main_process:
+                logger.warning("resumed at step %d of epoch %d, which now has %d steps: epoch %d starts",
+                               st["step_in_epoch"], st["epoch"], steps, st["epoch"] + 1)
+            st["epoch"], st["step_in_epoch"] = st["epoch"] + 1, 0
+
     # ------------------------------------------------------------------ data
     def _next_batch(self):
         if self._data_iter is None:
@@ -220,6 +236,9 @@ class Trainer:
             return next(self._data_iter)
         except StopIteration:  # the epoch is used up; the state has moved to the next epoch
             self._data_iter = None
+            if self.state["step_in_epoch"] != 0:
+                raise RuntimeError(f"epoch {self.state['epoch']} ended at step {self.state['step_in_epoch']} "
+                                   f"without moving to the next epoch") from None
             return self._next_batch()
 
     # ------------------------------------------------------------------ one step
@@ -256,14 +275,15 @@ class Trainer:
         loss_N = torch.stack(losses_micro).mean(0)
         finite = torch.isfinite(loss_N).all().float()
         norms = {}
-        if cfg.grad_clip > 0:
-            for name, opt in self.optimizers.items():
-                params = fsdp_utils.clip_params(acc, self.prepared, name, opt)
-                if params:
-                    norms[name] = acc.clip_grad_norm_(params, cfg.grad_clip)
-            if norms:
-                norm_N = torch.stack([n.float().to(finite.device) for n in norms.values()])
-                finite = finite * torch.isfinite(norm_N).all()
+        # the gradient norm of every optimizer, clipped or not (grad_clip 0: max norm inf, the gradients are
+        # multiplied by 1): a non-finite gradient behind a finite loss must skip the step too
+        for name, opt in self.optimizers.items():
+            params = fsdp_utils.clip_params(acc, self.prepared, name, opt)
+            if params:
+                norms[name] = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if norms:
+            norm_N = torch.stack([n.float().to(finite.device) for n in norms.values()])
+            finite = finite * torch.isfinite(norm_N).all()
         bad = 1.0 - finite.to(acc.device)
         if acc.num_processes > 1:  # every rank must agree to step or skip
             bad = acc.reduce(bad, "max")

@@ -44,11 +44,13 @@ class ToyTask:
     """Two modules, two optimizers, two losses (like a GAN's generator and discriminator)."""
     throughput_unit = "samples"
 
-    def __init__(self, nan_steps=(), crash_at: int | None = None, sleep: float = 0.0, width: int = 16):
+    def __init__(self, nan_steps=(), crash_at: int | None = None, sleep: float = 0.0, width: int = 16,
+                 inf_grad_steps=()):
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, 1))
         self.aux = nn.Linear(4, 1)
         self.nan_steps, self.crash_at, self.sleep = set(nan_steps), crash_at, sleep
+        self.inf_grad_steps = set(inf_grad_steps)
         self.net, self.aux_net = self.model, self.aux
 
     def modules(self):
@@ -71,6 +73,8 @@ class ToyTask:
         loss = F.mse_loss(pred, y)
         if step in self.nan_steps:
             loss = loss * float("nan")
+        if step in self.inf_grad_steps:        # a finite loss (+ 0) whose gradient is inf: d sqrt(x) / dx at 0
+            loss = loss + torch.sqrt(self.net[0].weight.sum() * 0)
         self.metrics = {"mae": (pred - y).abs().mean().detach()}
         return {"model": loss, "aux": F.mse_loss(self.aux_net(x).squeeze(-1), y)}
 
@@ -213,6 +217,31 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     result = train(tmp_path, task, max_steps=4, checkpoint_every=0, log_every=4)
     assert result["nonfinite_total"] == 1 and result["step"] == 4
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
+
+
+@pytest.mark.parametrize("task_type", [ToyTask, FusedToyTask])
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_non_finite_gradient_behind_a_finite_loss_is_skipped_with_or_without_clipping(tmp_path, task_type,
+                                                                                          grad_clip):
+    task = task_type(inf_grad_steps={1})
+    result = train(tmp_path, task, max_steps=3, checkpoint_every=0, log_every=3, grad_clip=grad_clip)
+    assert result["nonfinite_total"] == 1 and result["step"] == 3
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())
+
+
+def test_resuming_with_a_batch_size_whose_epoch_ends_at_the_saved_step_starts_the_next_epoch(tmp_path, caplog):
+    """48 items: 6 steps of 8 per epoch; resumed at step 4 with batch 12 (4 steps per epoch): epoch 1 starts."""
+    def run(batch_size, **kw):
+        return Trainer(config(batch_size=batch_size, **kw), tmp_path, ToyTask(), ToyData(),
+                       run_config={"model": {"width": 16}, "train": {"batch_size": batch_size}}, **kw_resume).fit()
+
+    kw_resume = {}
+    run(8, max_steps=4, checkpoint_every=4)
+    kw_resume = {"resume": True}
+    with caplog.at_level("WARNING"):
+        result = run(12, max_steps=8)
+    assert result["step"] == 8 and result["epoch"] == 2
+    assert "train.batch_size changed from 8 to 12" in caplog.text and "epoch 1 starts" in caplog.text
 
 
 @pytest.mark.parametrize("task_type", [ToyTask, FusedToyTask])
