@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from generator.launch import on_device
+from generator.launch import int32_offsets, on_device
 
 try:
     import triton
@@ -46,7 +46,7 @@ def attend_one_query(q_BH1K: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.T
 
 def use_kernel(q, k, v, mask) -> bool:
     """The kernel covers: CUDA, Triton present, a power-of-two head size, one shared (1, S) mask row,
-    unit-stride head dimension."""
+    unit-stride head dimension (past int32 offsets the op runs the reference)."""
     K = q.shape[-1]
     return (triton is not None and q.is_cuda and q.shape[2] == 1 and mask.dim() == 2 and mask.shape[0] == 1
             and mask.dtype == torch.bool and K & (K - 1) == 0 and K >= 16
@@ -93,6 +93,8 @@ if triton is not None:
     @torch.library.custom_op("tessera::attend_one_query", mutates_args=())
     def _attend_one_query_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))   # if a compiler re-laid them
+        if not int32_offsets(q, k, v):     # checked here, on the real shapes (the compiled step's are symbolic)
+            return attend_one_query_reference(q, k, v, mask)
         B, H, S, D = k.shape
         out = torch.empty(B, H, 1, D, dtype=v.dtype, device=v.device)
         block, warps = launch_config(B * H)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from generator.launch import INTERPRETED, on_device
+from generator.launch import INT32_OFFSET_LIMIT, INTERPRETED, int32_offsets, on_device
 
 try:
     import triton
@@ -76,12 +76,13 @@ def norm_weights(q_norm: nn.Module, k_norm: nn.Module, device) -> tuple[torch.Te
 def use_kernel(qkv: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> bool:
     """``ENABLED``, and what the kernel covers: CUDA, Triton present, no autograd (forward only), bf16/fp16
     activations, a power-of-two head size of 32 to 128, unit stride along the head dimension, both
-    qk-norms RMSNorm with the same eps or both absent."""
+    qk-norms RMSNorm with the same eps or both absent, offsets within int32."""
     K = qkv.shape[-1]
     norms = ((isinstance(q_norm, nn.Identity) and isinstance(k_norm, nn.Identity))
              or (hasattr(q_norm, "weight") and hasattr(k_norm, "weight") and q_norm.eps == k_norm.eps))
     return (ENABLED and triton is not None and qkv.is_cuda and not torch.is_grad_enabled() and norms
-            and qkv.dtype in (torch.bfloat16, torch.float16) and K in (32, 64, 128) and qkv.stride(-1) == 1)
+            and qkv.dtype in (torch.bfloat16, torch.float16) and K in (32, 64, 128) and qkv.stride(-1) == 1
+            and int32_offsets(qkv) and qkv.numel() < INT32_OFFSET_LIMIT)   # numel: a packed copy of a view
 
 
 class Config(NamedTuple):

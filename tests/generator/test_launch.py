@@ -6,11 +6,40 @@ import pytest
 import torch
 
 from generator import decode_attention, fused_attention, kth_largest
-from generator.launch import on_device
+from generator import launch
+from generator.launch import int32_offsets, on_device
+from tests.kernels import KERNEL_DEVICE, needs_kernel
 
 
 def test_on_device_is_a_no_op_for_cpu_tensors():
     assert isinstance(on_device(torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_int32_offsets_counts_the_largest_element_offset_of_a_view():
+    """masked-B's packed qkv (S, 257, 3, 12, 64) fits up to S = 3624 sequences (1812 images under CFG):
+    (S - 1) 592128 + 592127 < 2^31 - 2^20."""
+    def view(shape, strides):
+        return torch.empty(0, device="meta").as_strided(shape, strides)
+
+    fits, too_big = (view((S, 257, 3, 12, 64), (592128, 2304, 768, 64, 1)) for S in (3624, 3625))
+    assert int32_offsets(fits) and not int32_offsets(too_big)
+    assert int32_offsets(torch.zeros(4, 5)) and not int32_offsets(fits, too_big)
+    assert not int32_offsets(view((2, 3), (2**31, 1)))       # offsets, not element counts: 6 elements
+
+
+@needs_kernel
+def test_kernel_ops_run_their_reference_past_int32_offsets(monkeypatch):
+    """The kernels' offsets are int32: past the limit the ops compute the reference instead of launching."""
+    monkeypatch.setattr(launch, "INT32_OFFSET_LIMIT", 100)
+    for kernel in (kth_largest, decode_attention):      # a launch would now fail loudly
+        name = "_kth_largest_kernel" if kernel is kth_largest else "_one_query_kernel"
+        monkeypatch.setattr(kernel, name, None)
+    x = torch.randn(4, 1000, device=KERNEL_DEVICE)
+    assert torch.equal(torch.ops.tessera.kth_largest(x, 7), kth_largest.kth_largest_reference(x, 7)[:, 0])
+    q, k, v = (torch.randn(2, 3, n, 64, device=KERNEL_DEVICE) for n in (1, 40, 40))
+    mask = torch.ones(1, 40, dtype=torch.bool, device=KERNEL_DEVICE)
+    assert torch.equal(torch.ops.tessera.attend_one_query(q, k, v, mask),
+                       decode_attention.attend_one_query_reference(q, k, v, mask))
 
 
 @pytest.mark.gpu
