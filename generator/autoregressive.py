@@ -101,12 +101,9 @@ class ARGenerator(Generator):
         h_BND = self.backbone(x_BND, self.rope_cos, self.rope_sin, cond_BD, is_causal=True)   # flash on GPU
         return self.head(h_BND)
 
-    def _flat_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.check_ids(self.token_batch(torch.as_tensor(ids, device=self.head.weight.device)))
-
     def logits(self, ids_BL: torch.Tensor, classes_B) -> torch.Tensor:
         """Full teacher-forced forward: ids (B, N) or (B, h, w) long, classes (B,) -> logits (B, N, V)."""
-        ids_BL = self._flat_ids(ids_BL)
+        ids_BL = self.checked_token_batch(ids_BL)
         return self._forward(ids_BL, self.class_ids(classes_B, ids_BL.shape[0]))
 
     def loss(self, ids_BL: torch.Tensor, labels_B: torch.Tensor) -> LossOutput:
@@ -127,7 +124,7 @@ class ARGenerator(Generator):
                            ) -> torch.Tensor:
         """Exact -log2 p(x | class) / N per image, (B,) float. Class given (no dropout), dropout off;
         ``generator`` is unused (the AR likelihood is exact)."""
-        ids_BL = self._flat_ids(ids_BL)
+        ids_BL = self.checked_token_batch(ids_BL)
         logits_BNV = self._forward(ids_BL, self.class_ids(labels_B, ids_BL.shape[0])).float()
         nll_BN = F.cross_entropy(logits_BNV.transpose(1, 2), ids_BL, reduction="none")
         return nll_BN.mean(dim=1) / math.log(2)

@@ -153,6 +153,11 @@ class Generator(nn.Module):
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
         return ids.long()
 
+    def checked_token_batch(self, ids) -> torch.Tensor:
+        """``token_batch`` of any array of ids, values checked too (one host sync): for likelihoods and logits
+        of user-given ids, on the model's device."""
+        return self.check_ids(self.token_batch(torch.as_tensor(ids))).to(self.head.weight.device)
+
     def check_ids(self, ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
         if ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")

@@ -341,10 +341,9 @@ class MaskedGenerator(Generator):
         """
         if num_t < 1:
             raise ValueError(f"num_t must be >= 1, got {num_t}")
-        ids_BL = self.check_ids(self.token_batch(torch.as_tensor(ids_BL)))
+        ids_BL = self.checked_token_batch(ids_BL)
         B, L = ids_BL.shape
         dev = self.head.weight.device
-        ids_BL = ids_BL.to(dev)
         classes_B = self.class_ids(labels_B, B, dev)
         u = torch.rand((), generator=generator, device=dev)
         k_J = (1 + ((torch.arange(num_t, device=dev) + u) * L / num_t).floor().long()).clamp(max=L)

@@ -206,7 +206,7 @@ class VARGenerator(Generator):
                            codec_inputs_BlC: torch.Tensor | None = None) -> torch.Tensor:
         """Exact -log2 p(ids | class) / L per image, (B,) float. VAR's factorisation over scales is
         exact, so no sampling is involved (``generator`` is unused). Labels None -> unconditional."""
-        ids_BL = self.check_ids(self.token_batch(torch.as_tensor(ids_BL))).to(self.head.weight.device)
+        ids_BL = self.checked_token_batch(ids_BL)
         labels_B = self.class_ids(labels_B, ids_BL.shape[0])
         ce_BL, _ = self._ce_BL(ids_BL, labels_B, codec_inputs_BlC)
         return ce_BL.mean(1) / math.log(2)
