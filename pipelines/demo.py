@@ -78,6 +78,9 @@ def val_examples(resolution: int, count: int) -> list[tuple[Image.Image, int]]:
     return [(tensor_to_pil(dataset[i][0][None])[0], int(labels[i])) for i in picks]
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
 def shipped(checkpoints: Path) -> dict[str, Path]:
     """Model dirs present under ``checkpoints`` (each has config.json + model.safetensors)."""
     return {p.name: p for p in sorted(checkpoints.iterdir()) if (p / "config.json").is_file()
@@ -156,10 +159,12 @@ def quick_demo(out: Path, seconds: int, device: str | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    if args.checkpoints is not None and not Path(args.checkpoints).is_dir():     # a mistyped folder: no silent fallback
+        raise FileNotFoundError(f"checkpoints folder not found: {args.checkpoints}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    models = shipped(Path(args.checkpoints))
+    models = shipped(Path(args.checkpoints) if args.checkpoints is not None else SHIPPED)
     if "tokenizer" in models:
         lines = full_demo(models, out, args.device, args.per_class, args.seed)
     else:
@@ -172,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="samples, inpainting and reconstructions from the shipped demo weights",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", default=str(Path(__file__).resolve().parent.parent / "checkpoints"),
-                   help="folder of shipped model dirs (tokenizer, msvq, masked, ar, var)")
+    p.add_argument("--checkpoints", default=None,
+                   help="folder of model dirs (tokenizer, msvq, masked, ar, var); default: the checkout's "
+                        "checkpoints/, and without it the tiny tokenizer is trained")
     p.add_argument("--out", default="outputs/demo", help="where the PNGs go")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class in each family's grid")

@@ -176,11 +176,10 @@ def _real_features(classifier, dataset, indices, cfg, device, fid=None) -> tuple
     return cat(feats), cat(preds), cat(labels_all)
 
 
-@torch.no_grad()
-def generation_metrics(tokenizer, generator_dir, train: Dataset, val: Dataset, classifier: EmojiClassifier | None,
-                       cfg: EvalConfig, device: torch.device, timer: _Timer, extractor: M.Extractor | None = None,
-                       options: dict | None = None) -> dict:
-    """Sample N class-balanced images; compare them with N class-balanced train images (and val with train)."""
+def generation_pipeline(tokenizer, generator_dir, val: Dataset, classifier: EmojiClassifier | None, cfg: EvalConfig,
+                        device: torch.device, options: dict | None = None):
+    """The generator's sampling pipeline, loaded and checked against the tokenizer, the data's classes, the
+    classifier and the sampling settings: every mismatch is said before any metric is computed."""
     from pipelines.generate import ClassToImagePipeline
     gen = load_generator_dir(generator_dir, device)
     pipe = ClassToImagePipeline(tokenizer, gen.model, gen.meta, device, None, generator_dir, own_generator=True)
@@ -191,6 +190,16 @@ def generation_metrics(tokenizer, generator_dir, train: Dataset, val: Dataset, c
     if classifier is not None and classifier.config.num_classes != num_classes:
         raise ValueError(f"the classifier has {classifier.config.num_classes} classes, the generator {num_classes}")
     pipe.check_args(cfg.num_steps, cfg.cfg_scale, cfg.temperature, cfg.top_k, cfg.top_p, cfg.batch_size, options or {})
+    return pipe
+
+
+@torch.no_grad()
+def generation_metrics(pipe, generator_dir, train: Dataset, val: Dataset, classifier: EmojiClassifier | None,
+                       cfg: EvalConfig, device: torch.device, timer: _Timer, extractor: M.Extractor | None = None,
+                       options: dict | None = None) -> dict:
+    """Sample N class-balanced images with ``pipe`` (``generation_pipeline``); compare them with N
+    class-balanced train images (and val with train)."""
+    num_classes = pipe.generator.config.num_classes
     n, g = cfg.num_samples, torch.Generator().manual_seed(cfg.seed)
     fid = M.TorchmetricsFID(extractor, device, cfg.seed) if extractor else None
     with timer("reference_features"):
@@ -223,7 +232,7 @@ def generation_metrics(tokenizer, generator_dir, train: Dataset, val: Dataset, c
             if fid is not None:
                 fid.update(images, real=False)
     timer.times["generation_sampling"] = sample_time
-    out = {"generator": {"dir": str(generator_dir), "kind": gen.model.config.kind}, "num_samples": n,
+    out = {"generator": {"dir": str(generator_dir), "kind": pipe.generator.config.kind}, "num_samples": n,
            "settings": {k: v for k, v in kwargs.items()}, "images_per_s": n / max(sample_time, 1e-9),
            "reference": f"{int(ref_quota.sum())} train images, per class {ref_quota.tolist()}"}
     if classifier is not None:
@@ -256,10 +265,12 @@ def evaluate(tokenizer_dir, data: str = "emoji", generator_dir=None, classifier_
         reason = "disabled (--no-inception)"
         if extractor == "auto":
             extractor, reason = M.load_inception()
-    if classifier is not None and classifier.config.class_names and \
-            list(classifier.config.class_names) != list(val.class_names):
-        raise ValueError(f"the classifier was trained on classes {list(classifier.config.class_names)}, "
-                         f"the data has {list(val.class_names)}")
+        if classifier is not None and classifier.config.class_names and \
+                list(classifier.config.class_names) != list(val.class_names):
+            raise ValueError(f"the classifier was trained on classes {list(classifier.config.class_names)}, "
+                             f"the data has {list(val.class_names)}")
+        pipe = None if generator_dir is None else generation_pipeline(tokenizer, generator_dir, val, classifier, cfg,
+                                                                      device, options)
     results = {"tokenizer": {"dir": str(tokenizer_dir), "hash": tokenizer.fingerprint(),
                              "grid_size": tokenizer.grid_size, "scales": list(getattr(tokenizer, "scales", ()))},
                "data": {"dataset": data, "resolution": data_cfg.resolution, "num_val": len(val)},
@@ -272,8 +283,8 @@ def evaluate(tokenizer_dir, data: str = "emoji", generator_dir=None, classifier_
     if generator_dir is not None:
         train = build_image_dataset(data_cfg, "train")
         results["data"]["num_train"] = len(train)
-        results["generation"] = generation_metrics(tokenizer, generator_dir, train, val, classifier, cfg, device,
-                                                   timer, extractor, options)
+        results["generation"] = generation_metrics(pipe, generator_dir, train, val, classifier, cfg, device, timer,
+                                                   extractor, options)
     results["timings_s"] = {k: round(v, 3) for k, v in timer.times.items()}
     return _finite(results)
 

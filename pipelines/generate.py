@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         class_grid(images, names, args.num_per_class).save(out)
-        written.append(f"{out} ({len(ids)} classes x {args.num_per_class})")
+        written.append(f"{out} ({len(ids)} {'class' if len(ids) == 1 else 'classes'} x {args.num_per_class})")
     if out_dir is not None:
         for i, image in enumerate(images):
             r, c = divmod(i, args.num_per_class)

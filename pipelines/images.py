@@ -22,11 +22,11 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 logger = logging.getLogger(__name__)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file; errors name the file and the reason."""
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """Open and fully decode an image file; errors name the file (as ``what``: "image", "mask") and the reason."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not an image")
     try:
@@ -162,7 +162,7 @@ def mask_to_tensor(mask, image_size: tuple[int, int], resolution: int) -> torch.
         arr[y0:y1, x0:x1] = 1.0
     else:
         if isinstance(mask, (str, Path)):
-            mask = open_image(mask)
+            mask = open_image(mask, "mask")
         if isinstance(mask, Image.Image) and mask.mode in ("1", "L", "RGB", "P", "RGBA", "LA", "PA"):
             if mask.mode == "P":
                 mask = mask.convert("RGBA")

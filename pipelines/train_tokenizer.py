@@ -114,14 +114,15 @@ class TokenizerTask:
 
 
 def save_tokenizer(model: VQGAN, out_dir: Path) -> None:
-    """``VQGAN.save`` into a temp dir, then move each file into place atomically (weights first)."""
+    """``VQGAN.save`` into a temp dir, then move each file into place atomically (weights first); logs where."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".save-") as tmp:
-        model.save(tmp)
+        fingerprint = model.save(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
         for name in names:
             os.replace(Path(tmp) / name, out_dir / name)
+    logger.info("saved tokenizer to %s (%s)", out_dir, fingerprint)
 
 
 def _sample_images(data: DataConfig) -> torch.Tensor | None:

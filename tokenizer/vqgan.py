@@ -251,8 +251,9 @@ class VQGAN(nn.Module):
             h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (weights only; usage buffers are not saved)."""
+    def save(self, directory: str | Path) -> str:
+        """Write ``config.json`` and ``model.safetensors`` (weights only; usage buffers are not saved);
+        returns the fingerprint written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
@@ -260,7 +261,8 @@ class VQGAN(nn.Module):
         fingerprint = self.fingerprint()
         save_file(state, str(directory / WEIGHTS_NAME),
                   metadata={"config_hash": self.config_hash(), "fingerprint": fingerprint})
-        logger.info("saved tokenizer to %s (%s)", directory, fingerprint)
+        logger.debug("wrote tokenizer to %s (%s)", directory, fingerprint)
+        return fingerprint
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> "VQGAN":

@@ -162,7 +162,7 @@ CASES = [
     ("box-empty", lambda a, b: inpaint(a, "--box", "4", "4", "4", "8"),
      "box (4, 4, 4, 8) is outside the 16x16 image or empty"),
     ("box-negative", lambda a, b: inpaint(a, "--box", "-2", "0", "8", "8"), "box (-2, 0, 8, 8) is outside"),
-    ("mask-file-missing", lambda a, b: inpaint(a, "--mask", b["missing"]), "image not found: "),
+    ("mask-file-missing", lambda a, b: inpaint(a, "--mask", b["missing"]), "mask not found: "),
     # image files
     ("image-missing", lambda a, b: inpaint(a, *BOX, image=b["missing"]), "image not found: "),
     ("image-is-a-text-file", lambda a, b: inpaint(a, *BOX, image=b["text"]), "text.png is not an image PIL can read"),

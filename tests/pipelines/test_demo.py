@@ -41,3 +41,10 @@ def test_brush_mask_is_deterministic_and_not_empty():
     a, b = np.asarray(demo.brush_mask(32, 1)), np.asarray(demo.brush_mask(32, 1))
     assert np.array_equal(a, b) and 0 < (a > 0).mean() < 0.8
     assert not np.array_equal(a, np.asarray(demo.brush_mask(32, 2)))
+
+
+def test_a_missing_checkpoints_folder_is_named_not_replaced_by_the_tiny_demo(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    assert main(["demo", "--checkpoints", str(missing), "--out", str(tmp_path / "demo")]) == 2
+    assert f"checkpoints folder not found: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -149,6 +149,14 @@ def test_user_errors(art):
         E.evaluate(art / "tok", str(art / "images"), classifier_dir=other, device="cpu", extractor=None)
 
 
+def test_a_generator_of_another_tokenizer_fails_before_the_reconstruction_pass(art, monkeypatch):
+    ran = []
+    monkeypatch.setattr(E, "reconstruction_metrics", lambda *a, **k: ran.append(1) or {})
+    with pytest.raises(ValueError, match="codebook sizes differ"):     # gen: 64 codes, grid 8; tok-ms: 32 codes
+        E.evaluate(art / "tok-ms", str(art / "images"), generator_dir=art / "gen", device="cpu", extractor=None)
+    assert ran == []
+
+
 def test_class_quota_water_fills():
     assert E.class_quota(torch.tensor([90, 10]), 16).tolist() == [8, 8]
     assert E.class_quota(torch.tensor([90, 10]), 60).tolist() == [50, 10]      # the small class gives all it has
