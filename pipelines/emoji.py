@@ -295,6 +295,22 @@ def _load(path: Path) -> EmojiArrays:
                            style_names=tuple(z["style_names"].tolist()))
 
 
+_LAST_LOADED: dict[tuple, EmojiArrays] = {}
+
+
+def _load_once(path: Path) -> EmojiArrays:
+    """``_load``, kept for the next call while the file is unchanged: the train and val splits of one
+    command read the cache once (the datasets index the arrays, which copies; nothing writes to them)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _LAST_LOADED:
+        arrays = _load(path)
+        _LAST_LOADED.clear()
+        _LAST_LOADED[key] = arrays
+        logger.info("loaded %d emoji images from %s", len(arrays.labels), path)
+    return _LAST_LOADED[key]
+
+
 def load_emoji_arrays(resolution: int, cache_dir: str | os.PathLike | None = None,
                       limit: int | None = None) -> EmojiArrays:
     """Rendered emoji at ``resolution``: read from the npz cache, or render once and cache.
@@ -315,9 +331,7 @@ def load_emoji_arrays(resolution: int, cache_dir: str | os.PathLike | None = Non
         return _load(found[-1])
     if path.is_file():
         try:
-            arrays = _load(path)
-            logger.info("loaded %d emoji images from %s", len(arrays.labels), path)
-            return arrays
+            return _load_once(path)
         except (OSError, ValueError, KeyError) as e:         # a damaged cache is re-rendered, not fatal
             logger.warning("emoji cache %s is unreadable (%s); rendering again", path, e)
     arrays = render_all(resolution, limit)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -93,6 +95,19 @@ def test_cache_round_trip_reads_the_npz_and_is_atomic(tmp_path, monkeypatch):
     for field in ("images", "labels", "hands_body", "unified", "split_keys", "style_ids"):
         assert np.array_equal(getattr(first, field), getattr(second, field)), field
     assert second.class_names == emoji.EMOJI_CLASSES and second.style_names == emoji.STYLES
+
+
+def test_the_cache_file_is_read_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    emoji.load_emoji_arrays(32, tmp_path, limit=2)
+    path, reads, load = emoji.cache_path(32, tmp_path, limit=2), [], emoji._load
+    monkeypatch.setattr(emoji, "_load", lambda p: reads.append(p) or load(p))
+    a = emoji.load_emoji_arrays(32, tmp_path, limit=2)       # train split
+    b = emoji.load_emoji_arrays(32, tmp_path, limit=2)       # val split of the same command
+    assert reads == [path] and a is b
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))    # rewritten (rendered again elsewhere)
+    emoji.load_emoji_arrays(32, tmp_path, limit=2)
+    assert reads == [path, path]
 
 
 def test_a_damaged_cache_is_rendered_again(tmp_path):
