@@ -207,9 +207,10 @@ if triton is not None:
                 tl.store(QR + dst + F_, q_hi, mask=inside[:, None])
                 if P > 0:
                     kc_lo, kc_hi = _norm_rotate(c_lo, c_hi, KW, c_cos, c_sin, f, eps, NORM, DT, F_)
-                    s = (tl.dot(q_lo, tl.trans(kc_lo)) + tl.dot(q_hi, tl.trans(kc_hi))) * scale     # (BR, PB)
+                    # a name of its own: Triton 3.6 rejects a variable the branches leave with two shapes
+                    s_qc = (tl.dot(q_lo, tl.trans(kc_lo)) + tl.dot(q_hi, tl.trans(kc_hi))) * scale     # (BR, PB)
                     sp = SP + (bh * P + pcol[None, :]) * (L - P) + (rows - P)[:, None]
-                    tl.store(sp, s, mask=(inside & (rows >= P))[:, None] & lead[None, :])
+                    tl.store(sp, s_qc, mask=(inside & (rows >= P))[:, None] & lead[None, :])
             else:
                 lo, hi, cos, sin = _load_rows(base + H * K, COS, SIN, rows, inside, f, s_l, F_)
                 p_lo, p_hi, p_cos, p_sin = _load_rows(base, COS, SIN, pcol, lead, f, s_l, F_)

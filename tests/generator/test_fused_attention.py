@@ -205,14 +205,21 @@ def prep_constants(queries: bool) -> dict:
 
 
 @needs_compiler
-def test_the_split_passes_compile_for_hopper():
-    """The split method's q/k pass and merge pass through Triton's real compiler (sm_90, no GPU)."""
-    assert compile_for_hopper(fa._prep_kernel, PREP_SIGNATURE, prep_constants(True), num_warps=4).asm["cubin"]
+@pytest.mark.parametrize("prefix", [None, 1])
+def test_the_split_passes_compile_for_hopper(prefix):
+    """The split method's q/k pass and merge pass through Triton's real compiler (sm_90, no GPU). prefix 1:
+    the JIT specialises an int argument equal to 1 into a constant, as it does for masked-B's one class token,
+    which makes `if P > 0` static (Triton 3.6 then rejected a name the two branches left with two shapes)."""
+    signature = dict(PREP_SIGNATURE, **({"P": "constexpr"} if prefix else {}))
+    constants = dict(prep_constants(True), **({"P": prefix} if prefix else {}))
+    assert compile_for_hopper(fa._prep_kernel, signature, constants, num_warps=4).asm["cubin"]
     ints = ["L", "P", "T", "s_b", "s_l", "og_b", "og_h", "og_l", "lse_b", "lse_h", "lse_l", "so_b", "so_l"]
     signature = {"QKV": "*bf16", "OG": "*bf16", "LSE": "*fp32", "SP": "*fp32", "PACC": "*fp32", "PSTAT": "*fp32",
                  "O": "*bf16",
                  **dict.fromkeys(ints, "i32"), **dict.fromkeys(["H", "K", "BM", "PB", "TB"], "constexpr")}
     consts = dict(H=12, K=64, BM=fa.MERGE_ROWS, PB=fa.PREFIX_BLOCK, TB=8)
+    if prefix:
+        signature["P"], consts["P"] = "constexpr", prefix
     assert compile_for_hopper(fa._merge_kernel, signature, consts, num_warps=4).asm["cubin"]
 
 
