@@ -148,10 +148,12 @@ def quick_demo(out: Path, seconds: int, device: str | None) -> list[str]:
     t0 = time.perf_counter()
     run_dir = out / "tiny-tokenizer"
     resume = (run_dir / "checkpoints").is_dir()
-    run_train(argparse.Namespace(
+    status = run_train(argparse.Namespace(
         config=Path(__file__).resolve().parent.parent / "configs/tokenizer/tiny.yaml", output=run_dir,
         resume=resume, max_steps=100000, checkpoint_every=None,
         set=[f"train.max_minutes={seconds / 60}", "train.log_every=50"]))
+    if status:              # a signal (Ctrl-C) stopped the training: stop the demo too; a rerun resumes it
+        raise SystemExit(status)
     return full_demo({"tokenizer": run_dir}, out, device, 0, 0)[:1] + [
         f"trained the tiny tokenizer for {time.perf_counter() - t0:.0f} s at {run_dir} (no shipped weights found)"]
 

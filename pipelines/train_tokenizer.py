@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torchvision.utils import save_image
 
 from pipelines.config import load_run_config, to_dict
 from pipelines.data import DataConfig, build_image_dataset, sample_weights
+from pipelines.train_utils import exit_status, stopped_line
 from pipelines.trainer import TrainConfig, Trainer, adamw
 from tokenizer import VQGAN, LossConfig, VQGANConfig, VQGANLoss
 
@@ -161,7 +163,9 @@ def run_train(args: argparse.Namespace) -> int:
                  if k in ("loss/model", "loss/disc", "psnr", "vq/perplexity", "vq/usage") and isinstance(v, float)}
         print(f"{how} at step {result['step']}: {shown}")
         print(f"tokenizer saved to {args.output} (VQGAN.from_pretrained); checkpoint: {result['checkpoint']}")
-    return 0
+        if result["signal"]:
+            print(stopped_line(result), file=sys.stderr)
+    return exit_status(result)
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:

@@ -160,36 +160,40 @@ class EMA:
 class StopVote:
     """The ranks of a multi-process run agree to stop at the same step without a host sync per step.
 
-    Each step starts the all-reduce (max) of this rank's stop request (a signal, the time limit) and
-    returns the result of the one started a step earlier. On CUDA that result was copied to pinned host
-    memory behind the earlier step's work and is waited for through an event: the host waits for step
-    N-1 to finish, never for step N that it has just queued (``.item()`` on the device tensor would).
-    The request flags live on the device, so starting a vote copies nothing from the host. All ranks
-    read the same reduced value at the same step, so they stop together, one step after the request.
+    Each step starts the all-reduce (max) of this rank's stop request and returns the result of the one
+    started a step earlier. A request is a code: 0 none, 1 the time limit, 128 + the number of a signal
+    (so the max over ranks is the most pressing, and a rank that stops for a peer's signal knows which).
+    On CUDA the result was copied to pinned host memory behind the earlier step's work and is waited for
+    through an event: the host waits for step N-1 to finish, never for step N that it has just queued
+    (``.item()`` on the device tensor would). Each code's tensor is made on the device at its first use,
+    so a vote copies nothing from the host after that. All ranks read the same reduced value at the same
+    step, so they stop together, one step after the request.
     """
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
-        device = accelerator.device
-        self.flags = (torch.zeros((), device=device), torch.ones((), device=device))   # no request / request
-        cuda = device.type == "cuda"
+        self.flags: dict[int, torch.Tensor] = {}
+        cuda = accelerator.device.type == "cuda"
         self.result = torch.zeros((), pin_memory=cuda)
         self.done = torch.cuda.Event() if cuda else None   # None: the reduce was synchronous (CPU)
         self.started = False
 
-    def __call__(self, request: bool) -> bool:
-        """Start this step's vote with ``request``; True when the previous step's vote was to stop."""
-        stop = False
+    def __call__(self, request: int) -> int:
+        """Start this step's vote with ``request`` (a code, or a bool); the previous step's max (0: go on)."""
+        code = 0
         if self.started:
             if self.done is not None:
                 self.done.synchronize()
-            stop = bool(self.result.item() > 0)
-        reduced = self.accelerator.reduce(self.flags[int(request)], "max")
+            code = int(self.result.item())
+        request = int(request)
+        if request not in self.flags:
+            self.flags[request] = torch.tensor(float(request), device=self.accelerator.device)
+        reduced = self.accelerator.reduce(self.flags[request], "max")
         self.result.copy_(reduced, non_blocking=self.done is not None)
         if self.done is not None:
             self.done.record()
         self.started = True
-        return stop
+        return code
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -227,3 +231,17 @@ def load_extra_buffers(module: nn.Module, tensors: dict[str, torch.Tensor]) -> N
             module.get_submodule(owner).register_buffer(leaf, value.to(buffers[name].device), persistent=False)
         else:
             buffers[name].copy_(value)
+
+
+def exit_status(result: dict) -> int:
+    """The training commands' exit status for ``Trainer.fit``'s result: 0 when the run reached max_steps or
+    its time limit (``train.max_minutes``, a planned end); 128 + the signal's number when a signal stopped it
+    (the shell's convention: 143 for SIGTERM, 130 for Ctrl-C), so ``train && evaluate`` does not go on with
+    a model that was cut short. Its checkpoint is written either way: ``--resume`` continues it."""
+    return 128 + int(result["signal"]) if result.get("signal") else 0
+
+
+def stopped_line(result: dict) -> str:
+    """One line for the user when a signal stopped training: where, and how to go on."""
+    return (f"stopped by {result['stopped_by']} at step {result['step']}; checkpoint: {result['checkpoint']} "
+            f"(run the same command with --resume to continue)")

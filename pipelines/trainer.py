@@ -6,7 +6,8 @@ the user-facing model); ``Trainer`` does the rest. Guarantees:
 - exact resume: N steps straight and N/2 steps + kill + resume give bit-identical weights on the CPU
   (same seed, data order, augmentation seeds, RNG states, LR position, optimizer and EMA state);
 - a checkpoint is either whole or ignored (see ``pipelines.checkpoint``);
-- SIGTERM / SIGINT finish the current step, write a checkpoint and return normally;
+- SIGTERM / SIGINT finish the current step, write a checkpoint and return normally (the result's
+  ``interrupted``; the CLI then exits 128 + the signal's number: ``train_utils.exit_status``);
 - any number of processes (``accelerate launch``): ``train.batch_size`` stays the global batch, checkpoints
   load on any number (what stays exact: ``pipelines.distributed``, docs/distributed.md).
 """
@@ -81,7 +82,8 @@ class Trainer:
         plugin = fsdp_utils.plugin(mp) if train_config.distributed == "fsdp" else None
         self.accelerator = Accelerator(mixed_precision=mp, fsdp_plugin=plugin)
         distributed.check_launch(self.accelerator, train_config.distributed)
-        self._stop_signal: str | None = None
+        self._stop_signal: str | None = None     # what stopped the run: a signal's name, the time limit, a peer
+        self._stop_signum: int | None = None     # the signal's number when one stopped it (this rank's or a peer's)
         self._saved_run_config: dict | None = None
 
     # ------------------------------------------------------------------ setup
@@ -349,7 +351,7 @@ class Trainer:
             name = signal.Signals(signum).name
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # second Ctrl-C: stop now
-            self._stop_signal = name
+            self._stop_signal, self._stop_signum = name, signum
             logger.warning("received %s: finishing the current step, then writing a checkpoint", name)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -358,6 +360,12 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def _stop_request(self) -> int:
+        """This rank's stop request as ``StopVote``'s code: 0 none, 1 the time limit, 128 + a signal's number."""
+        if self._stop_signal is None:
+            return 0
+        return 128 + self._stop_signum if self._stop_signum else 1
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -465,15 +473,20 @@ class Trainer:
                 window_t0 += time.perf_counter() - t   # nor is writing checkpoints
             if vote is None:
                 stop = self._stop_signal is not None
-            elif vote(self._stop_signal is not None):   # some rank's request, one step ago
-                stop, self._stop_signal = True, self._stop_signal or "a peer's signal"
+            elif code := vote(self._stop_request()):   # some rank's request, one step ago
+                if code > self._stop_request():          # a peer's, or its signal where this rank hit the time limit
+                    self._stop_signum = code - 128 if code > 1 else None
+                    self._stop_signal = ("a peer's time limit" if code == 1
+                                         else f"a peer's {signal.Signals(self._stop_signum).name}")
+                stop = True
         flush_log()
         bar.close()
         if saved_at != st["step"] and (st["step"] > 0 or cfg.max_steps == 0):
             path = self._save()
         if self._stop_signal is not None:
             logger.warning("stopped by %s at step %d; checkpoint: %s", self._stop_signal, st["step"], path)
-        return dict(last, step=st["step"], stopped_by=self._stop_signal, checkpoint=str(path) if path else None)
+        return dict(last, step=st["step"], stopped_by=self._stop_signal, signal=self._stop_signum,
+                    checkpoint=str(path) if path else None)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

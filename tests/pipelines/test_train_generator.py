@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +181,36 @@ def test_resume_continues_to_the_same_weights(tmp_path, capsys, art):
     msg = user_error(capsys, "train-generator", "--config", art["root"] / "ar-tiny.yaml", "--tokens", art["tokens"],
                      "--output", tmp_path / "straight")
     assert "--resume" in msg                                                   # no silent overwrite
+
+
+def test_a_sigterm_exits_143_after_its_checkpoint_and_the_run_resumes(tmp_path, capsys, art):
+    """A signal is not a finished run: `train && evaluate` must not go on. The checkpoint is written, no
+    validation pass delays the exit, and --resume continues from the step where it stopped."""
+    out = tmp_path / "stopped"
+    first = out / "checkpoints" / "step-0000002"
+
+    def stop_when_checkpointed():       # the handler is installed: fit() is running once a checkpoint exists
+        end = time.monotonic() + 60
+        while not first.exists() and time.monotonic() < end:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = write_config(art["root"] / "masked-tiny.yaml", "masked", art["vq"])
+    watcher = threading.Thread(target=stop_when_checkpointed)
+    watcher.start()
+    code, stdout, err = run_cli(capsys, "train-generator", "--config", cfg, "--tokens", art["tokens"],
+                                "--output", out, "--max-steps", "100000")
+    watcher.join()
+    assert code == 128 + signal.SIGTERM, err
+    line = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM at step")]
+    assert len(line) == 1 and "--resume" in line[0] and "Traceback" not in err
+    step = int(line[0].split("at step ")[1].split(";")[0])
+    assert 2 <= step < 100000 and (out / "checkpoints" / f"step-{step:07d}").is_dir()
+    assert "trained a masked generator" not in stdout                  # no validation pass after the signal
+    code, stdout, err = run_cli(capsys, "train-generator", "--config", cfg, "--tokens", art["tokens"],
+                                "--output", out, "--max-steps", str(step + 2), "--resume")
+    assert code == 0, err
+    assert f"to step {step + 2}" in stdout
 
 
 def test_tokens_from_another_tokenizer_are_refused(tmp_path, capsys, art):

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from pipelines.checkpoint import CheckpointError, load_checkpoint, load_model_dir, save_model_dir
 from pipelines.sampler import ResumableBatchSampler, SeededDataset
-from pipelines.train_utils import StopVote, extra_buffers
+from pipelines.train_utils import StopVote, exit_status, extra_buffers
 from pipelines.trainer import EMA, TrainConfig, Trainer, adamw, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -369,7 +369,7 @@ def run_toy(out: str, resume: bool = False, sleep: float = 0.0, max_steps: int =
     logging.basicConfig(level=logging.INFO)
     result = train(out, ToyTask(sleep=sleep), resume=resume, max_steps=max_steps, checkpoint_every=10,
                    keep_checkpoints=3, num_workers=num_workers)
-    print("FINAL_STEP", result["step"], flush=True)
+    print("FINAL_STEP", result["step"], "EXIT", exit_status(result), flush=True)
 
 
 def spawn(out, new_group: bool = False, **kw) -> subprocess.Popen:
@@ -426,6 +426,7 @@ def test_a_stop_signal_to_the_process_group_with_data_workers_still_checkpoints(
     assert proc.returncode == 0, err
     step = int(out.split("FINAL_STEP")[1].split()[0])
     assert f"received {sig.name}" in err and "Traceback" not in err
+    assert int(out.split("EXIT")[1].split()[0]) == 128 + sig          # the CLI's status: 143 / 130
     assert load_checkpoint(tmp_path / f"checkpoints/step-{step:07d}").step == step
 
 
@@ -460,6 +461,9 @@ def test_stop_vote_reads_the_max_over_ranks_one_step_late():
     vote = StopVote(TwoRanks([0, 0, 1, 0, 0, 0]))
     mine = [False, False, False, False, True, False]
     assert [vote(r) for r in mine] == [False, False, False, True, False, True]
+    # requests are codes (1: time limit, 128 + signum: a signal): the max says why a peer stopped
+    vote = StopVote(TwoRanks([0, 128 + signal.SIGTERM, 0, 0, 0]))
+    assert [vote(r) for r in [1, 1, 0, 0, 0]] == [0, 1, 143, 0, 0]
 
 
 @pytest.mark.gpu
@@ -481,6 +485,7 @@ def test_stop_vote_on_cuda_reads_through_pinned_memory_and_an_event():
 def test_max_minutes_stops_with_a_checkpoint_like_a_signal(tmp_path):
     result = train(tmp_path, max_steps=1000, checkpoint_every=0, max_minutes=1e-9)   # over after the first step
     assert result["step"] == 1 and "time limit" in result["stopped_by"]
+    assert result["signal"] is None and exit_status(result) == 0       # a planned end, not an interruption
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"]
     with pytest.raises(ValueError, match="max_minutes must be >= 0"):
         config(max_minutes=-1)
