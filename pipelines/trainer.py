@@ -7,7 +7,7 @@ the user-facing model); ``Trainer`` does the rest. Guarantees:
   (same seed, data order, augmentation seeds, RNG states, LR position, optimizer and EMA state);
 - a checkpoint is either whole or ignored (see ``pipelines.checkpoint``);
 - SIGTERM / SIGINT finish the current step, write a checkpoint and return normally (the result's
-  ``interrupted``; the CLI then exits 128 + the signal's number: ``train_utils.exit_status``);
+  ``signal`` holds its number; the CLI then exits 128 + it: ``train_utils.exit_status``);
 - any number of processes (``accelerate launch``): ``train.batch_size`` stays the global batch, checkpoints
   load on any number (what stays exact: ``pipelines.distributed``, docs/distributed.md).
 """
