@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from pipelines.config import from_dict, load_sections, to_dict
 from pipelines.data import DataConfig, build_image_dataset, sample_weights
+from pipelines.train_utils import exit_status, stopped_line
 from pipelines.trainer import Trainer, TrainConfig, adamw
 
 logger = logging.getLogger(__name__)
@@ -199,7 +201,8 @@ class ClassifierTask:
 def train_classifier(model_cfg: ClassifierConfig, aug: AugmentConfig, train: TrainConfig, data: DataConfig,
                      output_dir: str | Path, resume: bool = False, train_set: Dataset | None = None,
                      val_set: Dataset | None = None) -> dict:
-    """Train from scratch, save the model dir, measure val accuracy, write ``metrics.json``; return it.
+    """Train from scratch, save the model dir, measure val accuracy, write ``metrics.json``; return it
+    (``{"stopped": Trainer.fit()'s result}`` when a signal cut the run short: its checkpoint resumes).
 
     ``train_set`` / ``val_set`` default to ``build_image_dataset(data, "train" / "val")``.
     """
@@ -217,6 +220,10 @@ def train_classifier(model_cfg: ClassifierConfig, aug: AugmentConfig, train: Tra
     trainer = Trainer(train, output_dir, ClassifierTask(model, aug), train_set, resume=resume,
                       run_config=run_config, sampler_weights=weights)
     last = trainer.fit()
+    if last["signal"]:       # cut short by a signal: no val pass over an unfinished model, no metrics.json
+        if trainer.accelerator.is_main_process:
+            print(stopped_line(last), file=sys.stderr)
+        return {"stopped": last}
     if not trainer.accelerator.is_main_process:
         return {}
     best = EmojiClassifier.from_pretrained(output_dir, trainer.accelerator.device)
@@ -248,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     cfg = load_sections(args.config, SECTIONS, overrides)
     report = train_classifier(cfg["model"], cfg["augment"], cfg["train"], cfg["data"], args.output, args.resume)
+    if "stopped" in report:
+        return exit_status(report["stopped"])
     if report:
         val = report["val"]
         print(f"val accuracy {val['accuracy']:.4f}, class-balanced {val['balanced_accuracy']:.4f} "

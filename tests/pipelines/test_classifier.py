@@ -1,5 +1,9 @@
 import hashlib
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from torch.utils.data import Dataset
 from pipelines.classifier import (AugmentConfig, ClassifierConfig, EmojiClassifier, accuracy_report, augment,
                                   train_classifier)
 from pipelines.data import DataConfig
+from pipelines.train_utils import exit_status
 from pipelines.trainer import TrainConfig
 
 TINY = dict(arch="resnet10t", channels=(8, 8, 8, 8), stem_width=8, drop_rate=0.0, resolution=16)
@@ -114,3 +119,29 @@ def test_train_few_steps_then_reload(tmp_path):
                      train_set=Colours(48, 0), val_set=Colours(12, 1))
     again = EmojiClassifier.from_pretrained(tmp_path / "again")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_sigterm_stops_with_a_checkpoint_and_no_val_report(tmp_path, capsys):
+    """A signal is not a finished run: no val pass over the unfinished model, no metrics.json, the CLI's 143."""
+    out = tmp_path / "run"
+    first = out / "checkpoints" / "step-0000005"
+
+    def stop_when_checkpointed():       # the handler is installed: fit() is running once a checkpoint exists
+        end = time.monotonic() + 60
+        while not first.exists() and time.monotonic() < end:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    train = TrainConfig(batch_size=12, max_steps=100000, lr=3e-3, warmup_steps=2, log_every=5, checkpoint_every=5,
+                        mixed_precision="no")
+    watcher = threading.Thread(target=stop_when_checkpointed)
+    watcher.start()
+    report = train_classifier(ClassifierConfig(**TINY), AugmentConfig(), train,
+                              DataConfig(dataset=str(tmp_path / "unused"), resolution=16), out,
+                              train_set=Colours(48, 0), val_set=Colours(12, 1))
+    watcher.join()
+    stopped = report["stopped"]
+    assert stopped["signal"] == signal.SIGTERM and exit_status(stopped) == 143
+    assert 5 <= stopped["step"] < 100000 and (out / "checkpoints" / f"step-{stopped['step']:07d}").is_dir()
+    assert not (out / "metrics.json").exists()
+    assert f"stopped by SIGTERM at step {stopped['step']}" in capsys.readouterr().err
