@@ -473,8 +473,8 @@ class Trainer:
                 window_t0 += time.perf_counter() - t   # nor is writing checkpoints
             if vote is None:
                 stop = self._stop_signal is not None
-            elif code := vote(self._stop_request()):   # some rank's request, one step ago
-                if code > self._stop_request():          # a peer's, or its signal where this rank hit the time limit
+            elif code := vote(request := self._stop_request()):   # some rank's request, one step ago
+                if code > request:                       # a peer's, or its signal where this rank hit the time limit
                     self._stop_signum = code - 128 if code > 1 else None
                     self._stop_signal = ("a peer's time limit" if code == 1
                                          else f"a peer's {signal.Signals(self._stop_signum).name}")

@@ -1,9 +1,6 @@
 import hashlib
 import json
-import os
 import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from pipelines.classifier import (AugmentConfig, ClassifierConfig, EmojiClassifi
 from pipelines.data import DataConfig
 from pipelines.train_utils import exit_status
 from pipelines.trainer import TrainConfig
+from tests.pipelines.test_trainer import sigterm_once_exists
 
 TINY = dict(arch="resnet10t", channels=(8, 8, 8, 8), stem_width=8, drop_rate=0.0, resolution=16)
 
@@ -124,22 +122,12 @@ def test_train_few_steps_then_reload(tmp_path):
 def test_a_sigterm_stops_with_a_checkpoint_and_no_val_report(tmp_path, capsys):
     """A signal is not a finished run: no val pass over the unfinished model, no metrics.json, the CLI's 143."""
     out = tmp_path / "run"
-    first = out / "checkpoints" / "step-0000005"
-
-    def stop_when_checkpointed():       # the handler is installed: fit() is running once a checkpoint exists
-        end = time.monotonic() + 60
-        while not first.exists() and time.monotonic() < end:
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
-
     train = TrainConfig(batch_size=12, max_steps=100000, lr=3e-3, warmup_steps=2, log_every=5, checkpoint_every=5,
                         mixed_precision="no")
-    watcher = threading.Thread(target=stop_when_checkpointed)
-    watcher.start()
-    report = train_classifier(ClassifierConfig(**TINY), AugmentConfig(), train,
-                              DataConfig(dataset=str(tmp_path / "unused"), resolution=16), out,
-                              train_set=Colours(48, 0), val_set=Colours(12, 1))
-    watcher.join()
+    with sigterm_once_exists(out / "checkpoints" / "step-0000005"):
+        report = train_classifier(ClassifierConfig(**TINY), AugmentConfig(), train,
+                                  DataConfig(dataset=str(tmp_path / "unused"), resolution=16), out,
+                                  train_set=Colours(48, 0), val_set=Colours(12, 1))
     stopped = report["stopped"]
     assert stopped["signal"] == signal.SIGTERM and exit_status(stopped) == 143
     assert 5 <= stopped["step"] < 100000 and (out / "checkpoints" / f"step-{stopped['step']:07d}").is_dir()

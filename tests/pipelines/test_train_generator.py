@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from torch.utils.data import Dataset
 from pipelines import cli
 from pipelines.data import TokenDataset, tokenize_dataset
 from pipelines.loading import load_generator_dir
+from tests.pipelines.test_trainer import sigterm_once_exists
 from tokenizer.vqgan import VQGAN, VQGANConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,20 +185,10 @@ def test_a_sigterm_exits_143_after_its_checkpoint_and_the_run_resumes(tmp_path, 
     """A signal is not a finished run: `train && evaluate` must not go on. The checkpoint is written, no
     validation pass delays the exit, and --resume continues from the step where it stopped."""
     out = tmp_path / "stopped"
-    first = out / "checkpoints" / "step-0000002"
-
-    def stop_when_checkpointed():       # the handler is installed: fit() is running once a checkpoint exists
-        end = time.monotonic() + 60
-        while not first.exists() and time.monotonic() < end:
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
-
     cfg = write_config(art["root"] / "masked-tiny.yaml", "masked", art["vq"])
-    watcher = threading.Thread(target=stop_when_checkpointed)
-    watcher.start()
-    code, stdout, err = run_cli(capsys, "train-generator", "--config", cfg, "--tokens", art["tokens"],
-                                "--output", out, "--max-steps", "100000")
-    watcher.join()
+    with sigterm_once_exists(out / "checkpoints" / "step-0000002"):
+        code, stdout, err = run_cli(capsys, "train-generator", "--config", cfg, "--tokens", art["tokens"],
+                                    "--output", out, "--max-steps", "100000")
     assert code == 128 + signal.SIGTERM, err
     line = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM at step")]
     assert len(line) == 1 and "--resume" in line[0] and "Traceback" not in err

@@ -2,12 +2,14 @@
 LR schedule, data order, non-finite handling, EMA, exact resume in-process and across SIGKILL, SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -376,6 +378,24 @@ def spawn(out, new_group: bool = False, **kw) -> subprocess.Popen:
     code = f"from tests.pipelines.test_trainer import run_toy; run_toy({str(out)!r}, **{kw!r})"
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=new_group)
+
+
+@contextlib.contextmanager
+def sigterm_once_exists(path: Path, timeout: float = 60.0):
+    """SIGTERM this process once ``path`` (a checkpoint) exists, from a watcher thread: by then ``fit()`` is
+    running with its handler installed, so an in-process training call inside the block stops on it."""
+    def watch():
+        end = time.monotonic() + timeout
+        while not path.exists() and time.monotonic() < end:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield
+    finally:
+        watcher.join()
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0):
