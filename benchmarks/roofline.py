@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from generator.config import GeneratorConfig
+from generator import masked
 from generator.masked import masked_counts
 from generator.schedules import get_schedule
 from generator.transformer import flops_per_token
@@ -55,14 +56,18 @@ def impl_bytes_per_elem(fp32_weights: bool) -> int:
 
 def masked_sampling(config: GeneratorConfig, weights: int, batch: int, steps: int, cfg: bool,
                     fp32_weights: bool = True) -> dict:
-    """K = steps forwards of the blocks over S sequences of 1 + L tokens (class token + grid), no KV
+    """K = steps forwards of the blocks over S_k sequences of 1 + L tokens (class token + grid), no KV
     cache; the head (2 D V per position) and the last block's projection and MLP (2 (D^2 + 3 D H)) run at
     the M_k grid positions still masked at step k (confidence sampler, ``masked_counts``), and the sampler
-    step reads their B M_k V guided logits."""
-    S, L, Lp = batch * (2 if cfg else 1), config.num_tokens, config.num_tokens + 1
+    step reads their B M_k V guided logits. S_k = 2B with guidance, but B + 1 at the first step when B > 1
+    (one unconditional sequence for all: ``masked.SHARE_FIRST_UNCOND``); B without."""
+    L, Lp = config.num_tokens, config.num_tokens + 1
+    shared = cfg and batch > 1 and masked.SHARE_FIRST_UNCOND
+    seqs = [batch + (1 if shared and k == 0 else batch if cfg else 0) for k in range(steps)]
     at_masked = 2.0 * config.dim * config.codebook_size + 2.0 * (config.dim ** 2 + 3 * config.dim * config.mlp_hidden)
     counts = masked_counts(L, get_schedule(config.schedule), steps)
-    flops = S * (steps * Lp * (flops_per_token(config, Lp, training=False) - at_masked) + sum(counts) * at_masked)
+    per_row = flops_per_token(config, Lp, training=False) - at_masked
+    flops = sum(S * (Lp * per_row + m * at_masked) for S, m in zip(seqs, counts))
     logits = batch * sum(counts) * config.codebook_size
     w = impl_bytes_per_elem(fp32_weights)
     return {"flops": flops, "bytes": steps * weights * BF16, "impl_flops": flops,

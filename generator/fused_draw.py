@@ -49,7 +49,8 @@ BLOCK, WARPS = 1024, 4
 
 def confidence_draw(logits: torch.Tensor, noise: torch.Tensor, positions: torch.Tensor | None,
                     cfg_scale: float | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (2B, M, V) [cond; uncond] with ``cfg_scale``, else (B, M, V); noise (B, L, V) float32 Exp(1);
+    """logits (2B, M, V) [cond; uncond] with ``cfg_scale`` (or (B + 1, M, V): one unconditional sequence shared by
+    all B, whose positions must then be the same in every row), else (B, M, V); noise (B, L, V) float32 Exp(1);
     positions (B, M) long (each logits row's grid position) or None (M = L, row j is position j).
     -> (candidates (B, M) long, log p(candidate) (B, M) float32). Only where ``use_kernel`` says."""
     one = logits.new_ones((), dtype=torch.float32)      # tensors, not floats: a compiled caller then traces
@@ -70,10 +71,11 @@ def use_kernel(logits: torch.Tensor, noise: torch.Tensor | None, temperature: fl
 
 if triton is not None:
     @triton.jit
-    def _draw_kernel(LOGITS, NOISE, POS, KNOBS, CAND, CONF, M, L, V, HALF,
+    def _draw_kernel(LOGITS, NOISE, POS, KNOBS, CAND, CONF, M, L, V, HALF, UNCOND_ROWS,
                      GUIDED: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)                 # b * M + j
         b = row // M
+        uncond_row = LOGITS + HALF + (row % UNCOND_ROWS) * V   # B * M rows: row's own; M (one shared sequence): j
         if GATHER:
             pos = tl.load(POS + row)
         else:
@@ -92,7 +94,7 @@ if triton is not None:
             ok = c < V
             g = tl.load(logit_row + c, mask=ok, other=0.0).to(tl.float32)
             if GUIDED:
-                u = tl.load(logit_row + HALF + c, mask=ok, other=0.0).to(tl.float32)
+                u = tl.load(uncond_row + c, mask=ok, other=0.0).to(tl.float32)
                 g = u + scale * (g - u)
             g = tl.where(ok, g, float("-inf"))
             e = tl.load(noise_row + c, mask=ok, other=1.0)
@@ -109,7 +111,7 @@ if triton is not None:
         total = tl.sum(s * tl.exp(m - mx), axis=0)         # lanes never in range hold s = 0
         g_c = tl.load(logit_row + cand).to(tl.float32)
         if GUIDED:
-            u_c = tl.load(logit_row + HALF + cand).to(tl.float32)
+            u_c = tl.load(uncond_row + cand).to(tl.float32)
             g_c = u_c + scale * (g_c - u_c)
         tl.store(CAND + row, cand.to(tl.int64))
         tl.store(CONF + row, g_c - (mx + tl.log(total)))
@@ -119,9 +121,9 @@ if triton is not None:
                             guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rows, M, V = logits.shape
         B, L = noise.shape[:2]
-        if rows != (2 * B if guided else B) or noise.shape[2] != V:
+        if rows not in ((2 * B, B + 1) if guided else (B,)) or noise.shape[2] != V:
             raise ValueError(f"logits {tuple(logits.shape)} do not match noise {tuple(noise.shape)}"
-                             f" ({'guided: 2B rows' if guided else 'B rows'})")
+                             f" ({'guided: 2B or B + 1 rows' if guided else 'B rows'})")
         gather = positions.numel() > 0
         if gather and tuple(positions.shape) != (B, M):
             raise ValueError(f"positions {tuple(positions.shape)} must be (B, M) = {(B, M)}")
@@ -132,8 +134,8 @@ if triton is not None:
         if B * M:
             with on_device(logits):
                 _draw_kernel[(B * M,)](logits, noise, positions.contiguous() if gather else cand, knobs, cand, conf,
-                                       M, L, V, B * M * V, GUIDED=guided, GATHER=gather, BLOCK=BLOCK,
-                                       num_warps=WARPS)
+                                       M, L, V, B * M * V, max(rows - B, 1) * M, GUIDED=guided, GATHER=gather,
+                                       BLOCK=BLOCK, num_warps=WARPS)
         return cand, conf
 
     @_confidence_draw_op.register_fake

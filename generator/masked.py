@@ -37,6 +37,11 @@ from generator.transformer import rope_tables
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("confidence", "ancestral")
+# The first step of guided sampling without known tokens: every sequence is all [MASK], so the B unconditional
+# sequences are one and the same; the forward runs it once (B + 1 sequences instead of 2B, about half of that
+# step's work) and guidance broadcasts its logits over the batch. The same values as B copies (each row of a
+# forward is computed alone), up to a GPU kernel's rounding at another batch size (NOTES A37). False: 2B rows.
+SHARE_FIRST_UNCOND = True
 
 
 # ---- samplers: outside the network, scheduler-like (STYLE rule 5) -------------------------------
@@ -103,7 +108,8 @@ def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
     """The MaskGIT confidence step as a pure tensor function (no generator, no host sync: traceable
     by ``torch.compile(fullgraph=True)``); its noise comes from ``confidence_noise``.
 
-    - guidance: with ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V) and
+    - guidance: with ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V), or (B + 1, L, V) with
+      one unconditional sequence shared by every row (the first step, ``SHARE_FIRST_UNCOND``), and
       logits = uncond + cfg_scale (cond - uncond) (``cfg_combine``), fused here.
     - candidates: c = argmax(p / E) with p = softmax(top-k/top-p(logits / temperature)) (the
       Gumbel-max draw of ``sample_logits``), or argmax(logits) at temperature 0 (E is None). On CUDA
@@ -128,7 +134,7 @@ def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
     else:
         logits_BMV = logits_BMV.float()                # guided in float32, as a compiled update computes it
         if cfg_scale is not None:
-            logits_BMV = cfg_combine_doubled(logits_BMV, cfg_scale)
+            logits_BMV = cfg_combine_doubled(logits_BMV, cfg_scale, ids_BL.shape[0])
         if positions_BM is not None and exp_noise_BLV is not None:
             exp_noise_BLV = exp_noise_BLV.gather(1, positions_BM[..., None].expand(-1, -1, exp_noise_BLV.shape[-1]))
         cand_BM, _ = draw_with_noise(logits_BMV, exp_noise_BLV, temperature, top_k, top_p)   # None: greedy
@@ -218,7 +224,8 @@ class MaskedSampler:
              update=confidence_update, positions_BM=None) -> torch.Tensor:
         """logits (B, L, V) of p(x_0 | x_t) (guided already), ids (B, L) at t -> ids (B, L) at s.
         num_masked_start_B (B,) long: tokens masked at t = 1 (confidence; may be omitted at t = 1).
-        With ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V), combined here (the
+        With ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V) (or (B + 1, L, V), one
+        unconditional sequence for all: ``SHARE_FIRST_UNCOND``), combined here (the
         confidence sampler fuses that into ``update``, a ``confidence_update`` or a compiled one).
         positions_BM (B, M) long (confidence only): the logits are (B, M, V) for these grid positions,
         which hold every masked token (``masked_positions``)."""
@@ -227,7 +234,7 @@ class MaskedSampler:
             if positions_BM is not None:
                 raise ValueError("the ancestral sampler takes logits for every position (no positions_BM)")
             if cfg_scale is not None:
-                logits_BLV = cfg_combine_doubled(logits_BLV, cfg_scale)
+                logits_BLV = cfg_combine_doubled(logits_BLV, cfg_scale, ids_BL.shape[0])
             ids_BL = ancestral_step(logits_BLV, ids_BL, t, s, self.schedule, self.mask_id, **opts)
         else:
             if num_masked_start_B is None:
@@ -371,19 +378,32 @@ class MaskedGenerator(Generator):
         known_ids = self.check_ids(torch.where(known_mask, known_ids.to(dev).reshape(B, g * g), 0))
         return known_ids, known_mask
 
-    def _sampling_fns(self, compile: bool):
-        """(forward, confidence update) that ``sample`` calls: the eager module and ``confidence_update``,
-        or their torch.compile'd versions, kept on the module (``compiled_once``; a failure falls
-        back to eager with a warning). The forward compiles with mode reduce-overhead (CUDA graphs) on
-        CUDA, the default mode elsewhere; the update with fullgraph=True (default mode). The update
-        traces one graph per set of static options (greedy or not, top-k, top-p, guided or not) and
-        one for the last step (no Gumbel term); past dynamo's recompile limit it falls back to eager."""
+    def _sampling_fns(self, compile: bool) -> tuple:
+        """(forward, confidence update, first step's forward, first step's update) that ``sample`` calls: the
+        eager module and ``confidence_update``, or their torch.compile'd versions, kept on the module
+        (``compiled_once``; a failure falls back to eager with a warning). The forward compiles with mode
+        reduce-overhead (CUDA graphs) on CUDA, the default mode elsewhere; the update with fullgraph=True
+        (default mode). The update traces one graph per set of static options (greedy or not, top-k, top-p,
+        guided or not) and one for the last step (no Gumbel term); past dynamo's recompile limit it falls
+        back to eager. The first guided step (B + 1 sequences, ``SHARE_FIRST_UNCOND``) calls functions of
+        its own (other code objects, so graphs of their own): sharing the others' would recompile them with
+        a symbolic batch after their first call at another size."""
         if not compile:
-            return self, confidence_update
+            return self, confidence_update, self, confidence_update
         forward_options = dict(mode="reduce-overhead") if self.head.weight.device.type == "cuda" else {}
+
+        def first_forward(*args):
+            return self.forward(*args)
+
+        def first_update(*args, **kw):
+            return confidence_update(*args, **kw)
+
         return self.compiled_once(lambda: (
             CompiledOrEager(self.forward, self, "masked sampler's forward", logger, **forward_options),
             CompiledOrEager(confidence_update, confidence_update, "masked sampler's confidence update", logger,
+                            fullgraph=True),
+            CompiledOrEager(first_forward, self, "masked sampler's first-step forward", logger, **forward_options),
+            CompiledOrEager(first_update, confidence_update, "masked sampler's first-step update", logger,
                             fullgraph=True)))
 
     @torch.no_grad()
@@ -428,7 +448,8 @@ class MaskedGenerator(Generator):
                               choice_temperature)
         guided = cfg_scale != 1.0 and classes is not None
         both_B = torch.cat([classes_B, torch.full_like(classes_B, self.config.null_class)]) if guided else None
-        forward, update = self._sampling_fns(compile)
+        share_first = guided and known_ids_BL is None and B > 1 and SHARE_FIRST_UNCOND   # all [MASK] at step 0
+        forward_rest, update_rest, forward_first, update_first = self._sampling_fns(compile)
         # confidence: the head runs at the (at most) M_i positions masked at step i, a host count, so no
         # sync per step (one, for inpainting's largest start count); at least one position (M_i = 0
         # only when nothing is left to generate, and the step still draws its noise)
@@ -438,9 +459,12 @@ class MaskedGenerator(Generator):
             counts = [max(m, 1) for m in masked_counts(start, self.schedule, num_steps)]
         for i, (t, s) in enumerate(steps.timesteps()):
             pos_BM = None if counts is None else dynamic_dim(masked_positions(ids_BL, self.mask_id, counts[i]), compile)
+            first = i == 0 and share_first
+            forward, update = (forward_first, update_first) if first else (forward_rest, update_rest)
             if guided:      # one forward on [cond; uncond] (2B, M, V); the sampler step combines the halves
-                pos_2BM = None if pos_BM is None else dynamic_dim(torch.cat([pos_BM, pos_BM]), compile)
-                logits = forward(torch.cat([ids_BL, ids_BL]), both_B, pos_2BM)
+                U = 1 if first else B                                  # unconditional sequences run
+                pos_2BM = None if pos_BM is None else dynamic_dim(torch.cat([pos_BM, pos_BM[:U]]), compile)
+                logits = forward(torch.cat([ids_BL, ids_BL[:U]]), both_B[:B + U], pos_2BM)
                 scale = cfg_scale_at(cfg_scale, i / max(num_steps - 1, 1), cfg_schedule)
             else:           # (B, M, V)
                 logits, scale = forward(ids_BL, classes_B, pos_BM), None

@@ -18,9 +18,14 @@ def cfg_combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: f
     return uncond_logits + scale * (cond_logits - uncond_logits)
 
 
-def cfg_combine_doubled(logits_2B: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """``cfg_combine`` of a doubled batch [cond; uncond] (2B, ...), as the samplers run it -> (B, ...)."""
-    B = logits_2B.shape[0] // 2
+def cfg_combine_doubled(logits_2B: torch.Tensor, scale: float | torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """``cfg_combine`` of a doubled batch [cond; uncond] (2B, ...), as the samplers run it -> (B, ...).
+
+    ``batch`` = B, the conditional rows, when the unconditional half may be one row shared by all B (B + 1
+    rows: the masked sampler's first step, where every unconditional sequence is the same); it broadcasts."""
+    B = logits_2B.shape[0] // 2 if batch is None else batch
+    if logits_2B.shape[0] not in (2 * B, B + 1):
+        raise ValueError(f"guided logits have {logits_2B.shape[0]} rows: want 2B = {2 * B} or B + 1 = {B + 1}")
     return cfg_combine(logits_2B[:B], logits_2B[B:], scale)
 
 

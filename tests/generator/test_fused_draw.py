@@ -67,10 +67,27 @@ def test_equal_best_scores_take_the_first_column_as_torch_argmax(first, second):
 
 
 @needs_kernel
+@pytest.mark.parametrize("M", [7, 4])
+def test_one_unconditional_sequence_shared_by_the_batch(M):
+    """(B + 1) rows: the conditional B and one unconditional sequence that guides every one of them (the
+    sampler's first step), the same draw as the doubled batch with that sequence copied B times."""
+    B, L, V = 3, 7, 1500
+    logits, noise, _ = inputs(B, L, M, V, True, seed=M)
+    shared = logits[:B + 1].contiguous()
+    positions = torch.arange(L, device=noise.device)[:M].repeat(B, 1) if M < L else None   # the same in every row
+    doubled = torch.cat([shared[:B], shared[B:].expand(B, -1, -1)]).contiguous()
+    cand, conf = fd.confidence_draw(shared, noise, positions, 2.0, 1.0)
+    want_cand, want_conf = torch_draw(doubled, noise, positions, 2.0, 1.0)
+    assert torch.equal(cand, want_cand)
+    torch.testing.assert_close(conf, want_conf, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(cand, fd.confidence_draw(logits, noise, positions, 2.0, 1.0)[0])   # B uncond rows differ
+
+
+@needs_kernel
 def test_shape_mismatch_is_a_clear_error():
     logits, noise, positions = inputs(2, 6, 3, 100, True, seed=0)
     with pytest.raises(ValueError, match="do not match noise"):
-        fd.confidence_draw(logits[:3], noise, positions, 2.0, 1.0)
+        fd.confidence_draw(logits[:2], noise, positions, 2.0, 1.0)      # 2B = 4 or B + 1 = 3 rows
     with pytest.raises(ValueError, match="positions"):
         fd.confidence_draw(logits, noise, positions[:, :2], 2.0, 1.0)
 
@@ -108,7 +125,7 @@ def test_update_with_the_kernel_picks_the_torch_paths_ids(monkeypatch):
 def test_kernel_compiles_for_hopper():
     """Triton's real front end and sm_90 back end accept the kernel in its config."""
     signature = {"LOGITS": "*bf16", "NOISE": "*fp32", "POS": "*i64", "KNOBS": "*fp32", "CAND": "*i64",
-                 "CONF": "*fp32", "M": "i32", "L": "i32", "V": "i32", "HALF": "i64",
+                 "CONF": "*fp32", "M": "i32", "L": "i32", "V": "i32", "HALF": "i64", "UNCOND_ROWS": "i64",
                  "GUIDED": "constexpr", "GATHER": "constexpr", "BLOCK": "constexpr"}
     for guided, gather in [(True, True), (False, False)]:
         kernel = compile_for_hopper(fd._draw_kernel, signature, dict(GUIDED=guided, GATHER=gather, BLOCK=fd.BLOCK),

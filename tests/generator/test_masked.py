@@ -4,6 +4,7 @@ from unittest import mock
 import pytest
 import torch
 
+from generator import masked
 from generator.base import Generator
 from generator.config import GeneratorConfig
 from generator.masked import (MaskedGenerator, MaskedSampler, ancestral_step, confidence_noise, confidence_update,
@@ -180,7 +181,7 @@ def test_cfg_scale_one_is_the_conditional_prediction():
     assert seen == [2] * 4
     seen.clear()
     model.sample([0, 2], num_steps=4, cfg_scale=3.0, generator=gen(3))
-    assert seen == [4] * 4                                          # guided: one doubled forward per step
+    assert seen == [3] + [4] * 3            # guided: one doubled forward per step (the first: one uncond sequence)
     hook.remove()
     sampler = MaskedSampler(model.schedule, V, num_steps=4)
     classes, ids, g = torch.tensor([0, 2]), torch.full((2, L), V), gen(3)
@@ -188,6 +189,52 @@ def test_cfg_scale_one_is_the_conditional_prediction():
     for t, s in sampler.timesteps():
         ids = sampler.step(model.logits(ids, classes), ids, t, s, g, num_masked_start_B=n0)
     assert torch.equal(out.view(2, L), ids)
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "ancestral"])
+def test_first_guided_step_runs_one_unconditional_sequence_for_the_same_ids(sampler, monkeypatch):
+    """At the first step every sequence is all [MASK]: the B unconditional ones are one, so the forward runs
+    B + 1 sequences there (2B after), and the ids are those of running all 2B."""
+    model = randomised(tiny())
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    kw = dict(num_steps=4, cfg_scale=2.5, sampler=sampler)
+    shared = model.sample([0, 2, 1], generator=gen(4), **kw)
+    assert seen == [4, 6, 6, 6]
+    seen.clear()
+    monkeypatch.setattr(masked, "SHARE_FIRST_UNCOND", False)
+    full = model.sample([0, 2, 1], generator=gen(4), **kw)
+    hook.remove()
+    assert seen == [6] * 4
+    assert torch.equal(shared, full)
+
+
+def test_first_step_shares_only_identical_unconditional_sequences():
+    """Inpainting starts from each image's known tokens (their unconditional sequences differ) and a batch of
+    one has one already: both run 2B sequences at every step."""
+    model = randomised(tiny())
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    model.sample([0, 1], num_steps=3, cfg_scale=2.0, generator=gen(0), known_ids=torch.randint(0, V, (2, G, G)),
+                 known_mask=torch.rand(2, G, G, generator=gen(1)) < 0.5)
+    assert seen == [4] * 3
+    seen.clear()
+    model.sample([2], num_steps=3, cfg_scale=2.0, generator=gen(0))
+    hook.remove()
+    assert seen == [2] * 3
+
+
+def test_the_shared_unconditional_logits_equal_each_copys():
+    """The first step's forward on [cond (B); one uncond] gives, row for row, what the doubled batch gives."""
+    model = randomised(tiny())
+    ids = torch.full((3, L), V)
+    classes = torch.tensor([0, 2, 1])
+    null = torch.full((3,), model.config.null_class)
+    with torch.no_grad():
+        doubled = model(torch.cat([ids, ids]), torch.cat([classes, null]))
+        shared = model(torch.cat([ids, ids[:1]]), torch.cat([classes, null[:1]]))
+    torch.testing.assert_close(shared, doubled[:4], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shared[3:].expand(3, -1, -1), doubled[3:], rtol=1e-6, atol=1e-6)
 
 
 def test_masked_positions_and_host_counts_follow_the_sampler():

@@ -59,8 +59,7 @@ def test_compiled_sample_gives_the_eager_ids(kw, monkeypatch, caplog):
         compiled = model.sample([0, 1, 2], num_steps=5, generator=gen(1), compile=True, **kw)
     assert torch.equal(compiled, eager)
     assert FALLBACK not in caplog.text
-    forward, update = model._compiled
-    assert forward.compiled and update.compiled                    # still compiled after every step
+    assert all(fn.compiled for fn in model._compiled)             # still compiled after every step
     if "known_mask" in kw:
         assert torch.equal(compiled[kw["known_mask"]], kw["known_ids"][kw["known_mask"]])
 
@@ -69,7 +68,8 @@ def test_every_step_count_shares_the_compiled_graphs(monkeypatch, caplog):
     """The head runs at a different number of positions each step, marked dynamic: the forward and the
     update each trace one graph for every count from the first call (plus, at this tiny size, the count
     1 that dynamo specialises and the update's last step without Gumbel noise), instead of a static
-    graph first; 16, 8 and 5 steps at two batch sizes stay compiled (no fallback) with the eager ids."""
+    graph first; the first guided step (B + 1 sequences) has a forward and an update of its own, one graph
+    each; 16, 8 and 5 steps at two batch sizes stay compiled (no fallback) with the eager ids."""
     model = randomised(tiny())
     graphs = []
 
@@ -82,7 +82,7 @@ def test_every_step_count_shares_the_compiled_graphs(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", counting_backend)
     model.sample([0, 1, 2], num_steps=16, cfg_scale=2.0, generator=gen(0), compile=True)
     model.sample([0, 1, 2], num_steps=8, cfg_scale=2.0, generator=gen(0), compile=True)
-    assert len(graphs) == 5                                         # 7 without the marks: a static graph each first
+    assert len(graphs) == 5 + 2                     # 5 + 2 more without the marks: a static graph each first
     calls = [(b, n) for n in (16, 8, 5) for b in (3, 1)]
     eager = [model.sample(list(range(b)), num_steps=n, cfg_scale=2.0, generator=gen(n)) for b, n in calls]
     with caplog.at_level(logging.WARNING, logger="generator.masked"):
@@ -110,7 +110,8 @@ def test_compile_failure_falls_back_to_eager(where, monkeypatch, caplog):
         ids = model.sample([0, 1], num_steps=4, cfg_scale=2.0, generator=gen(5), compile=True)
     assert torch.equal(ids, eager)
     assert "forward failed" in caplog.text and "confidence update failed" in caplog.text
-    assert caplog.text.count(FALLBACK) == 2                        # once each, then eager for good
+    assert "first-step forward failed" in caplog.text and "first-step update failed" in caplog.text
+    assert caplog.text.count(FALLBACK) == 4                        # once each, then eager for good
     assert not any(fn.compiled for fn in model._compiled)
 
 
@@ -126,15 +127,15 @@ def test_compiled_fns_are_cached_per_module_and_not_shared_by_a_copy(monkeypatch
     keys, modules = list(model.state_dict()), len(list(model.modules()))
     model.sample([0], num_steps=3, compile=True)
     model.sample([1, 2], num_steps=3, compile=True, cfg_scale=2.0)
-    assert calls == [{}, dict(fullgraph=True)]                     # CPU: default mode forward; update fullgraph
+    assert calls == [{}, dict(fullgraph=True)] * 2               # CPU: default mode forwards; updates fullgraph
     assert list(model.state_dict()) == keys and len(list(model.modules())) == modules   # plain Python state
-    assert model.sample([0], num_steps=3).shape == (1, G, G) and len(calls) == 2   # compile=False builds nothing
+    assert model.sample([0], num_steps=3).shape == (1, G, G) and len(calls) == 4   # compile=False builds nothing
     ema = copy.deepcopy(model)                                     # an EMA copy must not run the original's weights
     for p in ema.parameters():
         p.data.mul_(-1.0)
     assert torch.equal(ema.sample([0, 1], num_steps=3, compile=True, generator=gen(0)),
                        ema.sample([0, 1], num_steps=3, generator=gen(0)))
-    assert len(calls) == 4 and ema._compiled is not model._compiled
+    assert len(calls) == 8 and ema._compiled is not model._compiled
 
 
 @pytest.mark.gpu

@@ -86,6 +86,11 @@ def test_cfg_combine_formula():
     assert torch.allclose(cfg_combine(cond, uncond, scale)[2], uncond[2] + 3 * (cond[2] - uncond[2]))
     # the samplers' doubled batch [cond; uncond] -> the guided half
     assert torch.equal(cfg_combine_doubled(torch.cat([cond, uncond]), 2.5), cfg_combine(cond, uncond, 2.5))
+    B = cond.shape[0]                                     # one unconditional row shared by the batch: broadcast
+    shared = cfg_combine_doubled(torch.cat([cond, uncond[:1]]), 2.5, batch=B)
+    assert torch.equal(shared, cfg_combine(cond, uncond[:1].expand_as(cond), 2.5))
+    with pytest.raises(ValueError, match="2B = .* or B \\+ 1"):
+        cfg_combine_doubled(torch.cat([cond, uncond[:2]]), 2.5, batch=B)
 
 
 def test_cfg_scale_at():
