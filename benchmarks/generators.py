@@ -10,8 +10,7 @@ with generator/fused_draw.py's kernel off: the compiled torch update), sample-ma
 coordinate-descent tuning), sample-masked-cublaslt (the same with matmuls through cuBLASLt),
 sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-masked-unshared (the same with the first
-guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes),
-sample-masked-serial-noise (the same with the noise drawn in line, ``masked.OVERLAP_NOISE`` off), sample-ar, sample-var,
+guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-ar, sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -42,7 +41,6 @@ from generator.autoregressive import ARGenerator
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-unshared",
-         "sample-masked-serial-noise",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -404,26 +402,28 @@ def sample_masked_autocast_weights(args, sink: RowSink) -> None:
                         weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN)
 
 
-def sample_masked_without(args, sink: RowSink, flag: str, tag: str, what: str) -> None:
-    """``sample(compile=True)`` with ``generator.masked``'s ``flag`` off, to pair with ``sample-masked-fused``'s rows
-    of the same run; then the ids of one @16 and one @8 call under one seed with the flag on and off, and how
-    many of them differ."""
+def sample_masked_unshared(args, sink: RowSink) -> None:
+    """``sample(compile=True)`` with the first guided step on all 2B sequences (``masked.SHARE_FIRST_UNCOND`` off,
+    NOTES A37), to pair with ``sample-masked-fused``'s rows of the same run; then the ids of one @16 and one @8
+    call under one seed with the sharing on and off, and how many of them differ (the forward's kernels at
+    B + 1 vs 2B sequences may round differently)."""
     from generator import masked
     b = Bench(args, sink, "masked-B")
-    with mock.patch.object(masked, flag, False):
-        sample_masked_fused(b, tag=f" [{tag}]")
+    with mock.patch.object(masked, "SHARE_FIRST_UNCOND", False):
+        sample_masked_fused(b, tag=" [first step on 2B]")
     for steps in (16, 8):
         ids = {}
-        for on in (True, False):
-            with mock.patch.object(masked, flag, on):
+        for share in (True, False):
+            with mock.patch.object(masked, "SHARE_FIRST_UNCOND", share):
                 b.gen.manual_seed(1234)
-                ids[on] = b.sample(b.batch, num_steps=steps, compile=True)
-        differ, total = int((ids[True] != ids[False]).sum()), ids[True].numel()
-        sink.add(name=f"masked-B @{steps} ids: {what}", bench="sample-ids", model="masked-B", batch=b.batch,
-                 steps=steps, config=SAMPLING["masked-B"], ids_differ=differ, ids_total=total,
-                 note=f"{differ} of {total} ids differ under one seed (compiled, "
+                ids[share] = b.sample(b.batch, num_steps=steps, compile=True)
+        differ = int((ids[True] != ids[False]).sum())
+        sink.add(name=f"masked-B @{steps} ids: first step on B + 1 vs 2B sequences", bench="sample-ids",
+                 model="masked-B", batch=b.batch, steps=steps, config=SAMPLING["masked-B"],
+                 ids_differ=differ, ids_total=ids[True].numel(),
+                 note=f"{differ} of {ids[True].numel()} ids differ under one seed (compiled, "
                       f"{'bf16 autocast' if b.dev.type == 'cuda' else 'fp32 cpu smoke'})")
-        print(f"@{steps}: {differ} of {total} ids differ ({what})", flush=True)
+        print(f"@{steps}: {differ} of {ids[True].numel()} ids differ (first step shared vs 2B)", flush=True)
 
 
 def sample_masked_torch_attention(args, sink: RowSink) -> None:
@@ -561,13 +561,7 @@ def main() -> None:
             "sample-masked-cd": sample_masked_coordinate_descent,
             "sample-masked-cublaslt": sample_masked_cublaslt,
             "sample-masked-autocast-weights": sample_masked_autocast_weights,
-            "sample-masked-unshared": functools.partial(
-                sample_masked_without, flag="SHARE_FIRST_UNCOND", tag="first step on 2B",
-                what="first step on B + 1 vs 2B sequences (NOTES A37)"),
-            "sample-masked-serial-noise": functools.partial(
-                sample_masked_without, flag="OVERLAP_NOISE", tag="noise in line",
-                what="noise on a side stream vs in line (NOTES A38)"),
-            "sample-ar": sample_ar,
+            "sample-masked-unshared": sample_masked_unshared, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)

@@ -31,7 +31,7 @@ from generator import fused_draw
 from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
 from generator.config import GeneratorConfig
 from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise,
-                                fill_exponential_, gumbel_noise, keep_known, sample_logits)
+                                gumbel_noise, keep_known, sample_logits)
 from generator.schedules import Schedule, alpha_at, as_time, get_schedule, loss_weight
 from generator.transformer import rope_tables
 
@@ -42,10 +42,6 @@ SAMPLERS = ("confidence", "ancestral")
 # step's work) and guidance broadcasts its logits over the batch. The same values as B copies (each row of a
 # forward is computed alone), up to a GPU kernel's rounding at another batch size (NOTES A37). False: 2B rows.
 SHARE_FIRST_UNCOND = True
-# On CUDA, the confidence step's noise (B L V Exp(1) numbers, ~0.45 ms per step at batch 64 on an H100) is drawn
-# on a side stream while the step's forward runs: the same numbers from the generator in the same order, only
-# enqueued before the forward instead of after it (NOTES A38). False: drawn in line, after the forward.
-OVERLAP_NOISE = True
 
 
 # ---- samplers: outside the network, scheduler-like (STYLE rule 5) -------------------------------
@@ -87,8 +83,7 @@ def ancestral_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, t: float, s: 
 
 
 def confidence_noise(shape_BLV: tuple[int, int, int], s: float, device, *, temperature: float = 1.0,
-                     choice_temperature: float = 4.5, generator: torch.Generator | None = None,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None
+                     choice_temperature: float = 4.5, generator: torch.Generator | None = None
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The random draws of one MaskGIT step ending at time s, from ``generator`` in the order the
     step has always drawn them (same seed, same ids):
@@ -97,16 +92,12 @@ def confidence_noise(shape_BLV: tuple[int, int, int], s: float, device, *, tempe
        temperature = 0 (greedy: nothing drawn).
     2. choice_temperature * s * G, G (B, L) ~ Gumbel(0, 1): the annealed confidence noise; None when
        choice_temperature * s = 0 (the last step, s = 0).
-
-    ``out``: float32 buffers (B, L, V) and (B, L) to draw into (the same numbers as fresh tensors).
     """
     B, L, _ = shape_BLV
-    exp_BLV, choice_BL = None, None
-    if temperature > 0:
-        exp_BLV = exponential_noise(shape_BLV, generator, device) if out is None else fill_exponential_(out[0], generator)
+    exp_BLV = exponential_noise(shape_BLV, generator, device) if temperature > 0 else None
+    choice_BL = None
     if choice_temperature * s > 0:
-        gumbel_BL = gumbel_noise((B, L), generator, device) if out is None else -fill_exponential_(out[1], generator).log()
-        choice_BL = choice_temperature * s * gumbel_BL
+        choice_BL = choice_temperature * s * gumbel_noise((B, L), generator, device)
     return exp_BLV, choice_BL
 
 
@@ -188,8 +179,7 @@ def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, sc
                     num_masked_start_B: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, choice_temperature: float = 4.5,
                     generator: torch.Generator | None = None, cfg_scale: float | None = None,
-                    update=confidence_update, positions_BM: torch.Tensor | None = None,
-                    noise: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> torch.Tensor:
+                    update=confidence_update, positions_BM: torch.Tensor | None = None) -> torch.Tensor:
     """One MaskGIT step ending at time s: draw a candidate for every masked token, score it by
     log p(candidate) + choice_temperature * s * Gumbel (noise annealed to 0 as progress 1 - s -> 1),
     and unmask the most confident so that exactly R = min(scheduled_masked_count(s), M - 1) tokens
@@ -198,14 +188,11 @@ def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, sc
     Eager part: the noise (``confidence_noise``) and the scheduled count; then ``update`` (default
     ``confidence_update``; ``MaskedGenerator.sample(compile=True)`` passes its compiled one). With
     ``cfg_scale``, logits are the doubled [cond; uncond] batch. Static shapes, no host sync.
-    ``positions_BM``: the logits are for these positions only (``confidence_update``). ``noise``: this step's
-    ``confidence_noise``, drawn already (``MaskedSampler.noise``); None: drawn here.
+    ``positions_BM``: the logits are for these positions only (``confidence_update``).
     """
     B, L = ids_BL.shape
-    if noise is None:
-        noise = confidence_noise((B, L, logits_BLV.shape[-1]), s, logits_BLV.device, temperature=temperature,
-                                 choice_temperature=choice_temperature, generator=generator)
-    exp_BLV, choice_BL = noise
+    exp_BLV, choice_BL = confidence_noise((B, L, logits_BLV.shape[-1]), s, logits_BLV.device, temperature=temperature,
+                                          choice_temperature=choice_temperature, generator=generator)
     remain_B = scheduled_masked_count(num_masked_start_B, schedule, s)
     return update(logits_BLV, ids_BL, remain_B, exp_BLV, choice_BL, mask_id=mask_id, cfg_scale=cfg_scale,
                   temperature=temperature, top_k=top_k, top_p=top_p, positions_BM=positions_BM)
@@ -232,23 +219,16 @@ class MaskedSampler:
     def timesteps(self) -> list[tuple[float, float]]:
         return time_grid(self.num_steps)
 
-    def noise(self, shape_BLV: tuple[int, int, int], s: float, device, generator=None, out=None):
-        """The confidence step's random draws for the step ending at s (``confidence_noise``, into ``out`` when
-        given), to draw ahead of ``step`` (which then takes them as ``noise``)."""
-        return confidence_noise(shape_BLV, s, device, temperature=self.temperature,
-                                choice_temperature=self.choice_temperature, generator=generator, out=out)
-
     def step(self, logits_BLV, ids_BL, t: float, s: float, generator=None, *, num_masked_start_B=None,
              known_ids_BL=None, known_mask_BL=None, cfg_scale: float | None = None,
-             update=confidence_update, positions_BM=None, noise=None) -> torch.Tensor:
+             update=confidence_update, positions_BM=None) -> torch.Tensor:
         """logits (B, L, V) of p(x_0 | x_t) (guided already), ids (B, L) at t -> ids (B, L) at s.
         num_masked_start_B (B,) long: tokens masked at t = 1 (confidence; may be omitted at t = 1).
         With ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V) (or (B + 1, L, V), one
         unconditional sequence for all: ``SHARE_FIRST_UNCOND``), combined here (the
         confidence sampler fuses that into ``update``, a ``confidence_update`` or a compiled one).
         positions_BM (B, M) long (confidence only): the logits are (B, M, V) for these grid positions,
-        which hold every masked token (``masked_positions``). noise (confidence only): this step's draws
-        from ``self.noise`` (same generator, same order), or None to draw them here."""
+        which hold every masked token (``masked_positions``)."""
         opts = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator)
         if self.method == "ancestral":
             if positions_BM is not None:
@@ -263,39 +243,8 @@ class MaskedSampler:
                 num_masked_start_B = (ids_BL == self.mask_id).sum(1)
             ids_BL = confidence_step(logits_BLV, ids_BL, s, self.schedule, self.mask_id, num_masked_start_B,
                                      choice_temperature=self.choice_temperature, cfg_scale=cfg_scale, update=update,
-                                     positions_BM=positions_BM, noise=noise, **opts)
+                                     positions_BM=positions_BM, **opts)
         return keep_known(ids_BL, known_ids_BL, known_mask_BL)
-
-
-class NoiseAhead:
-    """The confidence steps' noise drawn on a CUDA side stream, each step's enqueued before its forward, so the
-    draw runs beside the forward instead of after it (``OVERLAP_NOISE``, NOTES A38). The same generator calls
-    in the same order as drawing in line, so the same numbers. One pair of buffers, as in line: step i draws
-    into it once step i - 1's update (enqueued before step i's forward) has read it."""
-
-    def __init__(self, shape_BLV: tuple[int, int, int], device):
-        self.shape, self.main = shape_BLV, torch.cuda.current_stream(device)
-        self.side = torch.cuda.Stream(device)
-        self.buffers = (torch.empty(shape_BLV, device=device), torch.empty(shape_BLV[:2], device=device))
-        self.read = None                         # an event after the last update that read the buffers
-
-    def draw(self, steps: "MaskedSampler", s: float, generator):
-        """The draws of the step ending at s (``MaskedSampler.noise``), enqueued on the side stream."""
-        if self.read is not None:
-            self.side.wait_event(self.read)
-        with torch.cuda.stream(self.side):
-            noise = steps.noise(self.shape, s, self.buffers[0].device, generator, out=self.buffers)
-        if noise[1] is not None:                 # the scaled Gumbel term is a new tensor of the side stream's
-            noise[1].record_stream(self.main)
-        return noise
-
-    def ready(self) -> None:
-        """The main stream waits for the draws, before the update that reads them."""
-        self.main.wait_stream(self.side)
-
-    def done(self) -> None:
-        """The update that reads this step's draws is enqueued: the next draw waits for it."""
-        self.read = self.main.record_event()
 
 
 def dynamic_dim(x: torch.Tensor, compile: bool) -> torch.Tensor:
@@ -508,10 +457,7 @@ class MaskedGenerator(Generator):
         if sampler == "confidence":
             start = L if known_mask_BL is None else int(num_masked_start_B.max())
             counts = [max(m, 1) for m in masked_counts(start, self.schedule, num_steps)]
-        ahead = (NoiseAhead((B, L, self.config.codebook_size), dev)
-                 if OVERLAP_NOISE and dev.type == "cuda" and sampler == "confidence" else None)
         for i, (t, s) in enumerate(steps.timesteps()):
-            noise = None if ahead is None else ahead.draw(steps, s, generator)   # before the forward
             pos_BM = None if counts is None else dynamic_dim(masked_positions(ids_BL, self.mask_id, counts[i]), compile)
             first = i == 0 and share_first
             forward, update = (forward_first, update_first) if first else (forward_rest, update_rest)
@@ -523,13 +469,9 @@ class MaskedGenerator(Generator):
             else:           # (B, M, V)
                 logits, scale = forward(ids_BL, classes_B, pos_BM), None
             logits = dynamic_dim(logits, compile and pos_BM is not None)
-            if ahead is not None:
-                ahead.ready()
             ids_BL = steps.step(logits, ids_BL, t, s, generator, num_masked_start_B=num_masked_start_B,
                                 known_ids_BL=known_ids_BL, known_mask_BL=known_mask_BL, cfg_scale=scale,
-                                update=update, positions_BM=pos_BM, noise=noise)
-            if ahead is not None:
-                ahead.done()
+                                update=update, positions_BM=pos_BM)
         g = self.config.grid_size
         return ids_BL.view(B, g, g)
 

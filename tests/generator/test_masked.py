@@ -237,34 +237,6 @@ def test_the_shared_unconditional_logits_equal_each_copys():
     torch.testing.assert_close(shared[3:].expand(3, -1, -1), doubled[3:], rtol=1e-6, atol=1e-6)
 
 
-def test_noise_into_buffers_is_the_same_draw():
-    """``out`` buffers (what the sampler draws ahead into on CUDA) hold the numbers of fresh tensors drawn from the
-    same generator state, and leave the generator in the same state."""
-    bufs = (torch.full((2, 3, V), -1.0), torch.full((2, 3), -1.0))
-    g_new, g_old = gen(5), gen(5)
-    for s, temperature in [(0.5, 1.0), (0.0, 1.0), (0.7, 0.0)]:
-        got = confidence_noise((2, 3, V), s, "cpu", temperature=temperature, generator=g_new, out=bufs)
-        want = confidence_noise((2, 3, V), s, "cpu", temperature=temperature, generator=g_old)
-        for a, b in zip(got, want):
-            assert (a is None and b is None) or torch.equal(a, b)
-        assert torch.equal(g_new.get_state(), g_old.get_state())
-        assert (got[0] is bufs[0]) == (temperature > 0)              # the Exp(1) draw is the buffer itself
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True])
-def test_noise_drawn_beside_the_forward_gives_the_same_ids(compile, monkeypatch):
-    """CUDA: each step's noise drawn on a side stream before its forward (``OVERLAP_NOISE``) gives the ids of
-    drawing it in line after the forward, under one seed."""
-    model = randomised(tiny()).cuda()
-    run = lambda: model.sample([0, 1, 2], num_steps=6, cfg_scale=2.0, compile=compile,   # noqa: E731
-                               generator=torch.Generator("cuda").manual_seed(3))
-    beside = [run() for _ in range(2)]
-    monkeypatch.setattr(masked, "OVERLAP_NOISE", False)
-    in_line = run()
-    assert torch.equal(beside[0], in_line) and torch.equal(beside[1], in_line)
-
-
 def test_masked_positions_and_host_counts_follow_the_sampler():
     """masked_counts (host ints) is the largest masked count of the batch at the start of every step, and
     masked_positions lists each row's masked positions first, in increasing order."""
