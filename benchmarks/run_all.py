@@ -50,15 +50,15 @@ JOBS = [
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
-    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 160),  # subset of sample-masked
+    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # subset of sample-masked: 145-201 s
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
     Job("sample-masked-split-attn", "benchmarks.generators", ["--part", "sample-masked-split-attn"], 60),  # A36: 32 s
     Job("sample-masked-torch-draw", "benchmarks.generators", ["--part", "sample-masked-torch-draw"], 60),  # A32 off
-    Job("sample-masked-cd", "benchmarks.generators", ["--part", "sample-masked-cd"], 200),  # unmeasured guess
+    Job("sample-masked-cd", "benchmarks.generators", ["--part", "sample-masked-cd"], 190),  # 167 s (session 20)
     Job("sample-masked-cublaslt", "benchmarks.generators", ["--part", "sample-masked-cublaslt"], 90),  # a guess
     Job("sample-masked-autocast-weights", "benchmarks.generators", ["--part", "sample-masked-autocast-weights"],
         90),                                                      # the pipelines' bf16 Linear weights
-    Job("sample-masked-unshared", "benchmarks.generators", ["--part", "sample-masked-unshared"], 120),  # A37 off
+    Job("sample-masked-unshared", "benchmarks.generators", ["--part", "sample-masked-unshared"], 60),  # A37 off: 33 s
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),
