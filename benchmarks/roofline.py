@@ -15,8 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from generator.config import GeneratorConfig
 from generator import masked
+from generator.config import GeneratorConfig
 from generator.masked import masked_counts
 from generator.schedules import get_schedule
 from generator.transformer import flops_per_token

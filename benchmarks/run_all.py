@@ -50,7 +50,7 @@ JOBS = [
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
-    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # subset of sample-masked: 145-201 s
+    Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # 145-201 s (s. 20)
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
     Job("sample-masked-split-attn", "benchmarks.generators", ["--part", "sample-masked-split-attn"], 60),  # A36: 32 s
     Job("sample-masked-torch-draw", "benchmarks.generators", ["--part", "sample-masked-torch-draw"], 60),  # A32 off
