@@ -408,22 +408,19 @@ def sample_masked_unshared(args, sink: RowSink) -> None:
     call under one seed with the sharing on and off, and how many of them differ (the forward's kernels at
     B + 1 vs 2B sequences may round differently)."""
     from generator import masked
-    b = Bench(args, sink, "masked-B")
-    with mock.patch.object(masked, "SHARE_FIRST_UNCOND", False):
-        sample_masked_fused(b, tag=" [first step on 2B]")
+    b = sample_masked_under(args, sink, mock.patch.object(masked, "SHARE_FIRST_UNCOND", False), " [first step on 2B]")
     for steps in (16, 8):
         ids = {}
         for share in (True, False):
             with mock.patch.object(masked, "SHARE_FIRST_UNCOND", share):
                 b.gen.manual_seed(1234)
                 ids[share] = b.sample(b.batch, num_steps=steps, compile=True)
-        differ = int((ids[True] != ids[False]).sum())
+        differ, total = int((ids[True] != ids[False]).sum()), ids[True].numel()
         sink.add(name=f"masked-B @{steps} ids: first step on B + 1 vs 2B sequences", bench="sample-ids",
                  model="masked-B", batch=b.batch, steps=steps, config=SAMPLING["masked-B"],
-                 ids_differ=differ, ids_total=ids[True].numel(),
-                 note=f"{differ} of {ids[True].numel()} ids differ under one seed (compiled, "
-                      f"{'bf16 autocast' if b.dev.type == 'cuda' else 'fp32 cpu smoke'})")
-        print(f"@{steps}: {differ} of {ids[True].numel()} ids differ (first step shared vs 2B)", flush=True)
+                 compile="sample(compile=True)", dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
+                 ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
+        print(f"@{steps}: {differ} of {total} ids differ (first step shared vs 2B)", flush=True)
 
 
 def sample_masked_torch_attention(args, sink: RowSink) -> None:
@@ -463,11 +460,13 @@ def sample_masked_cublaslt(args, sink: RowSink) -> None:
     sample_masked_under(args, sink, blas_library("cublaslt"), " [cuBLASLt]")
 
 
-def sample_masked_under(args, sink: RowSink, context, tag: str) -> None:
+def sample_masked_under(args, sink: RowSink, context, tag: str) -> Bench:
     """``sample_masked_fused`` inside ``context`` (a setting changed for this part's rows only: a later part of
-    the same process runs the default path again), its rows' names ending in ``tag``."""
+    the same process runs the default path again), its rows' names ending in ``tag``; returns its Bench."""
+    b = Bench(args, sink, "masked-B")
     with context:
-        sample_masked_fused(Bench(args, sink, "masked-B"), tag=tag)
+        sample_masked_fused(b, tag=tag)
+    return b
 
 
 def kernel_off(kernel_module):

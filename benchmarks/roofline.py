@@ -60,10 +60,9 @@ def masked_sampling(config: GeneratorConfig, weights: int, batch: int, steps: in
     cache; the head (2 D V per position) and the last block's projection and MLP (2 (D^2 + 3 D H)) run at
     the M_k grid positions still masked at step k (confidence sampler, ``masked_counts``), and the sampler
     step reads their B M_k V guided logits. S_k = 2B with guidance, but B + 1 at the first step when B > 1
-    (one unconditional sequence for all: ``masked.SHARE_FIRST_UNCOND``); B without."""
+    (one unconditional sequence for all: ``masked.unconditional_sequences``); B without."""
     L, Lp = config.num_tokens, config.num_tokens + 1
-    shared = cfg and batch > 1 and masked.SHARE_FIRST_UNCOND
-    seqs = [batch + (1 if shared and k == 0 else batch if cfg else 0) for k in range(steps)]
+    seqs = [batch + masked.unconditional_sequences(batch, k, cfg) for k in range(steps)]
     at_masked = 2.0 * config.dim * config.codebook_size + 2.0 * (config.dim ** 2 + 3 * config.dim * config.mlp_hidden)
     counts = masked_counts(L, get_schedule(config.schedule), steps)
     per_row = flops_per_token(config, Lp, training=False) - at_masked

@@ -44,6 +44,15 @@ SAMPLERS = ("confidence", "ancestral")
 SHARE_FIRST_UNCOND = True
 
 
+def unconditional_sequences(batch: int, step: int, guided: bool, inpainting: bool = False) -> int:
+    """How many unconditional sequences step ``step`` of guided sampling runs beside the B conditional ones: B,
+    but 1 at the first step when the B start as one all-[MASK] sequence (``SHARE_FIRST_UNCOND``, no known tokens,
+    B > 1); 0 without guidance. ``sample`` follows it, and the roofline counts its FLOPs with it."""
+    if not guided:
+        return 0
+    return 1 if step == 0 and SHARE_FIRST_UNCOND and not inpainting and batch > 1 else batch
+
+
 # ---- samplers: outside the network, scheduler-like (STYLE rule 5) -------------------------------
 def unmask_probability(schedule: Schedule, t: float, s: float) -> float:
     """Posterior q(x_s = x_0 | x_t = m, x_0) = (alpha_s - alpha_t) / (1 - alpha_t) for s < t
@@ -448,7 +457,6 @@ class MaskedGenerator(Generator):
                               choice_temperature)
         guided = cfg_scale != 1.0 and classes is not None
         both_B = torch.cat([classes_B, torch.full_like(classes_B, self.config.null_class)]) if guided else None
-        share_first = guided and known_ids_BL is None and B > 1 and SHARE_FIRST_UNCOND   # all [MASK] at step 0
         forward_rest, update_rest, forward_first, update_first = self._sampling_fns(compile)
         # confidence: the head runs at the (at most) M_i positions masked at step i, a host count, so no
         # sync per step (one, for inpainting's largest start count); at least one position (M_i = 0
@@ -459,10 +467,9 @@ class MaskedGenerator(Generator):
             counts = [max(m, 1) for m in masked_counts(start, self.schedule, num_steps)]
         for i, (t, s) in enumerate(steps.timesteps()):
             pos_BM = None if counts is None else dynamic_dim(masked_positions(ids_BL, self.mask_id, counts[i]), compile)
-            first = i == 0 and share_first
-            forward, update = (forward_first, update_first) if first else (forward_rest, update_rest)
-            if guided:      # one forward on [cond; uncond] (2B, M, V); the sampler step combines the halves
-                U = 1 if first else B                                  # unconditional sequences run
+            U = unconditional_sequences(B, i, guided, known_ids_BL is not None)
+            forward, update = (forward_first, update_first) if U < B else (forward_rest, update_rest)
+            if guided:      # one forward on [cond; uncond] (B + U, M, V); the sampler step combines the halves
                 pos_2BM = None if pos_BM is None else dynamic_dim(torch.cat([pos_BM, pos_BM[:U]]), compile)
                 logits = forward(torch.cat([ids_BL, ids_BL[:U]]), both_B[:B + U], pos_2BM)
                 scale = cfg_scale_at(cfg_scale, i / max(num_steps - 1, 1), cfg_schedule)
