@@ -9,7 +9,8 @@ kernel of generator/fused_attention.py turned off: the torch ops, cuDNN SDPA), s
 with generator/fused_draw.py's kernel off: the compiled torch update), sample-masked-cd (the same with inductor's
 coordinate-descent tuning), sample-masked-cublaslt (the same with matmuls through cuBLASLt),
 sample-masked-autocast-weights
-(``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-masked-unshared (the same with the first
+(``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-masked-no-call-graphs (the same with
+``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-unshared (the same with the first
 guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-ar, sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
@@ -40,7 +41,8 @@ from generator.autoregressive import ARGenerator
 
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
-         "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-unshared",
+         "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
+         "sample-masked-unshared",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -206,9 +208,15 @@ def sample_masked_fused(b: Bench, tag: str = "", weights: str = FP32_FROZEN) -> 
     torch.compile(fullgraph=True); only the noise is drawn eagerly. A compile failure falls back to
     eager inside the model with a warning, which the rows' compile status reports. ``tag`` ends each
     row's name."""
+    from generator import masked
     B = b.batch
-    mode = "reduce-overhead" if b.dev.type == "cuda" else "default"
-    label = f"forward: {mode} + update: fullgraph" + (" (smoke: eager backend)" if b.smoke else "")
+    if b.dev.type != "cuda":
+        label = "forward: default + update: fullgraph"
+    elif masked.CALL_GRAPHS:     # the first call of a shape runs as is, the second records the call, later ones replay
+        label = "forward: default + update: fullgraph, the whole call one CUDA graph"
+    else:
+        label = "forward: reduce-overhead + update: fullgraph"
+    label += " (smoke: eager backend)" if b.smoke else ""
 
     def sample(n: int, steps: int):
         return b.sample(n, num_steps=steps, compile=True)
@@ -402,6 +410,33 @@ def sample_masked_autocast_weights(args, sink: RowSink) -> None:
                         weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN)
 
 
+def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> None:
+    """``sample-masked-autocast-weights`` with ``masked.CALL_GRAPHS`` off (NOTES A39: the forward's own CUDA graphs,
+    the rest of each step launched kernel by kernel, as before), to pair with that job's rows of the same run;
+    then the ids of one @16 and one @8 call under one seed without the call graphs, and with them: the call
+    run as is (the first of its shape), recorded and replayed, replayed; how many differ from the first."""
+    from generator import masked
+    with mock.patch.object(masked, "CALL_GRAPHS", False):
+        b = Bench(args, sink, "masked-B")
+        if b.dev.type == "cuda":
+            b.model.autocast_weights(torch.bfloat16)
+        sample_masked_fused(b, tag=" autocast-weights [no call graphs]",
+                            weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN)
+    for steps in (16, 8):
+        ids = []
+        for graphs in (False, True, True, True):
+            with mock.patch.object(masked, "CALL_GRAPHS", graphs):
+                b.gen.manual_seed(1234)
+                ids.append(b.sample(b.batch, num_steps=steps, compile=True))
+        for name, other in zip(("call graphs: the first call, as is", "recorded and replayed", "replayed"), ids[1:]):
+            differ, total = int((other != ids[0]).sum()), ids[0].numel()
+            sink.add(name=f"masked-B @{steps} ids: {name} vs no call graphs", bench="sample-ids", model="masked-B",
+                     batch=b.batch, steps=steps, config=SAMPLING["masked-B"], compile="sample(compile=True)",
+                     dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
+                     ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
+            print(f"@{steps} {name}: {differ} of {total} ids differ from the call without call graphs", flush=True)
+
+
 def sample_masked_unshared(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the first guided step on all 2B sequences (``masked.SHARE_FIRST_UNCOND`` off,
     NOTES A37), to pair with ``sample-masked-fused``'s rows of the same run; then the ids of one @16 and one @8
@@ -560,6 +595,7 @@ def main() -> None:
             "sample-masked-cd": sample_masked_coordinate_descent,
             "sample-masked-cublaslt": sample_masked_cublaslt,
             "sample-masked-autocast-weights": sample_masked_autocast_weights,
+            "sample-masked-no-call-graphs": sample_masked_autocast_weights_without_call_graphs,
             "sample-masked-unshared": sample_masked_unshared, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,

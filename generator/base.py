@@ -12,7 +12,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, NamedTuple, TypeVar
+from typing import Callable, Hashable, NamedTuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -96,12 +96,13 @@ class Generator(nn.Module):
         self._compiled = None            # what compiled_once built (the family's compiled sampling functions)
         self._compiled_owner = None      # (id(self), device type) it was built for
 
-    def compiled_once(self, build: Callable[[], T]) -> T:
+    def compiled_once(self, build: Callable[[], T], variant: Hashable = None) -> T:
         """The family's compiled sampling functions: ``build()`` (``CompiledOrEager`` wrappers) on first
         use, then kept on the module. Rebuilt for a deepcopy (an EMA: another id, so it never replays
-        graphs captured for the original) and after a move to another device type (compile options
-        depend on it). Each family calls it from one place."""
-        owner = (id(self), self.head.weight.device.type)
+        graphs captured for the original), after a move to another device type (compile options
+        depend on it) and for another ``variant`` (a module switch the build reads). Each family calls it
+        from one place."""
+        owner = (id(self), self.head.weight.device.type, variant)
         if self._compiled_owner != owner:
             self._compiled, self._compiled_owner = build(), owner
         return self._compiled

@@ -19,16 +19,19 @@ and the samplers only use masked positions (a clean token is carried over, MDLM'
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator import fused_draw
+from generator import fused_attention, fused_draw, fused_swiglu
 from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
+from generator.call_graphs import CallGraphs
 from generator.config import GeneratorConfig
 from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise,
                                 gumbel_noise, keep_known, sample_logits)
@@ -42,6 +45,15 @@ SAMPLERS = ("confidence", "ancestral")
 # step's work) and guidance broadcasts its logits over the batch. The same values as B copies (each row of a
 # forward is computed alone), up to a GPU kernel's rounding at another batch size (NOTES A37). False: 2B rows.
 SHARE_FIRST_UNCOND = True
+# sample(compile=True) on CUDA records each call whole as one CUDA graph (its second call of a kind; NOTES A39),
+# the forward compiled without graphs of its own; False: the forward's own graphs (reduce-overhead), the rest
+# of each step launched kernel by kernel.
+CALL_GRAPHS = os.environ.get("TESSERA_CALL_GRAPHS", "1") != "0"
+
+
+def kernel_switches() -> tuple:
+    """The module-level kernel choices a recorded call bakes in (a change records another graph)."""
+    return fused_draw.ENABLED, fused_attention.ENABLED, fused_attention.METHOD, fused_swiglu.ENABLED
 
 
 def unconditional_sequences(batch: int, step: int, guided: bool, inpainting: bool = False) -> int:
@@ -388,18 +400,20 @@ class MaskedGenerator(Generator):
         return known_ids, known_mask
 
     def _sampling_fns(self, compile: bool) -> tuple:
-        """(forward, confidence update, first step's forward, first step's update) that ``sample`` calls: the
-        eager module and ``confidence_update``, or their torch.compile'd versions, kept on the module
-        (``compiled_once``; a failure falls back to eager with a warning). The forward compiles with mode
-        reduce-overhead (CUDA graphs) on CUDA, the default mode elsewhere; the update with fullgraph=True
-        (default mode). The update traces one graph per set of static options (greedy or not, top-k, top-p,
-        guided or not) and one for the last step (no Gumbel term); past dynamo's recompile limit it falls
-        back to eager. The first guided step (B + 1 sequences, ``SHARE_FIRST_UNCOND``) calls functions of
-        its own (other code objects, so graphs of their own): sharing the others' would recompile them with
-        a symbolic batch after their first call at another size."""
+        """(forward, confidence update, first step's forward, first step's update, call graphs) that ``sample``
+        calls: the eager module and ``confidence_update``, or their torch.compile'd versions, kept on the module
+        (``compiled_once``; a failure falls back to eager with a warning), and the ``CallGraphs`` that record
+        whole calls on CUDA (``CALL_GRAPHS``). The forward compiles with mode reduce-overhead (CUDA graphs of its
+        own) on CUDA without ``CALL_GRAPHS``, the default mode otherwise (a call graph holds its kernels); the
+        update with fullgraph=True (default mode). The update traces one graph per set of static options (greedy
+        or not, top-k, top-p, guided or not) and one for the last step (no Gumbel term); past dynamo's recompile
+        limit it falls back to eager. The first guided step (B + 1 sequences, ``SHARE_FIRST_UNCOND``) calls
+        functions of its own (other code objects, so graphs of their own): sharing the others' would recompile
+        them with a symbolic batch after their first call at another size."""
         if not compile:
-            return self, confidence_update, self, confidence_update
-        forward_options = dict(mode="reduce-overhead") if self.head.weight.device.type == "cuda" else {}
+            return self, confidence_update, self, confidence_update, None
+        own_graphs = self.head.weight.device.type == "cuda" and not CALL_GRAPHS
+        forward_options = dict(mode="reduce-overhead") if own_graphs else {}
 
         def first_forward(*args):
             return self.forward(*args)
@@ -413,7 +427,8 @@ class MaskedGenerator(Generator):
                             fullgraph=True),
             CompiledOrEager(first_forward, self, "masked sampler's first-step forward", logger, **forward_options),
             CompiledOrEager(first_update, confidence_update, "masked sampler's first-step update", logger,
-                            fullgraph=True)))
+                            fullgraph=True),
+            CallGraphs("masked sampling call", logger)), variant=CALL_GRAPHS)
 
     @torch.no_grad()
     @eval_mode
@@ -449,22 +464,37 @@ class MaskedGenerator(Generator):
         if classes is None and batch_size is None:
             batch_size = known_ids.shape[0] if known_ids is not None else 1
         classes_B = self.class_ids(classes, batch_size, dev)
-        B, L = classes_B.shape[0], self.config.num_tokens
-        known_ids_BL, known_mask_BL = self._known(known_ids, known_mask, B, dev)
-        ids_BL = keep_known(torch.full((B, L), self.mask_id, dtype=torch.long, device=dev), known_ids_BL, known_mask_BL)
-        num_masked_start_B = (ids_BL == self.mask_id).sum(1)
+        known_ids_BL, known_mask_BL = self._known(known_ids, known_mask, B=classes_B.shape[0], dev=dev)
+        # confidence: the head runs at the (at most) M_i positions masked at step i, a host count, so no
+        # sync per step (one, for inpainting's largest start count)
+        start = None
+        if sampler == "confidence":
+            start = self.config.num_tokens if known_mask_BL is None else int((~known_mask_BL).sum(1).max())
         steps = MaskedSampler(self.schedule, self.mask_id, num_steps, sampler, temperature, top_k, top_p,
                               choice_temperature)
-        guided = cfg_scale != 1.0 and classes is not None
+        options = dict(steps=steps, start=start, guided=cfg_scale != 1.0 and classes is not None,
+                       cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, compile=compile)
+        inputs = (classes_B, known_ids_BL, known_mask_BL)
+        if compile and CALL_GRAPHS and dev.type == "cuda":
+            key = (num_steps, sampler, temperature, top_k, top_p, choice_temperature, start, options["guided"],
+                   cfg_scale, cfg_schedule, SHARE_FIRST_UNCOND, kernel_switches())
+            call_graphs = self._sampling_fns(compile=True)[4]
+            return call_graphs(functools.partial(self._denoise, **options), key, self, inputs, generator, dev)
+        return self._denoise(*inputs, generator, **options)
+
+    def _denoise(self, classes_B: torch.Tensor, known_ids_BL: torch.Tensor | None, known_mask_BL: torch.Tensor | None,
+                 generator: torch.Generator | None, *, steps: MaskedSampler, start: int | None, guided: bool,
+                 cfg_scale: float, cfg_schedule: str, compile: bool) -> torch.Tensor:
+        """``sample``'s reverse process from all [MASK] (known tokens kept) to ids (B, h, w): device work only,
+        no host sync (``CallGraphs`` records it whole). start: the largest masked count of a row (confidence)."""
+        B, L = classes_B.shape[0], self.config.num_tokens
+        ids_BL = keep_known(torch.full((B, L), self.mask_id, dtype=torch.long, device=classes_B.device),
+                            known_ids_BL, known_mask_BL)
+        num_masked_start_B = (ids_BL == self.mask_id).sum(1)
         both_B = torch.cat([classes_B, torch.full_like(classes_B, self.config.null_class)]) if guided else None
-        forward_rest, update_rest, forward_first, update_first = self._sampling_fns(compile)
-        # confidence: the head runs at the (at most) M_i positions masked at step i, a host count, so no
-        # sync per step (one, for inpainting's largest start count); at least one position (M_i = 0
-        # only when nothing is left to generate, and the step still draws its noise)
-        counts = None
-        if sampler == "confidence":
-            start = L if known_mask_BL is None else int(num_masked_start_B.max())
-            counts = [max(m, 1) for m in masked_counts(start, self.schedule, num_steps)]
+        forward_rest, update_rest, forward_first, update_first = self._sampling_fns(compile)[:4]
+        # at least one position (M_i = 0 only when nothing is left to generate, and the step still draws its noise)
+        counts = None if start is None else [max(m, 1) for m in masked_counts(start, self.schedule, steps.num_steps)]
         for i, (t, s) in enumerate(steps.timesteps()):
             pos_BM = None if counts is None else dynamic_dim(masked_positions(ids_BL, self.mask_id, counts[i]), compile)
             U = unconditional_sequences(B, i, guided, known_ids_BL is not None)
@@ -472,7 +502,7 @@ class MaskedGenerator(Generator):
             if guided:      # one forward on [cond; uncond] (B + U, M, V); the sampler step combines the halves
                 pos_2BM = None if pos_BM is None else dynamic_dim(torch.cat([pos_BM, pos_BM[:U]]), compile)
                 logits = forward(torch.cat([ids_BL, ids_BL[:U]]), both_B[:B + U], pos_2BM)
-                scale = cfg_scale_at(cfg_scale, i / max(num_steps - 1, 1), cfg_schedule)
+                scale = cfg_scale_at(cfg_scale, i / max(steps.num_steps - 1, 1), cfg_schedule)
             else:           # (B, M, V)
                 logits, scale = forward(ids_BL, classes_B, pos_BM), None
             logits = dynamic_dim(logits, compile and pos_BM is not None)
