@@ -389,7 +389,7 @@ def profile_sampling(args, sink: RowSink, name: str) -> None:
         run()                                                        # warm-up: compile, allocator, cuBLAS plans
         run()                                                        # AR: the second call captures its graphs
         sink.add(name=f"{name} profile {label} b{batch}", bench="profile", model=name, batch=batch, compile=label,
-                 **profile_ops(run, on_gpu, trace=f"{name}-b{batch}.json"))
+                 **profile_ops(run, on_gpu, top=40, trace=f"{name}-b{batch}.json"))
 
 
 def sample_masked_fused_only(args, sink: RowSink) -> None:
