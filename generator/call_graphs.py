@@ -34,8 +34,17 @@ Inputs = tuple  # of tensors or None
 
 
 def storage_key(module: nn.Module) -> tuple:
-    """Where and how the module's parameters and buffers live: a graph replays reads of these addresses."""
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in itertools.chain(module.parameters(), module.buffers()))
+    """Where the module's parameters and buffers live and their dtypes: a graph's replays read these addresses
+    (a cast or a move makes new storage; a new shape too). Walks the modules' own dicts: ~55 us for masked-B on
+    a CPU core, where ``module.parameters()`` and ``buffers()`` take ~270 us before every replay."""
+    key, stack = [], [module]
+    while stack:
+        m = stack.pop()
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None:
+                key.append((t.data_ptr(), t.dtype))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(key)
 
 
 def inputs_key(inputs: Inputs) -> tuple:

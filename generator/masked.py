@@ -167,10 +167,21 @@ def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
         conf_BM = conf_BM + choice_noise_BL
     conf_BM = conf_BM.masked_fill(~masked_BM, float("inf"))        # clean tokens rank last: never "kept masked"
     remain_B = torch.minimum(remain_B, masked_BM.sum(1) - 1)
-    rank_BM = conf_BM.argsort(dim=1, stable=True).argsort(dim=1)   # 0 = least confident
+    rank_BM = stable_rank(conf_BM)                                 # 0 = least confident
     stay_BM = rank_BM < remain_B.clamp(min=0)[:, None]
     new_BM = torch.where(masked_BM & ~stay_BM, cand_BM, ids_BM)
     return new_BM if positions_BM is None else ids_BL.scatter(1, positions_BM, new_BM)
+
+
+def stable_rank(x_BM: torch.Tensor) -> torch.Tensor:
+    """(B, M) long: each entry's place in its row sorted ascending, ties in index order, i.e.
+    ``x.argsort(1, stable=True).argsort(1)``, counted as #{j: x_j < x_i} + #{j < i: x_j = x_i}. Compiled, the
+    (B, M, M) comparisons are one reduction kernel, where the two sorts were two ~25 us launches per step at
+    (64, 256) on an H100 (NOTES A40). Rows hold no NaN (confidences of finite logits, or +inf)."""
+    i_M = torch.arange(x_BM.shape[1], device=x_BM.device)
+    earlier_MM = i_M[None, :] < i_M[:, None]                       # [i, j]: j < i
+    x_i, x_j = x_BM[:, :, None], x_BM[:, None, :]
+    return ((x_j < x_i) | ((x_j == x_i) & earlier_MM)).sum(-1)
 
 
 def masked_positions(ids_BL: torch.Tensor, mask_id: int, count: int) -> torch.Tensor:

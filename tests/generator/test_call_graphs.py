@@ -185,3 +185,18 @@ def test_gpu_default_generator_and_weights_in_new_storage():
                  for _ in range(3)]
     assert len(model._sampling_fns(compile=True)[4]) == 2
     assert torch.equal(again[1], again[0]) and torch.equal(again[2], again[0])
+
+
+def test_storage_key_sees_casts_moves_and_replaced_parameters():
+    from generator.call_graphs import storage_key
+    module = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    module.register_buffer("table", torch.zeros(4))
+    key = storage_key(module)
+    assert len(key) == 5 and storage_key(module) == key
+    module[0].weight.data.add_(1.0)                                # in place: the same key
+    assert storage_key(module) == key
+    module[2].bias = nn.Parameter(torch.zeros(1))                  # a new parameter: a new key
+    assert storage_key(module) != key
+    key = storage_key(module)
+    module.to(torch.float64)
+    assert storage_key(module) != key

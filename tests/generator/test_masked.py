@@ -457,3 +457,16 @@ def test_gpu_bf16_sampling_is_seeded():
         a = model.sample([0, 1], num_steps=4, cfg_scale=2.0, generator=torch.Generator("cuda").manual_seed(0))
         b = model.sample([0, 1], num_steps=4, cfg_scale=2.0, generator=torch.Generator("cuda").manual_seed(0))
     assert torch.equal(a, b) and (a < V).all()
+
+
+def test_stable_rank_is_the_double_stable_argsort():
+    """Ties (repeated values, +inf for clean tokens, -inf) keep index order, as a stable sort does."""
+    from generator.masked import stable_rank
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (6, 40), generator=g).float()
+    x[:, ::7] = float("inf")
+    x[0, 3] = float("-inf")
+    assert torch.equal(stable_rank(x), x.argsort(dim=1, stable=True).argsort(dim=1))
+    y = torch.randn(3, 17, generator=g)
+    assert torch.equal(stable_rank(y), y.argsort(1).argsort(1))
+    assert stable_rank(torch.tensor([[2.0, 1.0, 2.0, 1.0]])).tolist() == [[2, 0, 3, 1]]
