@@ -105,7 +105,11 @@ CANDIDATES = [Config(128, 64, 4, 3, True), Config(128, 64, 4, 2, True), Config(6
               Config(128, 64, 4, 2, False),
               Config(128, 64, 4, 3, True, 168), Config(128, 64, 8, 3, True, 128), Config(128, 64, 8, 2, True, 128),
               Config(128, 64, 8, 4, True, 128), Config(128, 32, 4, 3, True, 168), Config(128, 32, 8, 3, True),
-              Config(128, 32, 8, 2, True), Config(64, 32, 4, 3, True, 128), Config(64, 64, 4, 3, True, 128)]
+              Config(128, 32, 8, 2, True), Config(64, 32, 4, 3, True, 128), Config(64, 64, 4, 3, True, 128),
+              # one program per head (session 21): the 256 grid rows as one tile on 8 warps, each key tile loaded and
+              # (without KPRE) normalised and rotated once for all of them, so no key pass either
+              Config(256, 64, 8, 3, False), Config(256, 64, 8, 2, False), Config(256, 64, 8, 3, True),
+              Config(256, 32, 8, 3, False)]
 # One fixed config, not an autotuner's pick: the bits depend on BN (the order keys enter the online softmax)
 # and the session 13 GPU test found configs differing in the last bit, so a timing-based pick could change a
 # seed's ids from one process to the next. TESSERA_ATTENTION_CONFIG="bm,bn,warps,stages,kpre[,maxnreg]"

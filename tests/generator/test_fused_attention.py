@@ -63,7 +63,8 @@ def test_kernel_equals_the_torch_path(B, L, heads, head_dim, qk_norm, method, mo
 
 
 @needs_kernel
-@pytest.mark.parametrize("config", [c for c in fa.CANDIDATES if c.bm <= 128 and c.warps == 4])
+@pytest.mark.parametrize("config", [c for c in fa.CANDIDATES if c.bm <= 128 and c.warps == 4]
+                         + [fa.Config(256, 64, 8, 3, False)])          # one program per head
 @pytest.mark.parametrize("L", [37, 64])
 def test_every_candidate_config_gives_the_same_attention(config, L):
     """Each candidate tile shape, keys normalised in the attention or by the key pass (KPRE) alike, with and
