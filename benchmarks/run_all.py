@@ -60,7 +60,7 @@ JOBS = [
         90),                                                      # the pipelines' bf16 Linear weights
     Job("sample-masked-unshared", "benchmarks.generators", ["--part", "sample-masked-unshared"], 60),  # A37 off: 33 s
     Job("sample-masked-no-call-graphs", "benchmarks.generators", ["--part", "sample-masked-no-call-graphs"],
-        150),  # A39 off, + the ids on and off (a guess)
+        70),  # A39 off, + the ids on and off: 46-54 s (session 21)
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),

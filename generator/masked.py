@@ -455,13 +455,16 @@ class MaskedGenerator(Generator):
         never change. cfg_scale 1 runs the conditional pass only; cfg_schedule "linear" ramps the
         scale from 1 at the first step to cfg_scale at the last. Runs in eval mode (``eval_mode``).
 
-        ``compile``: run the forward through torch.compile (reduce-overhead on CUDA) and the
-        confidence update (CFG combine, candidate draw, confidence ranking: ``confidence_update``)
-        through torch.compile(fullgraph=True); the noise is still drawn eagerly from ``generator``
-        in the same order, so the compiled path consumes the same random numbers. Both are built
-        once per module and fall back to eager with a warning if compiling fails. The ancestral
-        sampler's update stays eager (only its forward is compiled). Compiled kernels may round
-        differently from eager ones, so a compiled run can pick a few different late tokens."""
+        ``compile``: run the forward through torch.compile and the confidence update (CFG combine,
+        candidate draw, confidence ranking: ``confidence_update``) through torch.compile(fullgraph=True);
+        the noise is still drawn from ``generator`` in the same order, so the compiled path consumes the
+        same random numbers. Both are built once per module and fall back to eager with a warning if
+        compiling fails. The ancestral sampler's update stays eager (only its forward is compiled). On
+        CUDA the whole call is recorded as one CUDA graph from its second call with the same shapes and
+        options (``CALL_GRAPHS``, ``generator.call_graphs``: the same ids, the generator left where an
+        unrecorded call leaves it); without it the forward runs its own graphs (reduce-overhead).
+        Compiled kernels may round differently from eager ones, so a compiled run can pick a few
+        different late tokens."""
         self.check_sampling_args(num_steps, temperature, top_k, top_p, cfg_scale)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler '{sampler}' is not one of {list(SAMPLERS)}")
