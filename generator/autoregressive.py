@@ -21,7 +21,6 @@ Letters: B batch (2B with CFG), N = h*w tokens, V codebook size, D width, F rota
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 
@@ -30,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
+from generator.call_graphs import storage_key
 from generator.config import GeneratorConfig
 from generator.sampling import cfg_combine_doubled, cfg_scale_at, draw_with_noise, fill_exponential_, keep_known
-from generator.transformer import rope_tables
+from generator.transformer import KVCache, rope_tables
 
 logger = logging.getLogger(__name__)
 
@@ -364,8 +364,7 @@ class ARDecoder:
     def buffers_for(self, model: ARGenerator, classes_B: torch.Tensor, guided: bool, temperature: float,
                     top_k: int, top_p: float, inpainting: bool) -> DecodeBuffers:
         # the graphs read the weights and tables in place: new storage (e.g. after ``model.half()``) is a new setup
-        storage = tuple(t.data_ptr() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-                        if "kv_cache" not in name)
+        storage = storage_key(model, skip=KVCache)
         key = (classes_B.shape[0], guided, temperature, top_k, top_p, inpainting, model.compute_dtype(),
                torch.is_autocast_enabled(classes_B.device.type), storage)
         if not self.keeps or key != self.key:

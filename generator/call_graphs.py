@@ -33,13 +33,16 @@ import torch.nn as nn
 Inputs = tuple  # of tensors or None
 
 
-def storage_key(module: nn.Module) -> tuple:
+def storage_key(module: nn.Module, skip: type | tuple[type, ...] = ()) -> tuple:
     """Where the module's parameters and buffers live and their dtypes: a graph's replays read these addresses
-    (a cast or a move makes new storage; a new shape too). Walks the modules' own dicts: ~55 us for masked-B on
-    a CPU core, where ``module.parameters()`` and ``buffers()`` take ~270 us before every replay."""
+    (a cast or a move makes new storage; a new shape too). Submodules of a ``skip`` type are left out (scratch
+    such as KV caches, remade per call). Walks the modules' own dicts: ~55 us for masked-B on a CPU core,
+    where ``module.parameters()`` and ``buffers()`` take ~270 us before every replay."""
     key, stack = [], [module]
     while stack:
         m = stack.pop()
+        if skip and isinstance(m, skip):
+            continue
         for t in itertools.chain(m._parameters.values(), m._buffers.values()):
             if t is not None:
                 key.append((t.data_ptr(), t.dtype))

@@ -157,12 +157,26 @@ class EMA:
         self.module.load_state_dict(state_dict, strict=True)
 
 
+TIME_LIMIT = 1          # StopVote's code for a run's time limit; a signal's is signal_code(signum)
+
+
+def signal_code(signum: int) -> int:
+    """The shell's code for a process a signal stopped, 128 + its number (143 SIGTERM, 130 Ctrl-C): the training
+    commands' exit status after one, and ``StopVote``'s request for it (above ``TIME_LIMIT``)."""
+    return 128 + signum
+
+
+def code_signum(code: int) -> int | None:
+    """The signal number in a ``signal_code``; None for ``TIME_LIMIT`` or 0."""
+    return code - 128 if code > 128 else None
+
+
 class StopVote:
     """The ranks of a multi-process run agree to stop at the same step without a host sync per step.
 
     Each step starts the all-reduce (max) of this rank's stop request and returns the result of the one
-    started a step earlier. A request is a code: 0 none, 1 the time limit, 128 + the number of a signal
-    (so the max over ranks is the most pressing, and a rank that stops for a peer's signal knows which).
+    started a step earlier. A request is a code: 0 none, ``TIME_LIMIT``, ``signal_code(signum)`` (so the max
+    over ranks is the most pressing, and a rank that stops for a peer's signal knows which).
     On CUDA the result was copied to pinned host memory behind the earlier step's work and is waited for
     through an event: the host waits for step N-1 to finish, never for step N that it has just queued
     (``.item()`` on the device tensor would). Each code's tensor is made on the device at its first use,
@@ -238,7 +252,7 @@ def exit_status(result: dict) -> int:
     its time limit (``train.max_minutes``, a planned end); 128 + the signal's number when a signal stopped it
     (the shell's convention: 143 for SIGTERM, 130 for Ctrl-C), so ``train && evaluate`` does not go on with
     a model that was cut short. Its checkpoint is written either way: ``--resume`` continues it."""
-    return 128 + int(result["signal"]) if result.get("signal") else 0
+    return signal_code(int(result["signal"])) if result.get("signal") else 0
 
 
 def stopped_line(result: dict) -> str:

@@ -36,8 +36,9 @@ from pipelines.checkpoint import CheckpointError, atomic_write_text, latest_chec
     load_checkpoint, save_checkpoint
 from pipelines.config import config_hash, parse_yaml
 from pipelines.sampler import SeededDataset, build_batch_sampler
-from pipelines.train_utils import (EMA, StopVote, TrainConfig, adamw, extra_buffers, load_extra_buffers,
-                                   lr_factor, match_state_layouts, rng_state, torch_optimizer)
+from pipelines.train_utils import (EMA, TIME_LIMIT, StopVote, TrainConfig, adamw, code_signum, extra_buffers,
+                                   load_extra_buffers, lr_factor, match_state_layouts, rng_state, signal_code,
+                                   torch_optimizer)
 from pipelines import distributed, fsdp_utils
 
 __all__ = ["TrainConfig", "TrainTask", "Trainer", "adamw", "lr_factor"]
@@ -362,10 +363,10 @@ class Trainer:
                 signal.signal(s, h)
 
     def _stop_request(self) -> int:
-        """This rank's stop request as ``StopVote``'s code: 0 none, 1 the time limit, 128 + a signal's number."""
+        """This rank's stop request as ``StopVote``'s code: 0 none, ``TIME_LIMIT``, or the signal's ``signal_code``."""
         if self._stop_signal is None:
             return 0
-        return 128 + self._stop_signum if self._stop_signum else 1
+        return signal_code(self._stop_signum) if self._stop_signum else TIME_LIMIT
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -475,8 +476,8 @@ class Trainer:
                 stop = self._stop_signal is not None
             elif code := vote(request := self._stop_request()):   # some rank's request, one step ago
                 if code > request:                       # a peer's, or its signal where this rank hit the time limit
-                    self._stop_signum = code - 128 if code > 1 else None
-                    self._stop_signal = ("a peer's time limit" if code == 1
+                    self._stop_signum = code_signum(code)
+                    self._stop_signal = ("a peer's time limit" if self._stop_signum is None
                                          else f"a peer's {signal.Signals(self._stop_signum).name}")
                 stop = True
         flush_log()

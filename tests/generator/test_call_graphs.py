@@ -193,6 +193,7 @@ def test_storage_key_sees_casts_moves_and_replaced_parameters():
     module.register_buffer("table", torch.zeros(4))
     key = storage_key(module)
     assert len(key) == 5 and storage_key(module) == key
+    assert len(storage_key(module, skip=nn.Linear)) == 1              # scratch modules (KV caches) left out
     module[0].weight.data.add_(1.0)                                # in place: the same key
     assert storage_key(module) == key
     module[2].bias = nn.Parameter(torch.zeros(1))                  # a new parameter: a new key

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from pipelines.checkpoint import CheckpointError, load_checkpoint, load_model_dir, save_model_dir
 from pipelines.sampler import ResumableBatchSampler, SeededDataset
-from pipelines.train_utils import StopVote, exit_status, extra_buffers
+from pipelines.train_utils import TIME_LIMIT, StopVote, code_signum, exit_status, extra_buffers, signal_code
 from pipelines.trainer import EMA, TrainConfig, Trainer, adamw, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -484,6 +484,8 @@ def test_stop_vote_reads_the_max_over_ranks_one_step_late():
     # requests are codes (1: time limit, 128 + signum: a signal): the max says why a peer stopped
     vote = StopVote(TwoRanks([0, 128 + signal.SIGTERM, 0, 0, 0]))
     assert [vote(r) for r in [1, 1, 0, 0, 0]] == [0, 1, 143, 0, 0]
+    assert signal_code(signal.SIGTERM) == 143 and signal_code(signal.SIGINT) == 130 > TIME_LIMIT
+    assert code_signum(143) == signal.SIGTERM and code_signum(TIME_LIMIT) is None and code_signum(0) is None
 
 
 @pytest.mark.gpu
