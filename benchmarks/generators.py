@@ -398,16 +398,18 @@ def sample_masked_fused_only(args, sink: RowSink) -> None:
     sample_masked_fused(b)
 
 
-def sample_masked_autocast_weights(args, sink: RowSink) -> None:
+def sample_masked_autocast_weights(args, sink: RowSink, tag: str = "") -> Bench:
     """``sample(compile=True)`` with the Linear weights stored in bf16 (``Generator.autocast_weights``), as the
     pipelines load a generator on a GPU: the ids of fp32 frozen weights under autocast, without the per-forward
     cast of every weight (NOTES A15). A process of its own, so no graph compiled for fp32 weights outlives them.
-    On the CPU (smoke) the weights stay fp32: the benchmarks turn bf16 autocast on on CUDA only."""
+    On the CPU (smoke) the weights stay fp32: the benchmarks turn bf16 autocast on on CUDA only. ``tag`` ends
+    each row's name after " autocast-weights"; returns the Bench."""
     b = Bench(args, sink, "masked-B")
     if b.dev.type == "cuda":
         b.model.autocast_weights(torch.bfloat16)
-    sample_masked_fused(b, tag=" autocast-weights",
+    sample_masked_fused(b, tag=" autocast-weights" + tag,
                         weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN)
+    return b
 
 
 def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> None:
@@ -417,11 +419,7 @@ def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> N
     run as is (the first of its shape), recorded and replayed, replayed; how many differ from the first."""
     from generator import masked
     with mock.patch.object(masked, "CALL_GRAPHS", False):
-        b = Bench(args, sink, "masked-B")
-        if b.dev.type == "cuda":
-            b.model.autocast_weights(torch.bfloat16)
-        sample_masked_fused(b, tag=" autocast-weights [no call graphs]",
-                            weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN)
+        b = sample_masked_autocast_weights(args, sink, tag=" [no call graphs]")
     for steps in (16, 8):
         ids = []
         for graphs in (False, True, True, True):
