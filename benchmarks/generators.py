@@ -10,7 +10,8 @@ with generator/fused_draw.py's kernel off: the compiled torch update), sample-ma
 coordinate-descent tuning), sample-masked-cublaslt (the same with matmuls through cuBLASLt),
 sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-masked-no-call-graphs (the same with
-``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-unshared (the same with the first
+``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-max-autotune (the same
+with the forward compiled in mode max-autotune-no-cudagraphs, and the ids it changes), sample-masked-unshared (the same with the first
 guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-ar, sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
@@ -42,7 +43,7 @@ from generator.autoregressive import ARGenerator
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
-         "sample-masked-unshared",
+         "sample-masked-max-autotune", "sample-masked-unshared",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -210,10 +211,11 @@ def sample_masked_fused(b: Bench, tag: str = "", weights: str = FP32_FROZEN) -> 
     row's name."""
     from generator import masked
     B = b.batch
+    forward = masked.MaskedGenerator.forward_compile_options.get("mode", "default")
     if b.dev.type != "cuda":
-        label = "forward: default + update: fullgraph"
+        label = f"forward: {forward} + update: fullgraph"
     elif masked.CALL_GRAPHS:     # the first call of a shape runs as is, the second records the call, later ones replay
-        label = "forward: default + update: fullgraph, the whole call one CUDA graph"
+        label = f"forward: {forward} + update: fullgraph, the whole call one CUDA graph"
     else:
         label = "forward: reduce-overhead + update: fullgraph"
     label += " (smoke: eager backend)" if b.smoke else ""
@@ -435,6 +437,31 @@ def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> N
             print(f"@{steps} {name}: {differ} of {total} ids differ from the call without call graphs", flush=True)
 
 
+def sample_masked_max_autotune(args, sink: RowSink) -> None:
+    """``sample-masked-autocast-weights`` with the forward compiled in mode max-autotune-no-cudagraphs
+    (``MaskedGenerator.forward_compile_options``; the call graphs on): inductor times Triton matmul templates
+    against cuBLAS per shape and may fuse SwiGLU's silu*up and the norms into them; to pair with that job's rows
+    of the same run. Then the ids of one @16 and one @8 call under one seed with this forward and the default
+    one (other matmul kernels may round differently) and how many differ. Unmeasured so far."""
+    from generator.masked import MaskedGenerator
+    mode = {"mode": "max-autotune-no-cudagraphs"} if not args.smoke else {}
+    with mock.patch.object(MaskedGenerator, "forward_compile_options", mode):
+        b = sample_masked_autocast_weights(args, sink, tag=" [forward max-autotune]")
+    for steps in (16, 8):
+        ids = []
+        for options in (mode, {}):
+            with mock.patch.object(MaskedGenerator, "forward_compile_options", options):
+                for _ in range(2):                # as is, then recorded: the ids of the graph the rows timed
+                    b.gen.manual_seed(1234)
+                    ids.append(b.sample(b.batch, num_steps=steps, compile=True))
+        differ, total = int((ids[1] != ids[3]).sum()), ids[1].numel()
+        sink.add(name=f"masked-B @{steps} ids: forward max-autotune vs default", bench="sample-ids", model="masked-B",
+                 batch=b.batch, steps=steps, config=SAMPLING["masked-B"], compile="sample(compile=True)",
+                 dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
+                 ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
+        print(f"@{steps}: {differ} of {total} ids differ (forward max-autotune vs default)", flush=True)
+
+
 def sample_masked_unshared(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the first guided step on all 2B sequences (``masked.SHARE_FIRST_UNCOND`` off,
     NOTES A37), to pair with ``sample-masked-fused``'s rows of the same run; then the ids of one @16 and one @8
@@ -594,6 +621,7 @@ def main() -> None:
             "sample-masked-cublaslt": sample_masked_cublaslt,
             "sample-masked-autocast-weights": sample_masked_autocast_weights,
             "sample-masked-no-call-graphs": sample_masked_autocast_weights_without_call_graphs,
+            "sample-masked-max-autotune": sample_masked_max_autotune,
             "sample-masked-unshared": sample_masked_unshared, "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,

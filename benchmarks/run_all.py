@@ -61,6 +61,8 @@ JOBS = [
     Job("sample-masked-unshared", "benchmarks.generators", ["--part", "sample-masked-unshared"], 60),  # A37 off: 33 s
     Job("sample-masked-no-call-graphs", "benchmarks.generators", ["--part", "sample-masked-no-call-graphs"],
         70),  # A39 off, + the ids on and off: 46-54 s (session 21)
+    Job("sample-masked-max-autotune", "benchmarks.generators", ["--part", "sample-masked-max-autotune"],
+        420),  # a guess: inductor times matmul templates for every forward shape, then a default compile for the ids
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),
@@ -92,7 +94,7 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
 EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
                  "sample-masked-torch-draw", "sample-masked-cd", "sample-masked-cublaslt",
                  "sample-masked-autocast-weights", "sample-masked-unshared", "sample-masked-no-call-graphs",
-                 "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var",
+                 "sample-masked-max-autotune", "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",

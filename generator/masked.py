@@ -290,6 +290,9 @@ def dynamic_dim(x: torch.Tensor, compile: bool) -> torch.Tensor:
 # ---- the model ----------------------------------------------------------------------------------
 class MaskedGenerator(Generator):
     kind = "masked"
+    # torch.compile options of the sampler's forward where it runs no CUDA graphs of its own (CALL_GRAPHS, or not
+    # on CUDA); a benchmark option (``sample-masked-max-autotune``: mode max-autotune-no-cudagraphs), unmeasured
+    forward_compile_options: dict = {}
 
     def __init__(self, config: GeneratorConfig):
         super().__init__(config)
@@ -415,16 +418,16 @@ class MaskedGenerator(Generator):
         calls: the eager module and ``confidence_update``, or their torch.compile'd versions, kept on the module
         (``compiled_once``; a failure falls back to eager with a warning), and the ``CallGraphs`` that record
         whole calls on CUDA (``CALL_GRAPHS``). The forward compiles with mode reduce-overhead (CUDA graphs of its
-        own) on CUDA without ``CALL_GRAPHS``, the default mode otherwise (a call graph holds its kernels); the
-        update with fullgraph=True (default mode). The update traces one graph per set of static options (greedy
-        or not, top-k, top-p, guided or not) and one for the last step (no Gumbel term); past dynamo's recompile
-        limit it falls back to eager. The first guided step (B + 1 sequences, ``SHARE_FIRST_UNCOND``) calls
+        own) on CUDA without ``CALL_GRAPHS``, else with ``forward_compile_options`` (default mode: a call graph
+        holds its kernels); the update with fullgraph=True (default mode). The update traces one graph per set
+        of static options (greedy or not, top-k, top-p, guided or not) and one for the last step (no Gumbel
+        term); past dynamo's recompile limit it falls back to eager. The first guided step (B + 1 sequences, ``SHARE_FIRST_UNCOND``) calls
         functions of its own (other code objects, so graphs of their own): sharing the others' would recompile
         them with a symbolic batch after their first call at another size."""
         if not compile:
             return self, confidence_update, self, confidence_update, None
         own_graphs = self.head.weight.device.type == "cuda" and not CALL_GRAPHS
-        forward_options = dict(mode="reduce-overhead") if own_graphs else {}
+        forward_options = dict(mode="reduce-overhead") if own_graphs else dict(self.forward_compile_options)
 
         def first_forward(*args):
             return self.forward(*args)
@@ -439,7 +442,8 @@ class MaskedGenerator(Generator):
             CompiledOrEager(first_forward, self, "masked sampler's first-step forward", logger, **forward_options),
             CompiledOrEager(first_update, confidence_update, "masked sampler's first-step update", logger,
                             fullgraph=True),
-            CallGraphs("masked sampling call", logger)), variant=CALL_GRAPHS)
+            CallGraphs("masked sampling call", logger)),
+            variant=(CALL_GRAPHS, tuple(sorted(self.forward_compile_options.items()))))
 
     @torch.no_grad()
     @eval_mode

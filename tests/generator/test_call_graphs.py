@@ -137,6 +137,18 @@ def test_the_masked_sampler_builds_its_call_graphs_once_per_switch(monkeypatch):
     assert model._sampling_fns(compile=False)[4] is None
 
 
+def test_the_forward_compile_options_reach_torch_compile_and_rebuild(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    model = randomised(tiny())
+    first = model._sampling_fns(compile=True)
+    assert calls == [{}, dict(fullgraph=True)] * 2                 # CPU: default-mode forwards
+    options = {"mode": "max-autotune-no-cudagraphs"}
+    monkeypatch.setattr(masked.MaskedGenerator, "forward_compile_options", options)
+    assert model._sampling_fns(compile=True) is not first
+    assert calls[4:] == [options, dict(fullgraph=True)] * 2
+
+
 # ---- on a GPU: real captures ------------------------------------------------------------------------------
 def cuda_gen(seed):
     return torch.Generator("cuda").manual_seed(seed)
