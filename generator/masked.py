@@ -421,9 +421,9 @@ class MaskedGenerator(Generator):
         own) on CUDA without ``CALL_GRAPHS``, else with ``forward_compile_options`` (default mode: a call graph
         holds its kernels); the update with fullgraph=True (default mode). The update traces one graph per set
         of static options (greedy or not, top-k, top-p, guided or not) and one for the last step (no Gumbel
-        term); past dynamo's recompile limit it falls back to eager. The first guided step (B + 1 sequences, ``SHARE_FIRST_UNCOND``) calls
-        functions of its own (other code objects, so graphs of their own): sharing the others' would recompile
-        them with a symbolic batch after their first call at another size."""
+        term); past dynamo's recompile limit it falls back to eager. The first guided step (B + 1 sequences,
+        ``SHARE_FIRST_UNCOND``) calls functions of its own (other code objects, so graphs of their own): sharing
+        the others' would recompile them with a symbolic batch after their first call at another size."""
         if not compile:
             return self, confidence_update, self, confidence_update, None
         own_graphs = self.head.weight.device.type == "cuda" and not CALL_GRAPHS
