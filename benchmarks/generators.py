@@ -414,6 +414,22 @@ def sample_masked_autocast_weights(args, sink: RowSink, tag: str = "") -> Bench:
     return b
 
 
+def seeded_ids(b: Bench, steps: int) -> torch.Tensor:
+    """One masked-B ``sample(compile=True)`` call at the bench's batch under the ids rows' seed."""
+    b.gen.manual_seed(1234)
+    return b.sample(b.batch, num_steps=steps, compile=True)
+
+
+def add_ids_row(b: Bench, sink: RowSink, steps: int, what: str, ids: torch.Tensor, reference: torch.Tensor) -> None:
+    """A ``sample-ids`` row named "masked-B @{steps} ids: {what}": how many of ``ids`` differ from ``reference``."""
+    differ, total = int((ids != reference).sum()), reference.numel()
+    sink.add(name=f"masked-B @{steps} ids: {what}", bench="sample-ids", model="masked-B", batch=b.batch, steps=steps,
+             config=SAMPLING["masked-B"], compile="sample(compile=True)",
+             dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
+             ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
+    print(f"@{steps} {what}: {differ} of {total} ids differ under one seed", flush=True)
+
+
 def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> None:
     """``sample-masked-autocast-weights`` with ``masked.CALL_GRAPHS`` off (NOTES A39: the forward's own CUDA graphs,
     the rest of each step launched kernel by kernel, as before), to pair with that job's rows of the same run;
@@ -426,15 +442,9 @@ def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> N
         ids = []
         for graphs in (False, True, True, True):
             with mock.patch.object(masked, "CALL_GRAPHS", graphs):
-                b.gen.manual_seed(1234)
-                ids.append(b.sample(b.batch, num_steps=steps, compile=True))
+                ids.append(seeded_ids(b, steps))
         for name, other in zip(("call graphs: the first call, as is", "recorded and replayed", "replayed"), ids[1:]):
-            differ, total = int((other != ids[0]).sum()), ids[0].numel()
-            sink.add(name=f"masked-B @{steps} ids: {name} vs no call graphs", bench="sample-ids", model="masked-B",
-                     batch=b.batch, steps=steps, config=SAMPLING["masked-B"], compile="sample(compile=True)",
-                     dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
-                     ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
-            print(f"@{steps} {name}: {differ} of {total} ids differ from the call without call graphs", flush=True)
+            add_ids_row(b, sink, steps, f"{name} vs no call graphs", other, ids[0])
 
 
 def sample_masked_max_autotune(args, sink: RowSink) -> None:
@@ -452,14 +462,8 @@ def sample_masked_max_autotune(args, sink: RowSink) -> None:
         for options in (mode, {}):
             with mock.patch.object(MaskedGenerator, "forward_compile_options", options):
                 for _ in range(2):                # as is, then recorded: the ids of the graph the rows timed
-                    b.gen.manual_seed(1234)
-                    ids.append(b.sample(b.batch, num_steps=steps, compile=True))
-        differ, total = int((ids[1] != ids[3]).sum()), ids[1].numel()
-        sink.add(name=f"masked-B @{steps} ids: forward max-autotune vs default", bench="sample-ids", model="masked-B",
-                 batch=b.batch, steps=steps, config=SAMPLING["masked-B"], compile="sample(compile=True)",
-                 dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
-                 ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
-        print(f"@{steps}: {differ} of {total} ids differ (forward max-autotune vs default)", flush=True)
+                    ids.append(seeded_ids(b, steps))
+        add_ids_row(b, sink, steps, "forward max-autotune vs default", ids[1], ids[3])
 
 
 def sample_masked_unshared(args, sink: RowSink) -> None:
@@ -473,14 +477,8 @@ def sample_masked_unshared(args, sink: RowSink) -> None:
         ids = {}
         for share in (True, False):
             with mock.patch.object(masked, "SHARE_FIRST_UNCOND", share):
-                b.gen.manual_seed(1234)
-                ids[share] = b.sample(b.batch, num_steps=steps, compile=True)
-        differ, total = int((ids[True] != ids[False]).sum()), ids[True].numel()
-        sink.add(name=f"masked-B @{steps} ids: first step on B + 1 vs 2B sequences", bench="sample-ids",
-                 model="masked-B", batch=b.batch, steps=steps, config=SAMPLING["masked-B"],
-                 compile="sample(compile=True)", dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
-                 ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
-        print(f"@{steps}: {differ} of {total} ids differ (first step shared vs 2B)", flush=True)
+                ids[share] = seeded_ids(b, steps)
+        add_ids_row(b, sink, steps, "first step on B + 1 vs 2B sequences", ids[False], ids[True])
 
 
 def sample_masked_torch_attention(args, sink: RowSink) -> None:
