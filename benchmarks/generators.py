@@ -11,8 +11,8 @@ coordinate-descent tuning), sample-masked-cublaslt (the same with matmuls throug
 sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-masked-no-call-graphs (the same with
 ``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-max-autotune (the same
-with the forward compiled in mode max-autotune-no-cudagraphs, and the ids it changes), sample-masked-unshared
-(the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed
+with the forward compiled with inductor's max_autotune and persistent TMA templates, and the ids it changes),
+sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed
 changes), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -448,19 +448,22 @@ def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> N
 
 
 def sample_masked_max_autotune(args, sink: RowSink) -> None:
-    """``sample-masked-autocast-weights`` with the forward compiled in mode max-autotune-no-cudagraphs
-    (``MaskedGenerator.forward_compile_options``; the call graphs on): inductor times Triton matmul templates
-    against cuBLAS per shape and may fuse SwiGLU's silu*up and the norms into them; to pair with that job's rows
-    of the same run. Then the ids of one @16 and one @8 call under one seed with this forward and the default
-    one (other matmul kernels may round differently) and how many differ. Unmeasured so far."""
+    """``sample-masked-autocast-weights`` with the forward compiled with inductor's ``max_autotune`` and its
+    persistent TMA matmul templates (``MaskedGenerator.forward_compile_options``; the call graphs on; no
+    coordinate-descent tuning, which gained nothing in ``sample-masked-cd``): inductor times Triton matmul
+    templates against cuBLAS per shape and, where a template wins, may fuse pointwise neighbours into it (SwiGLU's
+    silu*up as the down projection's prologue, residual adds as epilogues); to pair with that job's rows of the
+    same run. Then the ids of one @16 and one @8 call under one seed with this forward and the default one (other
+    matmul kernels may round differently) and how many differ."""
     from generator.masked import MaskedGenerator
-    mode = {"mode": "max-autotune-no-cudagraphs"} if not args.smoke else {}
-    with mock.patch.object(MaskedGenerator, "forward_compile_options", mode):
+    options = {} if args.smoke else {"options": {"max_autotune": True, "coordinate_descent_tuning": False,
+                                                 "triton.enable_persistent_tma_matmul": True}}
+    with mock.patch.object(MaskedGenerator, "forward_compile_options", options):
         b = sample_masked_autocast_weights(args, sink, tag=" [forward max-autotune]")
     for steps in (16, 8):
         ids = []
-        for options in (mode, {}):
-            with mock.patch.object(MaskedGenerator, "forward_compile_options", options):
+        for opts in (options, {}):
+            with mock.patch.object(MaskedGenerator, "forward_compile_options", opts):
                 for _ in range(2):                # as is, then recorded: the ids of the graph the rows timed
                     ids.append(seeded_ids(b, steps))
         add_ids_row(b, sink, steps, "forward max-autotune vs default", ids[1], ids[3])

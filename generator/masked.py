@@ -290,8 +290,8 @@ def dynamic_dim(x: torch.Tensor, compile: bool) -> torch.Tensor:
 # ---- the model ----------------------------------------------------------------------------------
 class MaskedGenerator(Generator):
     kind = "masked"
-    # torch.compile options of the sampler's forward where it runs no CUDA graphs of its own (CALL_GRAPHS, or not
-    # on CUDA); a benchmark option (``sample-masked-max-autotune``: mode max-autotune-no-cudagraphs), unmeasured
+    # torch.compile keyword arguments of the sampler's forward where it runs no CUDA graphs of its own (CALL_GRAPHS,
+    # or not on CUDA); a benchmark option (``sample-masked-max-autotune``: inductor's max_autotune options)
     forward_compile_options: dict = {}
 
     def __init__(self, config: GeneratorConfig):
@@ -443,7 +443,7 @@ class MaskedGenerator(Generator):
             CompiledOrEager(first_update, confidence_update, "masked sampler's first-step update", logger,
                             fullgraph=True),
             CallGraphs("masked sampling call", logger)),
-            variant=(CALL_GRAPHS, tuple(sorted(self.forward_compile_options.items()))))
+            variant=(CALL_GRAPHS, repr(sorted(self.forward_compile_options.items()))))
 
     @torch.no_grad()
     @eval_mode
