@@ -211,7 +211,9 @@ def sample_masked_fused(b: Bench, tag: str = "", weights: str = FP32_FROZEN) -> 
     row's name."""
     from generator import masked
     B = b.batch
-    forward = masked.MaskedGenerator.forward_compile_options.get("mode", "default")
+    opts = masked.MaskedGenerator.forward_compile_options
+    forward = opts.get("mode") or (", ".join(f"{k}={v}" for k, v in opts["options"].items()) if "options" in opts
+                                   else "default")
     if b.dev.type != "cuda":
         label = f"forward: {forward} + update: fullgraph"
     elif masked.CALL_GRAPHS:     # the first call of a shape runs as is, the second records the call, later ones replay
