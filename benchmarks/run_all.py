@@ -62,7 +62,7 @@ JOBS = [
     Job("sample-masked-no-call-graphs", "benchmarks.generators", ["--part", "sample-masked-no-call-graphs"],
         70),  # A39 off, + the ids on and off: 46-54 s (session 21)
     Job("sample-masked-max-autotune", "benchmarks.generators", ["--part", "sample-masked-max-autotune"],
-        420),  # a guess: inductor times matmul templates for every forward shape, then a default compile for the ids
+        500),  # 489 s (session 22): inductor times matmul templates for every forward shape, then a default compile
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),
