@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines.checkpoint import atomic_write_text, load_model_dir, save_model_dir
 from pipelines.config import from_dict, load_sections, to_dict
 from pipelines.data import DataConfig, build_image_dataset, sample_weights
-from pipelines.train_utils import exit_status, stopped_line
+from pipelines.train_utils import exit_status
 from pipelines.trainer import Trainer, TrainConfig, adamw
 
 logger = logging.getLogger(__name__)
@@ -220,9 +219,7 @@ def train_classifier(model_cfg: ClassifierConfig, aug: AugmentConfig, train: Tra
     trainer = Trainer(train, output_dir, ClassifierTask(model, aug), train_set, resume=resume,
                       run_config=run_config, sampler_weights=weights)
     last = trainer.fit()
-    if last["signal"]:       # cut short by a signal: no val pass over an unfinished model, no metrics.json
-        if trainer.accelerator.is_main_process:
-            print(stopped_line(last), file=sys.stderr)
+    if last["signal"]:       # cut short by a signal (the Trainer said where): no val pass over an unfinished model
         return {"stopped": last}
     if not trainer.accelerator.is_main_process:
         return {}

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from pipelines.data import DataConfig, TokenDataset, build_image_dataset, tokeni
 from pipelines.loading import (check_compatible, class_names_for, describe_tokens, load_tokenizer, pick_device,
                                write_meta)
 from pipelines.trainer import Trainer
-from pipelines.train_utils import TrainConfig, adamw, exit_status, stopped_line
+from pipelines.train_utils import TrainConfig, adamw, exit_status
 
 logger = logging.getLogger(__name__)
 SECTIONS = {"model": GeneratorConfig, "train": TrainConfig}
@@ -259,9 +258,7 @@ def run_train(args: argparse.Namespace) -> int:
                 model_config.kind, generator.num_params() / 1e6, model_config.num_tokens, len(data),
                 len(val) if val else 0)
     result = trainer.fit()
-    if result["signal"]:        # the checkpoint is written; a scheduler's grace period is no time for validation
-        if trainer.accelerator.is_main_process:
-            print(stopped_line(result), file=sys.stderr)
+    if result["signal"]:        # the checkpoint is written (the Trainer said where); a grace period is no time for validation
         return exit_status(result)
     bits = None
     if trainer.accelerator.is_main_process:     # the saved model (EMA weights when EMA is on), after the last step

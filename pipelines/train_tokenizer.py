@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from torchvision.utils import save_image
 
 from pipelines.config import load_run_config, to_dict
 from pipelines.data import DataConfig, build_image_dataset, sample_weights
-from pipelines.train_utils import exit_status, stopped_line
+from pipelines.train_utils import exit_status
 from pipelines.trainer import TrainConfig, Trainer, adamw
 from tokenizer import VQGAN, LossConfig, VQGANConfig, VQGANLoss
 
@@ -163,8 +162,6 @@ def run_train(args: argparse.Namespace) -> int:
                  if k in ("loss/model", "loss/disc", "psnr", "vq/perplexity", "vq/usage") and isinstance(v, float)}
         print(f"{how} at step {result['step']}: {shown}")
         print(f"tokenizer saved to {args.output} (VQGAN.from_pretrained); checkpoint: {result['checkpoint']}")
-        if result["signal"]:
-            print(stopped_line(result), file=sys.stderr)
     return exit_status(result)
 
 

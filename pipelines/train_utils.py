@@ -256,6 +256,6 @@ def exit_status(result: dict) -> int:
 
 
 def stopped_line(result: dict) -> str:
-    """One line for the user when a signal stopped training: where, and how to go on."""
+    """The Trainer's one line when a signal, the time limit or a peer stopped training: where, and how to go on."""
     return (f"stopped by {result['stopped_by']} at step {result['step']}; checkpoint: {result['checkpoint']} "
             f"(run the same command with --resume to continue)")

@@ -38,7 +38,7 @@ from pipelines.config import config_hash, parse_yaml
 from pipelines.sampler import SeededDataset, build_batch_sampler
 from pipelines.train_utils import (EMA, TIME_LIMIT, StopVote, TrainConfig, adamw, code_signum, extra_buffers,
                                    load_extra_buffers, lr_factor, match_state_layouts, rng_state, signal_code,
-                                   torch_optimizer)
+                                   stopped_line, torch_optimizer)
 from pipelines import distributed, fsdp_utils
 
 __all__ = ["TrainConfig", "TrainTask", "Trainer", "adamw", "lr_factor"]
@@ -484,10 +484,11 @@ class Trainer:
         bar.close()
         if saved_at != st["step"] and (st["step"] > 0 or cfg.max_steps == 0):
             path = self._save()
-        if self._stop_signal is not None:
-            logger.warning("stopped by %s at step %d; checkpoint: %s", self._stop_signal, st["step"], path)
-        return dict(last, step=st["step"], stopped_by=self._stop_signal, signal=self._stop_signum,
-                    checkpoint=str(path) if path else None)
+        result = dict(last, step=st["step"], stopped_by=self._stop_signal, signal=self._stop_signum,
+                      checkpoint=str(path) if path else None)
+        if self._stop_signal is not None:       # the one line the user sees about it (the CLIs print none of their own)
+            logger.warning("%s", stopped_line(result))
+        return result
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

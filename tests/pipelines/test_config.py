@@ -26,7 +26,7 @@ def test_a_config_file_and_overrides_with_exponent_floats_load(tmp_path):
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
 def test_non_finite_numbers_are_refused_by_name(value):
-    with pytest.raises(ConfigError, match=f"train.lr: expected a finite number"):
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
         load_sections(None, {"train": TrainConfig}, overrides=[f"train.lr={value}"])
 
 

@@ -181,7 +181,13 @@ def test_resume_continues_to_the_same_weights(tmp_path, capsys, art):
     assert "--resume" in msg                                                   # no silent overwrite
 
 
-def test_a_sigterm_exits_143_after_its_checkpoint_and_the_run_resumes(tmp_path, capsys, art):
+def stopped_lines(caplog, err: str, signal_name: str) -> list[str]:
+    """The Trainer's "stopped by" line(s) (logged), after checking the CLI printed no plain copy of its own."""
+    assert not [ln for ln in err.splitlines() if ln.startswith("stopped by")], err
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"stopped by {signal_name} at step")]
+
+
+def test_a_sigterm_exits_143_after_its_checkpoint_and_the_run_resumes(tmp_path, capsys, caplog, art):
     """A signal is not a finished run: `train && evaluate` must not go on. The checkpoint is written, no
     validation pass delays the exit, and --resume continues from the step where it stopped."""
     out = tmp_path / "stopped"
@@ -190,7 +196,7 @@ def test_a_sigterm_exits_143_after_its_checkpoint_and_the_run_resumes(tmp_path, 
         code, stdout, err = run_cli(capsys, "train-generator", "--config", cfg, "--tokens", art["tokens"],
                                     "--output", out, "--max-steps", "100000")
     assert code == 128 + signal.SIGTERM, err
-    line = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM at step")]
+    line = stopped_lines(caplog, err, "SIGTERM")
     assert len(line) == 1 and "--resume" in line[0] and "Traceback" not in err
     step = int(line[0].split("at step ")[1].split(";")[0])
     assert 2 <= step < 100000 and (out / "checkpoints" / f"step-{step:07d}").is_dir()
