@@ -12,8 +12,9 @@ sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-masked-no-call-graphs (the same with
 ``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-max-autotune (the same
 with the forward compiled with inductor's max_autotune and persistent TMA templates, and the ids it changes),
-sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed
-changes), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
+sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
+and how many ids a seed changes), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
+compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the

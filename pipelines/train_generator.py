@@ -258,7 +258,7 @@ def run_train(args: argparse.Namespace) -> int:
                 model_config.kind, generator.num_params() / 1e6, model_config.num_tokens, len(data),
                 len(val) if val else 0)
     result = trainer.fit()
-    if result["signal"]:        # the checkpoint is written (the Trainer said where); a grace period is no time for validation
+    if result["signal"]:        # the checkpoint is written (the Trainer said where); no validation in a grace period
         return exit_status(result)
     bits = None
     if trainer.accelerator.is_main_process:     # the saved model (EMA weights when EMA is on), after the last step

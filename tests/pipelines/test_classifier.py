@@ -133,5 +133,5 @@ def test_a_sigterm_stops_with_a_checkpoint_and_no_val_report(tmp_path, capsys, c
     assert 5 <= stopped["step"] < 100000 and (out / "checkpoints" / f"step-{stopped['step']:07d}").is_dir()
     assert not (out / "metrics.json").exists()
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped by SIGTERM")]
-    assert len(said) == 1 and said[0].startswith(f"stopped by SIGTERM at step {stopped['step']};")   # once, by the Trainer
+    assert len(said) == 1 and said[0].startswith(f"stopped by SIGTERM at step {stopped['step']};")   # by the Trainer
     assert "stopped by" not in capsys.readouterr().err
