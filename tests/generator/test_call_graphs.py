@@ -213,3 +213,8 @@ def test_storage_key_sees_casts_moves_and_replaced_parameters():
     key = storage_key(module)
     module.to(torch.float64)
     assert storage_key(module) != key
+    key = storage_key(module)
+    module.register_module("absent", None)                         # an empty slot is no storage
+    assert storage_key(module) == key
+    del module[2]                                                  # a deleted submodule: a new key
+    assert storage_key(module) != key and len(storage_key(module)) == 3
