@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand modules, in the order `tessera --help` lists them
@@ -42,16 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def end_distributed() -> None:
+def end_distributed() -> bool:
     """Under ``accelerate launch``, wait for every rank (rank 0 may still be validating or saving after
-    training) and destroy the process group before the interpreter exits. A rank that exits with a live
-    gloo group while its peer still uses it can abort in C++ ("terminate called without an active
-    exception"), which fails the whole launch."""
+    training) and destroy the process group. True when there was one to end (the caller then leaves through
+    ``exit_now``). A rank that exits with a live gloo group while its peer still uses it can abort in C++
+    ("terminate called without an active exception"), which fails the whole launch."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_now(code: int) -> None:
+    """End a launched rank once its work is written and its process group destroyed: flush the logs and the
+    standard streams, then ``os._exit``. The interpreter's teardown is skipped on purpose: twice in this
+    project's CI a 2-process gloo run had finished, validated and passed the barrier, and then one rank aborted
+    on its way out (SIGABRT, "terminate called without an active exception": a native thread still joinable at
+    teardown; pytorch/gloo#155), failing a launch whose work was done."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = int(args.func(args) or 0)
-        end_distributed()
+        if end_distributed():
+            exit_now(code)
         return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
