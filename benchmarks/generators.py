@@ -13,7 +13,8 @@ sample-masked-autocast-weights
 ``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-max-autotune (the same
 with the forward compiled with inductor's max_autotune and persistent TMA templates, and the ids it changes),
 sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
-and how many ids a seed changes), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
+and how many ids a seed changes), sample-masked-host (the same calls split on the host clock: the time before each
+graph's replay), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
 compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -30,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import statistics
+import time
 from unittest import mock
 
 import torch
@@ -44,7 +47,7 @@ from generator.autoregressive import ARGenerator
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
-         "sample-masked-max-autotune", "sample-masked-unshared",
+         "sample-masked-max-autotune", "sample-masked-unshared", "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -472,6 +475,44 @@ def sample_masked_max_autotune(args, sink: RowSink) -> None:
         add_ids_row(b, sink, steps, "forward max-autotune vs default", ids[1], ids[3])
 
 
+def sample_masked_host(args, sink: RowSink) -> None:
+    """``sample-masked-autocast-weights``'s calls split on the host clock (NOTES A42): for each replayed call, the
+    wall time from the call to the start of its graph's replay (the caller's code, the sampler's checks, the class
+    ids' copy, the storage key: the GPU idles through it, as the previous call's synchronize left it) and the
+    whole call with its synchronize, timed as ``time_fn`` times the sampling rows; medians over the timed calls,
+    at @16 and @8 (the bench's batch) and @16 at batch 1. Without CUDA (smoke) no call is replayed and the split
+    stays empty."""
+    from generator import masked
+    b = Bench(args, sink, "masked-B")
+    if b.dev.type == "cuda":
+        b.model.autocast_weights(torch.bfloat16)
+    graphs = b.model._sampling_fns(compile=True)[4]
+    t = timing(args.smoke)
+    for batch, steps in ((b.batch, 16), (b.batch, 8), (1, 16)):
+        for _ in range(t["warmup"] + 1):          # the first call compiles, the second records, the third replays
+            b.sample(batch, num_steps=steps, compile=True)
+        sync()
+        totals, before = [], []
+        for _ in range(max(t["iters"], 12) if not args.smoke else 1):
+            t0 = time.perf_counter()
+            b.sample(batch, num_steps=steps, compile=True)
+            sync()
+            totals.append(time.perf_counter() - t0)
+            started = graphs.replay_started_at if graphs is not None else None
+            if started is not None and started > t0:
+                before.append(started - t0)
+        host = statistics.median(before) if before else None
+        note = (f"{host * 1e3:.3f} ms from the call to its replay" if host is not None
+                else "no replay (the call graphs run on CUDA only)")
+        sink.add(name=f"masked-B @{steps} host split" + (" b1" if batch == 1 else ""), bench="sample-host",
+                 model="masked-B", batch=batch, steps=steps, config=SAMPLING["masked-B"],
+                 compile="sample(compile=True), the whole call one CUDA graph"
+                 if masked.CALL_GRAPHS and b.dev.type == "cuda" else "sample(compile=True)", dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
+                 weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN,
+                 median_s=statistics.median(totals), host_before_replay_s=host, iters=len(totals), note=note)
+        print(f"@{steps} batch {batch}: {statistics.median(totals) * 1e3:.2f} ms per call, {note}", flush=True)
+
+
 def sample_masked_unshared(args, sink: RowSink) -> None:
     """``sample(compile=True)`` with the first guided step on all 2B sequences (``masked.SHARE_FIRST_UNCOND`` off,
     NOTES A37), to pair with ``sample-masked-fused``'s rows of the same run; then the ids of one @16 and one @8
@@ -626,7 +667,8 @@ def main() -> None:
             "sample-masked-autocast-weights": sample_masked_autocast_weights,
             "sample-masked-no-call-graphs": sample_masked_autocast_weights_without_call_graphs,
             "sample-masked-max-autotune": sample_masked_max_autotune,
-            "sample-masked-unshared": sample_masked_unshared, "sample-ar": sample_ar,
+            "sample-masked-unshared": sample_masked_unshared, "sample-masked-host": sample_masked_host,
+            "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)

@@ -24,6 +24,7 @@ Used by ``MaskedGenerator.sample(compile=True)`` on CUDA (``generator.masked.CAL
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Hashable
 
 import torch
@@ -98,6 +99,7 @@ class CallGraphs:
     def __init__(self, what: str, log: logging.Logger, max_graphs: int = 8, record=RecordedCall):
         self.what, self.log, self.max_graphs, self.record = what, log, max_graphs, record
         self.failed = False
+        self.replay_started_at: float | None = None   # time.perf_counter() as the last replay began (NOTES A42)
         self._seen: set = set()
         self._graphs: dict = {}
         self._pool = None
@@ -139,4 +141,5 @@ class CallGraphs:
                 self.failed = True
                 self._graphs.clear()
                 return fn(*inputs, generator)
+        self.replay_started_at = time.perf_counter()
         return recorded.replay(inputs, generator)

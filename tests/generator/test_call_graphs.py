@@ -4,6 +4,7 @@ generator where the unrecorded first call does. On the CPU a stand-in records: i
 copies of the inputs it was recorded with, as a graph reads its static inputs."""
 import copy
 import logging
+import time
 
 import pytest
 import torch
@@ -55,6 +56,17 @@ def test_first_call_runs_as_is_second_records_then_replays(graphs):
     out = graphs(fn, "k", module, (x + 10, None), g, CPU)           # new values in the recorded inputs
     assert len(StandIn.recorded) == 1 and torch.equal(StandIn.recorded[0].inputs[0], x + 10)
     assert torch.all(out >= 2 * (x + 10)) and torch.all(out < 2 * (x + 10) + 1)
+
+
+def test_a_replay_marks_its_start_on_the_host_clock(graphs):
+    """What ``sample-masked-host`` reads: the host clock as the last replay began; runs without one leave it."""
+    fn, module, g, x = counting([]), nn.Linear(2, 2), torch.Generator(), torch.zeros(2)
+    graphs(fn, "k", module, (x, None), g, CPU)                       # as is: nothing replayed
+    assert graphs.replay_started_at is None
+    graphs(fn, "k", module, (x, None), g, CPU)                       # recorded, then replayed
+    before = time.perf_counter()
+    graphs(fn, "k", module, (x, None), g, CPU)
+    assert before <= graphs.replay_started_at <= time.perf_counter()
 
 
 @pytest.mark.parametrize("change", ["key", "shape", "dtype", "none input", "autocast", "weights moved"])
