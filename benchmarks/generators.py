@@ -53,6 +53,7 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
 FP32_FROZEN = "fp32 (frozen: autocast re-casts every pass)"
+BF16_LINEAR = "bf16 Linear (autocast_weights)"      # what the pipelines load on a GPU
 
 
 class Bench:
@@ -72,6 +73,11 @@ class Bench:
         # GPU tensor's check is a device-to-host read (~1.3 ms per call in session 13's trace)
         self.classes = torch.randint(0, self.model.config.num_classes, (n,), generator=g)
         self.gen = torch.Generator(device=self.dev).manual_seed(0)
+
+    @property
+    def dtype(self) -> str:
+        """The rows' dtype column: the benchmarks run bf16 autocast on CUDA only."""
+        return "bf16 autocast" if self.dev.type == "cuda" else "fp32 (cpu smoke)"
 
     @property
     def is_var(self) -> bool:
@@ -102,7 +108,7 @@ class Bench:
         return self.sink.add(
             name=f"{self.name} {label}" + (" +decode" if decode else ""), bench="sample", model=self.name,
             params_M=round(self.model.num_params() / 1e6, 1), batch=batch, steps=steps if c.kind == "masked" else None,
-            config=SAMPLING[self.name], dtype="bf16 autocast" if self.dev.type == "cuda" else "fp32 (cpu smoke)",
+            config=SAMPLING[self.name], dtype=self.dtype,
             weights=weights, compile=compile, decode=decode, **t, images_per_s=batch / t["median_s"],
             latency_s=t["median_s"] if batch == 1 else None, mfu=flops / t["median_s"] / pf if pf else None,
             peak_mem_gb=peak_memory_gb(), **floors(flops, bytes_, H100 if self.smoke else None, impl), **extra)
@@ -207,24 +213,31 @@ def sample_masked(args, sink: RowSink) -> None:
     sample_masked_fused(b)
 
 
+def masked_compile_label(b: Bench) -> str:
+    """The compile column of masked-B ``sample(compile=True)`` rows: the forward's compile options, and whether
+    each call is replayed as one CUDA graph (``masked.CALL_GRAPHS``: the first call of a shape runs as is, the
+    second records it, later ones replay it) or the forward runs graphs of its own."""
+    from generator import masked
+    opts = masked.MaskedGenerator.forward_compile_options
+    forward = opts.get("mode") or (", ".join(f"{k}={v}" for k, v in opts["options"].items()) if "options" in opts
+                                   else "default")
+    if b.dev.type != "cuda":
+        label = f"forward: {forward} + update: fullgraph"
+    elif masked.CALL_GRAPHS:
+        label = f"forward: {forward} + update: fullgraph, the whole call one CUDA graph"
+    else:
+        label = "forward: reduce-overhead + update: fullgraph"
+    return label + (" (smoke: eager backend)" if b.smoke else "")
+
+
 def sample_masked_fused(b: Bench, tag: str = "", weights: str = FP32_FROZEN) -> None:
     """``sample(compile=True)``: the model's own compiled path, the forward through torch.compile
     (reduce-overhead on CUDA) and the fused CFG combine + MaskGIT confidence update through
     torch.compile(fullgraph=True); only the noise is drawn eagerly. A compile failure falls back to
     eager inside the model with a warning, which the rows' compile status reports. ``tag`` ends each
     row's name."""
-    from generator import masked
     B = b.batch
-    opts = masked.MaskedGenerator.forward_compile_options
-    forward = opts.get("mode") or (", ".join(f"{k}={v}" for k, v in opts["options"].items()) if "options" in opts
-                                   else "default")
-    if b.dev.type != "cuda":
-        label = f"forward: {forward} + update: fullgraph"
-    elif masked.CALL_GRAPHS:     # the first call of a shape runs as is, the second records the call, later ones replay
-        label = f"forward: {forward} + update: fullgraph, the whole call one CUDA graph"
-    else:
-        label = "forward: reduce-overhead + update: fullgraph"
-    label += " (smoke: eager backend)" if b.smoke else ""
+    label = masked_compile_label(b)
 
     def sample(n: int, steps: int):
         return b.sample(n, num_steps=steps, compile=True)
@@ -332,7 +345,7 @@ def sample_ar(args, sink: RowSink, decode_mode: str | None = None) -> None:
                     # torch 2.11); the pipelines cast before any compile
                     torch._dynamo.reset()
                     free_memory()
-                wlabel = "bf16 Linear (autocast_weights)" if weights is not None else FP32_FROZEN
+                wlabel = BF16_LINEAR if weights is not None else FP32_FROZEN
                 status_first = {"compile": status()}
                 if first_call_or_eager(lambda: b.sample(B, compile=on_gpu), None, status_first) is None:
                     sink.add(name=f"ar-B compiled{suffix}{tag}", batch=B, error=status_first["compile"])
@@ -412,12 +425,19 @@ def sample_masked_autocast_weights(args, sink: RowSink, tag: str = "") -> Bench:
     cast of every weight (NOTES A15). A process of its own, so no graph compiled for fp32 weights outlives them.
     On the CPU (smoke) the weights stay fp32: the benchmarks turn bf16 autocast on on CUDA only. ``tag`` ends
     each row's name after " autocast-weights"; returns the Bench."""
-    b = Bench(args, sink, "masked-B")
-    if b.dev.type == "cuda":
-        b.model.autocast_weights(torch.bfloat16)
-    sample_masked_fused(b, tag=" autocast-weights" + tag,
-                        weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN)
+    b, weights = autocast_weights_bench(args, sink)
+    sample_masked_fused(b, tag=" autocast-weights" + tag, weights=weights)
     return b
+
+
+def autocast_weights_bench(args, sink: RowSink) -> tuple[Bench, str]:
+    """A masked-B Bench with its Linear weights stored in bf16 on CUDA (fp32 on the CPU, where the benchmarks run
+    no autocast), and the rows' weights column for them."""
+    b = Bench(args, sink, "masked-B")
+    if b.dev.type != "cuda":
+        return b, FP32_FROZEN
+    b.model.autocast_weights(torch.bfloat16)
+    return b, BF16_LINEAR
 
 
 def seeded_ids(b: Bench, steps: int) -> torch.Tensor:
@@ -430,9 +450,8 @@ def add_ids_row(b: Bench, sink: RowSink, steps: int, what: str, ids: torch.Tenso
     """A ``sample-ids`` row named "masked-B @{steps} ids: {what}": how many of ``ids`` differ from ``reference``."""
     differ, total = int((ids != reference).sum()), reference.numel()
     sink.add(name=f"masked-B @{steps} ids: {what}", bench="sample-ids", model="masked-B", batch=b.batch, steps=steps,
-             config=SAMPLING["masked-B"], compile="sample(compile=True)",
-             dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
-             ids_differ=differ, ids_total=total, note=f"{differ} of {total} ids differ under one seed")
+             config=SAMPLING["masked-B"], compile="sample(compile=True)", dtype=b.dtype, ids_differ=differ,
+             ids_total=total, note=f"{differ} of {total} ids differ under one seed")
     print(f"@{steps} {what}: {differ} of {total} ids differ under one seed", flush=True)
 
 
@@ -482,10 +501,7 @@ def sample_masked_host(args, sink: RowSink) -> None:
     whole call with its synchronize, timed as ``time_fn`` times the sampling rows; medians over the timed calls,
     at @16 and @8 (the bench's batch) and @16 at batch 1. Without CUDA (smoke) no call is replayed and the split
     stays empty."""
-    from generator import masked
-    b = Bench(args, sink, "masked-B")
-    if b.dev.type == "cuda":
-        b.model.autocast_weights(torch.bfloat16)
+    b, weights = autocast_weights_bench(args, sink)
     graphs = b.model._sampling_fns(compile=True)[4]
     t = timing(args.smoke)
     for batch, steps in ((b.batch, 16), (b.batch, 8), (1, 16)):
@@ -498,18 +514,15 @@ def sample_masked_host(args, sink: RowSink) -> None:
             b.sample(batch, num_steps=steps, compile=True)
             sync()
             totals.append(time.perf_counter() - t0)
-            started = graphs.replay_started_at if graphs is not None else None
-            if started is not None and started > t0:
-                before.append(started - t0)
+            if graphs.replay_started_at is not None and graphs.replay_started_at > t0:
+                before.append(graphs.replay_started_at - t0)
         host = statistics.median(before) if before else None
         note = (f"{host * 1e3:.3f} ms from the call to its replay" if host is not None
                 else "no replay (the call graphs run on CUDA only)")
         sink.add(name=f"masked-B @{steps} host split" + (" b1" if batch == 1 else ""), bench="sample-host",
                  model="masked-B", batch=batch, steps=steps, config=SAMPLING["masked-B"],
-                 compile="sample(compile=True), the whole call one CUDA graph"
-                 if masked.CALL_GRAPHS and b.dev.type == "cuda" else "sample(compile=True)", dtype="bf16 autocast" if b.dev.type == "cuda" else "fp32 (cpu smoke)",
-                 weights="bf16 Linear (autocast_weights)" if b.dev.type == "cuda" else FP32_FROZEN,
-                 median_s=statistics.median(totals), host_before_replay_s=host, iters=len(totals), note=note)
+                 compile=masked_compile_label(b), dtype=b.dtype, weights=weights, median_s=statistics.median(totals),
+                 host_before_replay_s=host, iters=len(totals), note=note)
         print(f"@{steps} batch {batch}: {statistics.median(totals) * 1e3:.2f} ms per call, {note}", flush=True)
 
 
