@@ -516,7 +516,7 @@ class MaskedGenerator(Generator):
         for i, (t, s) in enumerate(steps.timesteps()):
             pos_BM = None if counts is None else dynamic_dim(masked_positions(ids_BL, self.mask_id, counts[i]), compile)
             U = unconditional_sequences(B, i, guided, known_ids_BL is not None)
-            forward, update = (forward_first, update_first) if U < B else (forward_rest, update_rest)
+            forward, update = (forward_first, update_first) if 0 < U < B else (forward_rest, update_rest)
             if guided:      # one forward on [cond; uncond] (B + U, M, V); the sampler step combines the halves
                 pos_2BM = None if pos_BM is None else dynamic_dim(torch.cat([pos_BM, pos_BM[:U]]), compile)
                 logits = forward(torch.cat([ids_BL, ids_BL[:U]]), both_B[:B + U], pos_2BM)

@@ -150,3 +150,22 @@ def test_gpu_compiled_sampling_runs(caplog):
     assert FALLBACK not in caplog.text
     assert all(fn.compiled for fn in model._compiled[:4])
 
+
+
+@pytest.mark.parametrize("cfg_scale, expected", [(1.0, ["rest"] * 3), (2.0, ["first", "rest", "rest"])])
+def test_only_the_first_guided_step_of_a_shared_start_runs_the_first_step_functions(monkeypatch, cfg_scale, expected):
+    """The first-step functions are for the first guided step's B + 1 sequences (SHARE_FIRST_UNCOND); an
+    unguided step runs B sequences, as every later step does, through the others."""
+    model = randomised(tiny())
+    calls = []
+
+    def tagged(name, fn):
+        def call(*args, **kw):
+            calls.append(name)
+            return fn(*args, **kw)
+        return call
+
+    monkeypatch.setattr(model, "_sampling_fns", lambda compile: (
+        tagged("rest", model.forward), confidence_update, tagged("first", model.forward), confidence_update, None))
+    model.sample([0, 1, 2], num_steps=3, cfg_scale=cfg_scale, generator=gen(0))
+    assert calls == expected
