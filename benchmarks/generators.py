@@ -12,6 +12,8 @@ sample-masked-autocast-weights
 (``sample(compile=True)`` on the pipelines' bf16 Linear weights), sample-masked-no-call-graphs (the same with
 ``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-max-autotune (the same
 with the forward compiled with inductor's max_autotune and persistent TMA templates, and the ids it changes),
+sample-masked-inductor-default (the same with the forward under inductor's default options: the residual stream
+written every second block, NOTES A43),
 sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
 and how many ids a seed changes), sample-masked-host (the same calls split on the host clock: the time before each
 graph's replay), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
@@ -47,7 +49,8 @@ from generator.autoregressive import ARGenerator
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
-         "sample-masked-max-autotune", "sample-masked-unshared", "sample-masked-host",
+         "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-unshared",
+         "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -219,14 +222,13 @@ def masked_compile_label(b: Bench) -> str:
     second records it, later ones replay it) or the forward runs graphs of its own."""
     from generator import masked
     opts = masked.MaskedGenerator.forward_compile_options
-    forward = opts.get("mode") or (", ".join(f"{k}={v}" for k, v in opts["options"].items()) if "options" in opts
-                                   else "default")
+    forward = opts.get("mode") or ", ".join(f"{k}={v}" for k, v in opts.get("options", {}).items()) or "default"
     if b.dev.type != "cuda":
         label = f"forward: {forward} + update: fullgraph"
     elif masked.CALL_GRAPHS:
         label = f"forward: {forward} + update: fullgraph, the whole call one CUDA graph"
     else:
-        label = "forward: reduce-overhead + update: fullgraph"
+        label = f"forward: {forward}, its own CUDA graphs (reduce-overhead) + update: fullgraph"
     return label + (" (smoke: eager backend)" if b.smoke else "")
 
 
@@ -472,26 +474,42 @@ def sample_masked_autocast_weights_without_call_graphs(args, sink: RowSink) -> N
             add_ids_row(b, sink, steps, f"{name} vs no call graphs", other, ids[0])
 
 
-def sample_masked_max_autotune(args, sink: RowSink) -> None:
-    """``sample-masked-autocast-weights`` with the forward compiled with inductor's ``max_autotune`` and its
-    persistent TMA matmul templates (``MaskedGenerator.forward_compile_options``; the call graphs on; no
-    coordinate-descent tuning, which gained nothing in ``sample-masked-cd``): inductor times Triton matmul
-    templates against cuBLAS per shape and, where a template wins, may fuse pointwise neighbours into it (SwiGLU's
-    silu*up as the down projection's prologue, residual adds as epilogues); to pair with that job's rows of the
-    same run. Then the ids of one @16 and one @8 call under one seed with this forward and the default one (other
-    matmul kernels may round differently) and how many differ."""
+def sample_masked_forward_options(args, sink: RowSink, options: dict, what: str) -> None:
+    """``sample-masked-autocast-weights`` with the forward compiled with ``options`` as
+    ``MaskedGenerator.forward_compile_options`` (the call graphs on), its rows' names ending in " [forward
+    {what}]", to pair with that job's rows of the same run; then the ids of one @16 and one @8 call under one
+    seed with this forward and the default one, and how many differ. Smoke runs keep the default options."""
     from generator.masked import MaskedGenerator
-    options = {} if args.smoke else {"options": {"max_autotune": True, "coordinate_descent_tuning": False,
-                                                 "triton.enable_persistent_tma_matmul": True}}
+    default = MaskedGenerator.forward_compile_options
+    options = default if args.smoke else options
     with mock.patch.object(MaskedGenerator, "forward_compile_options", options):
-        b = sample_masked_autocast_weights(args, sink, tag=" [forward max-autotune]")
+        b = sample_masked_autocast_weights(args, sink, tag=f" [forward {what}]")
     for steps in (16, 8):
         ids = []
-        for opts in (options, {}):
+        for opts in (options, default):
             with mock.patch.object(MaskedGenerator, "forward_compile_options", opts):
                 for _ in range(2):                # as is, then recorded: the ids of the graph the rows timed
                     ids.append(seeded_ids(b, steps))
-        add_ids_row(b, sink, steps, "forward max-autotune vs default", ids[1], ids[3])
+        add_ids_row(b, sink, steps, f"forward {what} vs default", ids[1], ids[3])
+
+
+def sample_masked_max_autotune(args, sink: RowSink) -> None:
+    """The forward compiled with inductor's ``max_autotune`` and its persistent TMA matmul templates (NOTES A41; no
+    coordinate-descent tuning, which gained nothing in ``sample-masked-cd``): inductor times Triton matmul
+    templates against cuBLAS per shape and, where a template wins, may fuse pointwise neighbours into it (SwiGLU's
+    silu*up as the down projection's prologue, residual adds as epilogues); other matmul kernels may round
+    differently, so the ids are counted."""
+    from generator.masked import MaskedGenerator
+    options = {"options": {**MaskedGenerator.forward_compile_options.get("options", {}), "max_autotune": True,
+                           "coordinate_descent_tuning": False, "triton.enable_persistent_tma_matmul": True}}
+    sample_masked_forward_options(args, sink, options, "max-autotune")
+
+
+def sample_masked_inductor_default(args, sink: RowSink) -> None:
+    """The forward compiled with inductor's default options (NOTES A43 off): its ``realize_reads_threshold`` of 4
+    writes the fp32 residual stream once every second block, where the default forward options write it once per
+    block; the same float32 sums, so the ids should not differ."""
+    sample_masked_forward_options(args, sink, {}, "inductor defaults")
 
 
 def sample_masked_host(args, sink: RowSink) -> None:
@@ -680,6 +698,7 @@ def main() -> None:
             "sample-masked-autocast-weights": sample_masked_autocast_weights,
             "sample-masked-no-call-graphs": sample_masked_autocast_weights_without_call_graphs,
             "sample-masked-max-autotune": sample_masked_max_autotune,
+            "sample-masked-inductor-default": sample_masked_inductor_default,
             "sample-masked-unshared": sample_masked_unshared, "sample-masked-host": sample_masked_host,
             "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),

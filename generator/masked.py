@@ -290,9 +290,14 @@ def dynamic_dim(x: torch.Tensor, compile: bool) -> torch.Tensor:
 # ---- the model ----------------------------------------------------------------------------------
 class MaskedGenerator(Generator):
     kind = "masked"
-    # torch.compile keyword arguments of the sampler's forward where it runs no CUDA graphs of its own (CALL_GRAPHS,
-    # or not on CUDA); a benchmark option (``sample-masked-max-autotune``: inductor's max_autotune options)
-    forward_compile_options: dict = {}
+    # torch.compile keyword arguments of the sampler's forward; without CALL_GRAPHS on CUDA it also records CUDA
+    # graphs of its own (mode reduce-overhead). Inductor inlines a pointwise result into each kernel that reads it
+    # until it reads more than ``realize_reads_threshold`` buffers (4 by default), so the fp32 residual stream
+    # x + a + m + a' + ... was written once every second block and each norm re-read the blocks' outputs back to
+    # it; at 2 it is written once per block and the norm in the middle reads only x and a: the same float32 sums in
+    # the same order, ~8% fewer bytes through the norm kernels (NOTES A43). Benchmarks swap these options
+    # (``sample-masked-max-autotune``, ``sample-masked-inductor-default``)
+    forward_compile_options: dict = {"options": {"realize_reads_threshold": 2}}
 
     def __init__(self, config: GeneratorConfig):
         super().__init__(config)
@@ -417,17 +422,18 @@ class MaskedGenerator(Generator):
         """(forward, confidence update, first step's forward, first step's update, call graphs) that ``sample``
         calls: the eager module and ``confidence_update``, or their torch.compile'd versions, kept on the module
         (``compiled_once``; a failure falls back to eager with a warning), and the ``CallGraphs`` that record
-        whole calls on CUDA (``CALL_GRAPHS``). The forward compiles with mode reduce-overhead (CUDA graphs of its
-        own) on CUDA without ``CALL_GRAPHS``, else with ``forward_compile_options`` (default mode: a call graph
-        holds its kernels); the update with fullgraph=True (default mode). The update traces one graph per set
+        whole calls on CUDA (``CALL_GRAPHS``). The forward compiles with ``forward_compile_options`` (inductor
+        options, no mode: a call graph holds its kernels), plus reduce-overhead's CUDA graphs of its own on CUDA
+        without ``CALL_GRAPHS``; the update with fullgraph=True (default mode). The update traces one graph per set
         of static options (greedy or not, top-k, top-p, guided or not) and one for the last step (no Gumbel
         term); past dynamo's recompile limit it falls back to eager. The first guided step (B + 1 sequences,
         ``SHARE_FIRST_UNCOND``) calls functions of its own (other code objects, so graphs of their own): sharing
         the others' would recompile them with a symbolic batch after their first call at another size."""
         if not compile:
             return self, confidence_update, self, confidence_update, None
-        own_graphs = self.head.weight.device.type == "cuda" and not CALL_GRAPHS
-        forward_options = dict(mode="reduce-overhead") if own_graphs else dict(self.forward_compile_options)
+        forward_options = dict(self.forward_compile_options)
+        if self.head.weight.device.type == "cuda" and not CALL_GRAPHS:        # mode reduce-overhead's option
+            forward_options["options"] = {**forward_options.get("options", {}), "triton.cudagraphs": True}
 
         def first_forward(*args):
             return self.forward(*args)

@@ -154,7 +154,7 @@ def test_the_forward_compile_options_reach_torch_compile_and_rebuild(monkeypatch
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     model = randomised(tiny())
     first = model._sampling_fns(compile=True)
-    assert calls == [{}, dict(fullgraph=True)] * 2                 # CPU: default-mode forwards
+    assert calls == [masked.MaskedGenerator.forward_compile_options, dict(fullgraph=True)] * 2   # CPU: no graphs
     options = {"options": {"max_autotune": True}}                 # a dict value: the variant key still hashes
     monkeypatch.setattr(masked.MaskedGenerator, "forward_compile_options", options)
     assert model._sampling_fns(compile=True) is not first

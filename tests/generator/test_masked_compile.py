@@ -4,11 +4,12 @@ eager with a warning, and the compiled functions are cached per module. The 'eag
 traces exactly as a real compile would but runs the captured graph with eager kernels (seconds)."""
 import copy
 import logging
+import shutil
 
 import pytest
 import torch
 
-from generator.masked import confidence_noise, confidence_update
+from generator.masked import MaskedGenerator, confidence_noise, confidence_update
 from tests.generator.test_masked import G, V, gen, randomised, tiny
 
 FALLBACK = "running it eagerly"
@@ -127,7 +128,8 @@ def test_compiled_fns_are_cached_per_module_and_not_shared_by_a_copy(monkeypatch
     keys, modules = list(model.state_dict()), len(list(model.modules()))
     model.sample([0], num_steps=3, compile=True)
     model.sample([1, 2], num_steps=3, compile=True, cfg_scale=2.0)
-    assert calls == [{}, dict(fullgraph=True)] * 2               # CPU: default mode forwards; updates fullgraph
+    # CPU: forwards with the forward options, no graphs of their own; updates fullgraph
+    assert calls == [MaskedGenerator.forward_compile_options, dict(fullgraph=True)] * 2
     assert list(model.state_dict()) == keys and len(list(model.modules())) == modules   # plain Python state
     assert model.sample([0], num_steps=3).shape == (1, G, G) and len(calls) == 4   # compile=False builds nothing
     ema = copy.deepcopy(model)                                     # an EMA copy must not run the original's weights
@@ -150,6 +152,25 @@ def test_gpu_compiled_sampling_runs(caplog):
     assert FALLBACK not in caplog.text
     assert all(fn.compiled for fn in model._compiled[:4])
 
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor's CPU kernels need a C++ compiler")
+def test_the_forward_options_give_inductor_defaults_logits_bit_for_bit():
+    """``forward_compile_options`` (NOTES A43: the residual stream written once per block instead of once every
+    second block) changes where inductor stores float32 sums, not the sums: real inductor kernels on the CPU
+    under bf16 autocast, logits at every position and at a sampler's masked positions, equal to the last bit."""
+    model = randomised(tiny(depth=6, dim=64, heads=4))
+    for p in model.parameters():
+        p.data.normal_(0, 0.3, generator=gen(5))
+    ids = torch.where(torch.rand(3, G * G, generator=gen(1)) < 0.5, torch.randint(0, V, (3, G * G), generator=gen(2)), V)
+    classes, positions = torch.tensor([0, 1, 2]), torch.argsort(torch.rand(3, G * G, generator=gen(3)), 1)[:, :7]
+    logits = []
+    for options in (MaskedGenerator.forward_compile_options, {}):
+        torch._dynamo.reset()
+        forward = REAL_COMPILE(model.forward, **options)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits.append((forward(ids, classes), forward(ids, classes, positions)))
+    assert MaskedGenerator.forward_compile_options["options"]["realize_reads_threshold"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(*logits))
 
 
 @pytest.mark.parametrize("cfg_scale, expected", [(1.0, ["rest"] * 3), (2.0, ["first", "rest", "rest"])])
