@@ -13,7 +13,8 @@ sample-masked-autocast-weights
 ``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-max-autotune (the same
 with the forward compiled with inductor's max_autotune and persistent TMA templates, and the ids it changes),
 sample-masked-inductor-default (the same with the forward under inductor's default options: the residual stream
-written every second block, NOTES A43),
+written every second block, NOTES A43), sample-masked-pdl (the same with the forward's kernels launched with
+programmatic dependent launch, NOTES A44),
 sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
 and how many ids a seed changes), sample-masked-host (the same calls split on the host clock: the time before each
 graph's replay), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import statistics
 import time
@@ -49,7 +51,7 @@ from generator.autoregressive import ARGenerator
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
-         "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-unshared",
+         "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl", "sample-masked-unshared",
          "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
@@ -429,6 +431,8 @@ def sample_masked_autocast_weights(args, sink: RowSink, tag: str = "") -> Bench:
     each row's name after " autocast-weights"; returns the Bench."""
     b, weights = autocast_weights_bench(args, sink)
     sample_masked_fused(b, tag=" autocast-weights" + tag, weights=weights)
+    for steps in (16, 8):
+        add_digest_row(b, sink, steps, f"autocast-weights{tag}", seeded_ids(b, steps))
     return b
 
 
@@ -446,6 +450,17 @@ def seeded_ids(b: Bench, steps: int) -> torch.Tensor:
     """One masked-B ``sample(compile=True)`` call at the bench's batch under the ids rows' seed."""
     b.gen.manual_seed(1234)
     return b.sample(b.batch, num_steps=steps, compile=True)
+
+
+def add_digest_row(b: Bench, sink: RowSink, steps: int, what: str, ids: torch.Tensor) -> None:
+    """A ``sample-ids`` row named "masked-B @{steps} ids digest: {what}": the sha256 of ``ids`` (int64 bytes), so
+    runs in other processes, settings or machines can tell whether a seed gave the same ids (the weights are
+    seeded: ``setups.build_generator``)."""
+    digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
+    sink.add(name=f"masked-B @{steps} ids digest: {what}", bench="sample-ids", model="masked-B", batch=b.batch,
+             steps=steps, config=SAMPLING["masked-B"], compile="sample(compile=True)", dtype=b.dtype,
+             ids_sha256=digest, note=f"sha256 {digest} of the ids under seed 1234")
+    print(f"@{steps} {what}: ids sha256 {digest}", flush=True)
 
 
 def add_ids_row(b: Bench, sink: RowSink, steps: int, what: str, ids: torch.Tensor, reference: torch.Tensor) -> None:
@@ -503,6 +518,16 @@ def sample_masked_max_autotune(args, sink: RowSink) -> None:
     options = {"options": {**MaskedGenerator.forward_compile_options.get("options", {}), "max_autotune": True,
                            "coordinate_descent_tuning": False, "triton.enable_persistent_tma_matmul": True}}
     sample_masked_forward_options(args, sink, options, "max-autotune")
+
+
+def sample_masked_pdl(args, sink: RowSink) -> None:
+    """The forward's inductor kernels launched with programmatic dependent launch (``triton.enable_pdl``, Hopper):
+    each may start while the kernel before it finishes, waiting (``gdc_wait``) only before it reads that
+    kernel's output; ~2000 kernel boundaries per @16 call sit ~1 us apart in the call graph (NOTES A44). The same
+    kernels, so the ids should not differ."""
+    from generator.masked import MaskedGenerator
+    options = {"options": {**MaskedGenerator.forward_compile_options.get("options", {}), "triton.enable_pdl": True}}
+    sample_masked_forward_options(args, sink, options, "PDL")
 
 
 def sample_masked_inductor_default(args, sink: RowSink) -> None:
@@ -698,7 +723,7 @@ def main() -> None:
             "sample-masked-autocast-weights": sample_masked_autocast_weights,
             "sample-masked-no-call-graphs": sample_masked_autocast_weights_without_call_graphs,
             "sample-masked-max-autotune": sample_masked_max_autotune,
-            "sample-masked-inductor-default": sample_masked_inductor_default,
+            "sample-masked-inductor-default": sample_masked_inductor_default, "sample-masked-pdl": sample_masked_pdl,
             "sample-masked-unshared": sample_masked_unshared, "sample-masked-host": sample_masked_host,
             "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
