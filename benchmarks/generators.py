@@ -14,7 +14,8 @@ sample-masked-autocast-weights
 with the forward compiled with inductor's max_autotune and persistent TMA templates, and the ids it changes),
 sample-masked-inductor-default (the same with the forward under inductor's default options: the residual stream
 written every second block, NOTES A43), sample-masked-pdl (the same with the forward's kernels launched with
-programmatic dependent launch, NOTES A44),
+programmatic dependent launch, NOTES A44), sample-masked-cublas-workspace (the same with cuBLAS's default
+workspace: the masked sampling parts otherwise run without one, as `tessera generate` does, NOTES A45),
 sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
 and how many ids a seed changes), sample-masked-host (the same calls split on the host clock: the time before each
 graph's replay), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
@@ -35,6 +36,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import statistics
 import time
 from unittest import mock
@@ -47,16 +49,20 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_
                                time_fn, timing)
 from benchmarks.setups import build_generator, build_tokenizer, device, frozen, tokenizer_for
 from generator.autoregressive import ARGenerator
+from generator.launch import STATIC_MATMUL_ENV, prefer_static_matmul_schedules
 
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
-         "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl", "sample-masked-unshared",
+         "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
+         "sample-masked-cublas-workspace", "sample-masked-unshared",
          "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
+# masked sampling parts run with cuBLAS's workspace variables unset by ``main`` (the others get STATIC_MATMUL_ENV)
+DEFAULT_WORKSPACE_PARTS = {"sample-masked-cublas-workspace"}
 FP32_FROZEN = "fp32 (frozen: autocast re-casts every pass)"
 BF16_LINEAR = "bf16 Linear (autocast_weights)"      # what the pipelines load on a GPU
 
@@ -231,6 +237,8 @@ def masked_compile_label(b: Bench) -> str:
         label = f"forward: {forward} + update: fullgraph, the whole call one CUDA graph"
     else:
         label = f"forward: {forward}, its own CUDA graphs (reduce-overhead) + update: fullgraph"
+    if b.dev.type == "cuda" and all(os.environ.get(k) == v for k, v in STATIC_MATMUL_ENV.items()):
+        label += ", cuBLAS without workspace"
     return label + (" (smoke: eager backend)" if b.smoke else "")
 
 
@@ -520,6 +528,13 @@ def sample_masked_max_autotune(args, sink: RowSink) -> None:
     sample_masked_forward_options(args, sink, options, "max-autotune")
 
 
+def sample_masked_cublas_workspace(args, sink: RowSink) -> None:
+    """``sample-masked-autocast-weights`` with cuBLAS's default workspace (NOTES A45 off: ``main`` sets no
+    ``STATIC_MATMUL_ENV`` for this part), to pair with that job's rows of the same run; the ids digests of the two
+    jobs tell whether the other matmul kernels changed any id."""
+    sample_masked_autocast_weights(args, sink, tag=" [cuBLAS workspace]")
+
+
 def sample_masked_pdl(args, sink: RowSink) -> None:
     """The forward's inductor kernels launched with programmatic dependent launch (``triton.enable_pdl``, Hopper):
     each may start while the kernel before it finishes, waiting (``gdc_wait``) only before it reads that
@@ -710,6 +725,8 @@ def main() -> None:
     # reduce-overhead: CUDA graphs for batch 1 (launch-bound) at a default-mode compile cost; try
     # --compile-mode max-autotune-no-cudagraphs for batch 64 when there is time (NOTES.md)
     args = job_args(__doc__.splitlines()[0], PARTS, compile_mode="reduce-overhead")
+    if all(p.startswith(("sample-masked", "profile-masked")) and p not in DEFAULT_WORKSPACE_PARTS for p in args.part):
+        prefer_static_matmul_schedules()      # before the process's first matmul, as `tessera generate` does
     # a second batch size recompiles static kernels (not a dynamic-shape graph): each row is timed on
     # the kernels a fixed-batch user gets; AR's decode step compiles for 2 batch sizes x 2 dtypes
     torch._dynamo.config.automatic_dynamic_shapes = False
@@ -724,6 +741,7 @@ def main() -> None:
             "sample-masked-no-call-graphs": sample_masked_autocast_weights_without_call_graphs,
             "sample-masked-max-autotune": sample_masked_max_autotune,
             "sample-masked-inductor-default": sample_masked_inductor_default, "sample-masked-pdl": sample_masked_pdl,
+            "sample-masked-cublas-workspace": sample_masked_cublas_workspace,
             "sample-masked-unshared": sample_masked_unshared, "sample-masked-host": sample_masked_host,
             "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),

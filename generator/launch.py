@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import MutableMapping
 
 import torch
 
@@ -27,3 +28,21 @@ def int32_offsets(*tensors: torch.Tensor) -> bool:
     """Whether every element offset of these tensors (views: their strides) fits the kernels' int32
     arithmetic. Past it (e.g. masked-B's qkv beyond ~1800 images under CFG) the ops run their torch path."""
     return all(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) < INT32_OFFSET_LIMIT for t in tensors)
+
+
+# cuBLAS with no workspace (NOTES A45): PyTorch hands cuBLAS a workspace (CUBLAS_WORKSPACE_CONFIG; cuBLASLt's
+# CUBLASLT_WORKSPACE_SIZE, in KiB), and with one cuBLAS picks Hopper matmul kernels whose tile scheduler keeps
+# counters there, zeroed by a memset before every matmul: 776 per masked-B @16 call, each a dependency gap in a
+# CUDA graph. Without one it picks the statically scheduled kernels of the same tiles: the same sums in the same
+# order, a seed's ids unchanged
+STATIC_MATMUL_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"}
+
+
+def prefer_static_matmul_schedules(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Set ``STATIC_MATMUL_ENV``'s variables that ``environ`` lacks (a value already there, the user's, stays) and
+    return the ones set. PyTorch reads them once, at the process's first cuBLAS call: call this before it (the
+    sampling commands do, for a masked generator). A process-wide setting, so the library never sets it on
+    import or load."""
+    missing = {k: v for k, v in STATIC_MATMUL_ENV.items() if k not in environ}
+    environ.update(missing)
+    return missing

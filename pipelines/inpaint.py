@@ -29,7 +29,8 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from pipelines.generate import TokenPipeline, add_model_args, add_sampling_args, class_grid, sampling_options
+from pipelines.generate import (TokenPipeline, add_model_args, add_sampling_args, class_grid, sampling_options,
+                                static_matmuls_for)
 from pipelines.images import (image_to_tensor, mask_to_tensor, open_image, output_dir_path, output_image_path, paste,
                               scale_masks, tensor_to_pil, token_mask)
 from pipelines.loading import resolve_classes
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     options = sampling_options(args)
     image = open_image(args.image)          # a bad image fails before any model is loaded
     mask = args.mask if args.mask is not None else tuple(args.box)
+    static_matmuls_for(args.generator)
     pipe = InpaintPipeline.from_pretrained(args.tokenizer, args.generator, args.device)
     inputs = pipe.prepare(image, mask)
     images = pipe(image, mask, args.class_label, num_steps=args.num_steps, cfg_scale=args.cfg_scale, seed=args.seed,

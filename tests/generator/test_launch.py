@@ -7,12 +7,22 @@ import torch
 
 from generator import decode_attention, fused_attention, kth_largest
 from generator import launch
-from generator.launch import int32_offsets, on_device
+from generator.launch import STATIC_MATMUL_ENV, int32_offsets, on_device, prefer_static_matmul_schedules
 from tests.kernels import KERNEL_DEVICE, needs_kernel
 
 
 def test_on_device_is_a_no_op_for_cpu_tensors():
     assert isinstance(on_device(torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_static_matmul_schedules_set_only_what_the_environment_lacks():
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PATH": "/bin"}
+    assert prefer_static_matmul_schedules(env) == {"CUBLASLT_WORKSPACE_SIZE": "0"}
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PATH": "/bin", "CUBLASLT_WORKSPACE_SIZE": "0"}
+    empty = {}
+    assert prefer_static_matmul_schedules(empty) == STATIC_MATMUL_ENV == empty
+    assert STATIC_MATMUL_ENV == {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"}
+    assert prefer_static_matmul_schedules(empty) == {}                  # a second call sets nothing
 
 
 def test_int32_offsets_counts_the_largest_element_offset_of_a_view():

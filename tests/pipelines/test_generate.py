@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from PIL import Image
 
 from generator.base import build_generator
 from generator.config import GeneratorConfig
+from generator.launch import STATIC_MATMUL_ENV
 from pipelines.checkpoint import save_model_dir
 from pipelines.config import to_dict
-from pipelines.generate import ClassToImagePipeline, class_grid, family_options
+from pipelines.generate import ClassToImagePipeline, class_grid, family_options, static_matmuls_for
 from pipelines.loading import (check_compatible, load_generator_dir, load_tokenizer, pick_device, resolve_classes,
                                write_meta)
 from tests.pipelines.test_train_generator import (CLASSES, MODEL, _tiny_cpu, make_tokenizer,  # noqa: F401
@@ -67,6 +69,24 @@ def test_generate_cli_writes_a_grid_and_same_seed_same_bytes(tmp_path, capsys, a
     code, _, err = run_cli(capsys, *args[:-1], "6", "--out", tmp_path / "c.png")
     assert code == 0, err
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+
+
+@pytest.mark.parametrize("kind, expected", [("masked", STATIC_MATMUL_ENV), ("ar", {}), ("var", {})])
+def test_the_sampling_commands_give_cublas_no_workspace_for_a_masked_generator_only(tmp_path, capsys, art, kind,
+                                                                                     expected, monkeypatch):
+    """Before loading anything, ``generate`` and ``inpaint`` set cuBLAS's workspace variables for a masked
+    generator (NOTES A45), where the user has not; AR and VAR sampling keep PyTorch's default."""
+    for name in STATIC_MATMUL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert static_matmuls_for(art[kind]) == expected
+    assert {k: os.environ[k] for k in STATIC_MATMUL_ENV if k in os.environ} == expected
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")           # the user's own value stays
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    code, _, err = run_cli(capsys, "generate", "--tokenizer", tok_dir(art, kind), "--generator", art[kind],
+                           "--classes", "0", "--num-steps", "2", "--out", tmp_path / "a.png")
+    assert code == 0, err
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert os.environ.get("CUBLASLT_WORKSPACE_SIZE") == expected.get("CUBLASLT_WORKSPACE_SIZE")
 
 
 def test_pipeline_is_deterministic_and_takes_names(art):
