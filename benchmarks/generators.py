@@ -13,7 +13,7 @@ sample-masked-autocast-weights
 ``masked.CALL_GRAPHS`` off, and how many ids the call graphs change), sample-masked-max-autotune (the same
 with the forward compiled with inductor's max_autotune and persistent TMA templates, and the ids it changes),
 sample-masked-inductor-default (the same with the forward under inductor's default options: the residual stream
-written every second block, NOTES A43), sample-masked-no-pdl (the same with the forward's kernels launched without
+written every second block, NOTES A43), sample-masked-pdl (the same with the forward's kernels launched with
 programmatic dependent launch, NOTES A44), sample-masked-cublas-workspace (the same with cuBLAS's default
 workspace: the masked sampling parts otherwise run without one, as `tessera generate` does, NOTES A45),
 sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
@@ -54,7 +54,7 @@ from generator.launch import STATIC_MATMUL_ENV, prefer_static_matmul_schedules
 PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
-         "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-no-pdl",
+         "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-unshared",
          "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
@@ -535,19 +535,20 @@ def sample_masked_cublas_workspace(args, sink: RowSink) -> None:
     sample_masked_autocast_weights(args, sink, tag=" [cuBLAS workspace]")
 
 
-def sample_masked_no_pdl(args, sink: RowSink) -> None:
-    """The forward's inductor kernels launched without programmatic dependent launch (NOTES A44 off: the default
-    options less ``triton.enable_pdl``); the same kernels, so the ids should not differ."""
-    from generator.masked import PDL_OPTION, MaskedGenerator
-    options = {"options": {k: v for k, v in MaskedGenerator.forward_compile_options.get("options", {}).items()
-                           if k not in PDL_OPTION}}
-    sample_masked_forward_options(args, sink, options, "no PDL")
+def sample_masked_pdl(args, sink: RowSink) -> None:
+    """The forward's inductor kernels launched with programmatic dependent launch (``triton.enable_pdl``, Hopper):
+    each may start while the kernel before it finishes, waiting (``gdc_wait``) only before it reads that
+    kernel's output; ~2000 kernel boundaries per @16 call sit ~1 us apart in the call graph (NOTES A44). The same
+    kernels, so the ids should not differ."""
+    from generator.masked import MaskedGenerator
+    options = {"options": {**MaskedGenerator.forward_compile_options.get("options", {}), "triton.enable_pdl": True}}
+    sample_masked_forward_options(args, sink, options, "PDL")
 
 
 def sample_masked_inductor_default(args, sink: RowSink) -> None:
-    """The forward compiled with inductor's default options (NOTES A43 and A44 off): its ``realize_reads_threshold``
-    of 4 writes the fp32 residual stream once every second block, where the default forward options write it once
-    per block, and no programmatic dependent launch; the same float32 sums, so the ids should not differ."""
+    """The forward compiled with inductor's default options (NOTES A43 off): its ``realize_reads_threshold`` of 4
+    writes the fp32 residual stream once every second block, where the default forward options write it once per
+    block; the same float32 sums, so the ids should not differ."""
     sample_masked_forward_options(args, sink, {}, "inductor defaults")
 
 
@@ -739,7 +740,7 @@ def main() -> None:
             "sample-masked-autocast-weights": sample_masked_autocast_weights,
             "sample-masked-no-call-graphs": sample_masked_autocast_weights_without_call_graphs,
             "sample-masked-max-autotune": sample_masked_max_autotune,
-            "sample-masked-inductor-default": sample_masked_inductor_default, "sample-masked-no-pdl": sample_masked_no_pdl,
+            "sample-masked-inductor-default": sample_masked_inductor_default, "sample-masked-pdl": sample_masked_pdl,
             "sample-masked-cublas-workspace": sample_masked_cublas_workspace,
             "sample-masked-unshared": sample_masked_unshared, "sample-masked-host": sample_masked_host,
             "sample-ar": sample_ar,

@@ -64,8 +64,8 @@ JOBS = [
     Job("sample-masked-max-autotune", "benchmarks.generators", ["--part", "sample-masked-max-autotune"],
         500),  # 489 s (session 22): inductor times matmul templates for every forward shape, then a default compile
     Job("sample-masked-inductor-default", "benchmarks.generators", ["--part", "sample-masked-inductor-default"],
-        75),   # A43 + A44 off, + the ids: 56 s (session 23)
-    Job("sample-masked-no-pdl", "benchmarks.generators", ["--part", "sample-masked-no-pdl"], 75),   # A44 off: 55-60 s
+        100),  # A43 off, + the ids: like sample-masked-no-call-graphs (46-54 s) with two more recordings
+    Job("sample-masked-pdl", "benchmarks.generators", ["--part", "sample-masked-pdl"], 100),   # A44: as A43's job
     Job("sample-masked-cublas-workspace", "benchmarks.generators", ["--part", "sample-masked-cublas-workspace"],
         75),   # A45 off: 33-72 s (session 23)
     Job("sample-masked-host", "benchmarks.generators", ["--part", "sample-masked-host"],
@@ -101,7 +101,7 @@ CALLS = {"call1": ["peers", "sample-masked", "sample-ar", "sample-var", "peers-b
 EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-masked-split-attn",
                  "sample-masked-torch-draw", "sample-masked-cd", "sample-masked-cublaslt",
                  "sample-masked-autocast-weights", "sample-masked-unshared", "sample-masked-no-call-graphs",
-                 "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-no-pdl",
+                 "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
                  "sample-masked-cublas-workspace", "sample-masked-host", "sample-ar-autotune", "profile-masked",
                  "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var"}

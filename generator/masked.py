@@ -26,7 +26,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch._inductor.config as inductor_config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -288,10 +287,6 @@ def dynamic_dim(x: torch.Tensor, compile: bool) -> torch.Tensor:
     return x
 
 
-# inductor's programmatic-dependent-launch switch, where this torch has it (an unknown option would fail the compile)
-PDL_OPTION = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
-
-
 # ---- the model ----------------------------------------------------------------------------------
 class MaskedGenerator(Generator):
     kind = "masked"
@@ -300,11 +295,9 @@ class MaskedGenerator(Generator):
     # until it reads more than ``realize_reads_threshold`` buffers (4 by default), so the fp32 residual stream
     # x + a + m + a' + ... was written once every second block and each norm re-read the blocks' outputs back to
     # it; at 2 it is written once per block and the norm in the middle reads only x and a: the same float32 sums in
-    # the same order, ~8% fewer bytes through the norm kernels (NOTES A43). On Hopper its kernels also launch with
-    # programmatic dependent launch where this inductor has it (``triton.enable_pdl``: each kernel may start while
-    # the one before finishes, waiting only before it reads that one's output; the same kernels, NOTES A44).
-    # Benchmarks swap these options (``sample-masked-max-autotune``, ``-no-pdl``, ``-inductor-default``)
-    forward_compile_options: dict = {"options": {"realize_reads_threshold": 2, **PDL_OPTION}}
+    # the same order, ~8% fewer bytes through the norm kernels (NOTES A43). Benchmarks swap these options
+    # (``sample-masked-max-autotune``, ``sample-masked-inductor-default``)
+    forward_compile_options: dict = {"options": {"realize_reads_threshold": 2}}
 
     def __init__(self, config: GeneratorConfig):
         super().__init__(config)

@@ -156,8 +156,7 @@ def test_gpu_compiled_sampling_runs(caplog):
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor's CPU kernels need a C++ compiler")
 def test_the_forward_options_give_inductor_defaults_logits_bit_for_bit():
     """``forward_compile_options`` (NOTES A43: the residual stream written once per block instead of once every
-    second block; A44's launch option does nothing on the CPU) changes where inductor stores float32 sums, not the
-    sums: real inductor kernels on the CPU
+    second block) changes where inductor stores float32 sums, not the sums: real inductor kernels on the CPU
     under bf16 autocast, logits at every position and at a sampler's masked positions, equal to the last bit."""
     model = randomised(tiny(depth=6, dim=64, heads=4))
     for p in model.parameters():
