@@ -1,7 +1,8 @@
 """What every Triton launch in generator/ shares: Triton launches on the *current* CUDA device, so each op
 makes its tensors' device current first (a model on cuda:1 would otherwise launch on cuda:0 with pointers
 into cuda:1's memory); and the kernels compute element offsets in int32, so each op falls back to its torch
-path for tensors too large for that (``int32_offsets``)."""
+path for tensors too large for that (``int32_offsets``). Also the process setting for cuBLAS's matmul launches
+that the sampling commands make (``prefer_static_matmul_schedules``)."""
 from __future__ import annotations
 
 import contextlib
