@@ -64,12 +64,12 @@ JOBS = [
     Job("sample-masked-max-autotune", "benchmarks.generators", ["--part", "sample-masked-max-autotune"],
         500),  # 489 s (session 22): inductor times matmul templates for every forward shape, then a default compile
     Job("sample-masked-inductor-default", "benchmarks.generators", ["--part", "sample-masked-inductor-default"],
-        100),  # A43 off, + the ids: like sample-masked-no-call-graphs (46-54 s) with two more recordings
-    Job("sample-masked-pdl", "benchmarks.generators", ["--part", "sample-masked-pdl"], 100),   # A44: as A43's job
+        75),   # A43 off, + the ids: 56 s (session 23)
+    Job("sample-masked-pdl", "benchmarks.generators", ["--part", "sample-masked-pdl"], 75),   # A44, + the ids: 55-60 s
     Job("sample-masked-cublas-workspace", "benchmarks.generators", ["--part", "sample-masked-cublas-workspace"],
         75),   # A45 off: 33-72 s (session 23)
     Job("sample-masked-host", "benchmarks.generators", ["--part", "sample-masked-host"],
-        90),  # a guess: one compile and three recordings (NOTES A42 scratch runs: ~60 s after start-up)
+        60),  # one compile and three recordings: 29 s (session 23)
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
     Job("profile-ar", "benchmarks.generators", ["--part", "profile-ar"], 75),
     Job("profile-masked", "benchmarks.generators", ["--part", "profile-masked"], 150),

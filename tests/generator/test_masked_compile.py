@@ -153,7 +153,8 @@ def test_gpu_compiled_sampling_runs(caplog):
     assert all(fn.compiled for fn in model._compiled[:4])
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor's CPU kernels need a C++ compiler")
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="inductor's CPU kernels need a C++ compiler")
 def test_the_forward_options_give_inductor_defaults_logits_bit_for_bit():
     """``forward_compile_options`` (NOTES A43: the residual stream written once per block instead of once every
     second block) changes where inductor stores float32 sums, not the sums: real inductor kernels on the CPU
@@ -161,7 +162,8 @@ def test_the_forward_options_give_inductor_defaults_logits_bit_for_bit():
     model = randomised(tiny(depth=6, dim=64, heads=4))
     for p in model.parameters():
         p.data.normal_(0, 0.3, generator=gen(5))
-    ids = torch.where(torch.rand(3, G * G, generator=gen(1)) < 0.5, torch.randint(0, V, (3, G * G), generator=gen(2)), V)
+    known = torch.rand(3, G * G, generator=gen(1)) < 0.5
+    ids = torch.where(known, torch.randint(0, V, (3, G * G), generator=gen(2)), V)
     classes, positions = torch.tensor([0, 1, 2]), torch.argsort(torch.rand(3, G * G, generator=gen(3)), 1)[:, :7]
     logits = []
     for options in (MaskedGenerator.forward_compile_options, {}):
