@@ -23,12 +23,12 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from generator.base import CompiledOrEager, Generator, read_config
+from generator.base import CompiledOrEager, Generator
 from generator.launch import prefer_static_matmul_schedules
 from pipelines.config import coerce, parse_overrides
 from pipelines.images import output_dir_path, output_image_path, tensor_to_pil
 from pipelines.loading import (check_compatible, class_names_for, load_generator_dir, load_tokenizer, pick_device,
-                               resolve_classes)
+                               read_generator_config, resolve_classes)
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def static_matmuls_for(generator_dir: str | Path) -> dict[str, str]:
     """The sampling commands' process setting, made before their first matmul: cuBLAS without a workspace for a
     masked generator (``prefer_static_matmul_schedules``: -1.3 ms per masked-B call on an H100, the same ids;
     AR and VAR sampling, unmeasured that way, keep PyTorch's default). Returns the variables set."""
-    return prefer_static_matmul_schedules() if read_config(generator_dir).kind == "masked" else {}
+    return prefer_static_matmul_schedules() if read_generator_config(generator_dir).kind == "masked" else {}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -96,6 +96,13 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def read_generator_config(directory: str | Path) -> GeneratorConfig:
+    """A generator directory's config, checked as ``load_generator_dir`` checks it (one clear error naming the
+    problem), without loading the weights."""
+    directory = _require_model_dir(directory, "generator", GeneratorConfig)
+    return from_dict(GeneratorConfig, json.loads((directory / "config.json").read_text()), "config")
+
+
 def load_generator_dir(directory: str | Path, device: str | torch.device | None = None) -> GeneratorDir:
     """A trained generator (any family) + its meta.json, frozen on ``device`` (default: pick_device)."""
     directory = _require_model_dir(directory, "generator", GeneratorConfig)
