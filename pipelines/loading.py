@@ -44,9 +44,10 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def _require_model_dir(directory: str | Path, what: str, config_cls: type) -> Path:
+def _require_model_dir(directory: str | Path, what: str, config_cls: type) -> tuple[Path, Any]:
     """``directory`` with both files, and a config.json whose keys, types and values ``config_cls``
-    accepts (pipelines/config.py rules), so a hand-edited or corrupt file is one error naming the key."""
+    accepts (pipelines/config.py rules), so a hand-edited or corrupt file is one error naming the key.
+    Returns the directory and that config."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{what} directory not found: {directory}")
@@ -59,17 +60,17 @@ def _require_model_dir(directory: str | Path, what: str, config_cls: type) -> Pa
     except ValueError as e:                                 # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     try:
-        from_dict(config_cls, data, "config")
+        config = from_dict(config_cls, data, "config")
     except ConfigError as e:
         raise ValueError(f"{path} is not a valid {what} config: {e}") from None
-    return directory
+    return directory, config
 
 
 def load_tokenizer(directory: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """A trained VQGAN from ``directory``, frozen (eval, no grads) on ``device`` (default: pick_device)."""
     from tokenizer.vqgan import VQGAN, VQGANConfig   # imported late so a generator-only use stays light
 
-    directory = _require_model_dir(directory, "tokenizer", VQGANConfig)
+    directory, _ = _require_model_dir(directory, "tokenizer", VQGANConfig)
     tokenizer = VQGAN.from_pretrained(directory)
     tokenizer = tokenizer.to(pick_device(device)).eval().requires_grad_(False)
     return tokenizer
@@ -99,13 +100,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def read_generator_config(directory: str | Path) -> GeneratorConfig:
     """A generator directory's config, checked as ``load_generator_dir`` checks it (one clear error naming the
     problem), without loading the weights."""
-    directory = _require_model_dir(directory, "generator", GeneratorConfig)
-    return from_dict(GeneratorConfig, json.loads((directory / "config.json").read_text()), "config")
+    return _require_model_dir(directory, "generator", GeneratorConfig)[1]
 
 
 def load_generator_dir(directory: str | Path, device: str | torch.device | None = None) -> GeneratorDir:
     """A trained generator (any family) + its meta.json, frozen on ``device`` (default: pick_device)."""
-    directory = _require_model_dir(directory, "generator", GeneratorConfig)
+    directory, _ = _require_model_dir(directory, "generator", GeneratorConfig)
     meta = read_meta(directory)
     model = load_generator(directory, pick_device(device)).eval().requires_grad_(False)
     return GeneratorDir(model, meta, directory)
