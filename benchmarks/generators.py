@@ -16,7 +16,8 @@ sample-masked-inductor-default (the same with the forward under inductor's defau
 written every second block, NOTES A43), sample-masked-pdl (the same with the forward's kernels launched with
 programmatic dependent launch, NOTES A44), sample-masked-cublas-workspace (the same with cuBLAS's default
 workspace: the masked sampling parts otherwise run without one, as `tessera generate` does, NOTES A45),
-sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
+sample-masked-stored-noise (the same with each step's (B, L, V) Exp(1) noise drawn by exponential_ into memory
+and read by the draw, NOTES A46 off), sample-masked-unshared (the same with the first guided step on 2B sequences, ``masked.SHARE_FIRST_UNCOND`` off,
 and how many ids a seed changes), sample-masked-host (the same calls split on the host clock: the time before each
 graph's replay), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
 compiled sampler's GPU time goes), maxbatch.
@@ -55,7 +56,7 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-torch-draw",
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
-         "sample-masked-cublas-workspace", "sample-masked-unshared", "sample-masked-host",
+         "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -534,6 +535,16 @@ def sample_masked_cublas_workspace(args, sink: RowSink) -> None:
     sample_masked_autocast_weights(args, sink, tag=" [cuBLAS workspace]")
 
 
+def sample_masked_stored_noise(args, sink: RowSink) -> None:
+    """``sample-masked-autocast-weights`` with ``fused_draw.FRESH_NOISE`` off (NOTES A46 off): each step draws its
+    (B, L, V) Exp(1) noise with exponential_ into memory (1.07 GB at batch 64) and the draw kernel reads it back, to
+    pair with that job's rows of the same run; the ids digests of the two jobs tell whether any id changed (the
+    same numbers; log p summed in another order)."""
+    from generator import fused_draw
+    with mock.patch.object(fused_draw, "FRESH_NOISE", False):
+        sample_masked_autocast_weights(args, sink, tag=" [stored noise]")
+
+
 def sample_masked_pdl(args, sink: RowSink) -> None:
     """The forward's inductor kernels launched with programmatic dependent launch (``triton.enable_pdl``, Hopper):
     each may start while the kernel before it finishes, waiting (``gdc_wait``) only before it reads that
@@ -741,6 +752,7 @@ def main() -> None:
             "sample-masked-max-autotune": sample_masked_max_autotune,
             "sample-masked-inductor-default": sample_masked_inductor_default, "sample-masked-pdl": sample_masked_pdl,
             "sample-masked-cublas-workspace": sample_masked_cublas_workspace,
+            "sample-masked-stored-noise": sample_masked_stored_noise,
             "sample-masked-unshared": sample_masked_unshared, "sample-masked-host": sample_masked_host,
             "sample-ar": sample_ar,
             "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),

@@ -68,6 +68,8 @@ JOBS = [
     Job("sample-masked-pdl", "benchmarks.generators", ["--part", "sample-masked-pdl"], 75),   # A44, + the ids: 55-60 s
     Job("sample-masked-cublas-workspace", "benchmarks.generators", ["--part", "sample-masked-cublas-workspace"],
         75),   # A45 off: 33-72 s (session 23)
+    Job("sample-masked-stored-noise", "benchmarks.generators", ["--part", "sample-masked-stored-noise"],
+        75),   # A46 off: as sample-masked-cublas-workspace
     Job("sample-masked-host", "benchmarks.generators", ["--part", "sample-masked-host"],
         60),  # one compile and three recordings: 29 s (session 23)
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s
@@ -102,8 +104,8 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-torch-draw", "sample-masked-cd", "sample-masked-cublaslt",
                  "sample-masked-autocast-weights", "sample-masked-unshared", "sample-masked-no-call-graphs",
                  "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
-                 "sample-masked-cublas-workspace", "sample-masked-host", "sample-ar-autotune", "profile-masked",
-                 "profile-ar", "profile-var",
+                 "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-host",
+                 "sample-ar-autotune", "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",

@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from generator import philox_noise
 from generator.launch import on_device
 
 try:
@@ -39,6 +40,9 @@ except ImportError:   # CPU-only installs: the torch path
     triton = None
 
 ENABLED = os.environ.get("TESSERA_FUSED_DRAW", "1") != "0"
+# the draw makes its Exp(1) noise itself, PyTorch's numbers from the generator's state (``noise_draw``, NOTES A46);
+# TESSERA_FRESH_NOISE=0: the sampler draws the (B, L, V) noise with exponential_ and the kernel reads it
+FRESH_NOISE = os.environ.get("TESSERA_FRESH_NOISE", "1") != "0"
 # columns per loop step and warps: one fixed config, not autotuned, because the log-sum-exp's summation order
 # (each lane's running sum, then the reduction across lanes) follows it, and a seed must give the same ids in
 # every process: an autotuner picking by timing could pick another config in the next run, and a last-bit
@@ -69,7 +73,79 @@ def use_kernel(logits: torch.Tensor, noise: torch.Tensor | None, temperature: fl
             and noise.dtype == torch.float32 and noise.is_contiguous())
 
 
+def noise_block(V: int, threads: int) -> int:
+    """Columns per program of ``noise_draw``: the largest of 1024, 512, 256 dividing both V and the noise's thread
+    count (a multiple of 256), so each program's four word segments lie inside rows; 0 when none does."""
+    return next((block for block in (1024, 512, 256) if V % block == 0 and threads % block == 0), 0)
+
+
+def use_noise_kernel(B: int, L: int, V: int, device: torch.device, generator: torch.Generator | None,
+                     temperature: float, top_k: int, top_p: float) -> bool:
+    """Whether a confidence sampling call on ``device`` can make each step's (B, L, V) noise inside its draw
+    (``noise_draw``): ``FRESH_NOISE`` and what ``use_kernel`` asks (CUDA, a temperature > 0, no top-k or top-p),
+    a CUDA generator (or None), a draw ATen makes in one launch, and a ``noise_block`` for its layout."""
+    if not (FRESH_NOISE and ENABLED and triton is not None and device.type == "cuda" and temperature > 0
+            and (not top_k or top_k >= V) and top_p >= 1.0 and B * L * V > 0):
+        return False
+    if generator is not None and generator.device.type != "cuda":
+        return False
+    numel = B * L * V
+    return (philox_noise.matches_torch(numel)
+            and noise_block(V, philox_noise.device_layout(numel, device).threads) > 0)
+
+
+def noise_draw(logits: torch.Tensor, positions: torch.Tensor | None, stream: philox_noise.NoiseStream, B: int,
+               L: int, cfg_scale: float | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``confidence_draw(logits, noise, positions, cfg_scale, temperature)`` with noise = the (B, L, V) Exp(1) that
+    ``exponential_`` draws from ``stream``'s state (taken from it), made inside the kernel at the rows drawn and
+    never stored (NOTES A46). The same candidates; log p summed in another order (per column block, then across
+    blocks), so equal to ``confidence_draw``'s up to float32 rounding.
+
+    Programs follow ATen's layout (``philox_noise``): program (p, k) runs Philox call k of threads
+    [p BLOCK, (p + 1) BLOCK) and gets four word segments of BLOCK noise elements, each inside one grid row; for
+    the segments of rows among ``positions`` it writes the column block's best score, its first column, max and
+    sum of exp (skipping Philox where none is); a second kernel combines each row's blocks."""
+    rows, M, V = logits.shape
+    guided = cfg_scale is not None
+    if rows not in ((2 * B, B + 1) if guided else (B,)):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match batch {B} "
+                         f"({'guided: 2B or B + 1 rows' if guided else 'B rows'})")
+    if positions is None and M != L:
+        raise ValueError(f"without positions the logits must cover all {L} positions, got {M}")
+    if positions is not None and tuple(positions.shape) != (B, M):
+        raise ValueError(f"positions {tuple(positions.shape)} must be (B, M) = {(B, M)}")
+    if V >= 2**24:
+        raise ValueError(f"{V} columns: the kernel's column indices pass through float32")
+    layout, start = stream.take(B * L * V)
+    block = noise_block(V, layout.threads)
+    if not block:
+        raise ValueError(f"no column block divides V = {V} and the noise's {layout.threads} threads")
+    dev = logits.device
+    logits = logits.contiguous()
+    # each grid row b L + l -> its logits row b M + j (or -1: not drawn), past the noise's last row too
+    slot = torch.full((layout.calls * 4 * layout.threads // V + 1,), -1, dtype=torch.int32, device=dev)
+    if positions is None:
+        slot[:B * L] = torch.arange(B * L, dtype=torch.int32, device=dev)
+    else:
+        slot[:B * L].view(B, L).scatter_(1, positions, torch.arange(B * M, dtype=torch.int32, device=dev).view(B, M))
+    blocks = V // block
+    partials = torch.empty(4, B * M, blocks, dtype=torch.float32, device=dev)
+    cand = torch.empty(B, M, dtype=torch.long, device=dev)
+    conf = torch.empty(B, M, dtype=torch.float32, device=dev)
+    scale = 1.0 if cfg_scale is None else float(cfg_scale)
+    half, uncond_rows = B * M * V, max(rows - B, 1) * M
+    with on_device(logits):
+        _noise_draw_kernel[(layout.threads // block, layout.calls)](
+            logits, slot, stream.state, partials, start, slot.numel(), V, layout.threads, scale, float(temperature),
+            half, uncond_rows, B * M, blocks, GUIDED=guided, BLOCK=block, num_warps=4)
+        _combine_kernel[(B * M,)](logits, partials, cand, conf, scale, V, half, uncond_rows, B * M, blocks,
+                                  GUIDED=guided, BLOCKS=triton.next_power_of_2(blocks), num_warps=1)
+    return cand, conf
+
+
 if triton is not None:
+    from generator.philox_noise import curand_words, torch_exponential
+
     @triton.jit
     def _draw_kernel(LOGITS, NOISE, POS, KNOBS, CAND, CONF, M, L, V, HALF, UNCOND_ROWS,
                      GUIDED: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
@@ -142,3 +218,70 @@ if triton is not None:
     def _(logits, noise, positions, knobs, guided):
         B, M = noise.shape[0], logits.shape[1]
         return logits.new_empty(B, M, dtype=torch.long), logits.new_empty(B, M, dtype=torch.float32)
+
+    @triton.jit
+    def _block_draw(LOGITS, PART, row, col0, e, scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS,
+                    GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+        """One column block of logits row ``row`` against its noise ``e``: ``_draw_kernel``'s per-column terms
+        (the same expressions), reduced over the block into PART[:, row, block]."""
+        c = col0 + tl.arange(0, BLOCK)
+        g = tl.load(LOGITS + row * V + c).to(tl.float32)
+        if GUIDED:
+            u = tl.load(LOGITS + HALF + (row % UNCOND_ROWS) * V + c).to(tl.float32)
+            g = u + scale * (g - u)
+        score = g / temperature - tl.log(e)
+        best = tl.max(score, axis=0)
+        top = tl.max(g, axis=0)
+        at = PART + row * BLOCKS + col0 // BLOCK
+        tl.store(at, best)
+        tl.store(at + R * BLOCKS, tl.min(tl.where(score == best, c, V), axis=0).to(tl.float32))   # first best
+        tl.store(at + 2 * R * BLOCKS, top)
+        tl.store(at + 3 * R * BLOCKS, tl.sum(tl.exp(g - top), axis=0))
+
+    @triton.jit
+    def _noise_draw_kernel(LOGITS, SLOT, STATE, PART, START, SLOTS, V, T, scale, temperature, HALF, UNCOND_ROWS, R,
+                           BLOCKS, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+        t0 = tl.program_id(0) * BLOCK
+        call = tl.program_id(1).to(tl.int64)
+        li = call * 4 * T + t0                  # word w's segment: noise elements [li + w T, li + w T + BLOCK)
+        s0 = tl.load(SLOT + li // V)            # its grid row's logits row, or -1
+        s1 = tl.load(SLOT + (li + T) // V)
+        s2 = tl.load(SLOT + (li + 2 * T) // V)
+        s3 = tl.load(SLOT + (li + 3 * T) // V)
+        if (s0 >= 0) | (s1 >= 0) | (s2 >= 0) | (s3 >= 0):
+            offset = tl.load(STATE + 1) + START
+            x0, x1, x2, x3 = curand_words(tl.load(STATE), offset, call, t0 + tl.arange(0, BLOCK))
+            if s0 >= 0:
+                _block_draw(LOGITS, PART, s0.to(tl.int64), li % V, torch_exponential(x0), scale,
+                            temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+            if s1 >= 0:
+                _block_draw(LOGITS, PART, s1.to(tl.int64), (li + T) % V, torch_exponential(x1), scale,
+                            temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+            if s2 >= 0:
+                _block_draw(LOGITS, PART, s2.to(tl.int64), (li + 2 * T) % V, torch_exponential(x2),
+                            scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+            if s3 >= 0:
+                _block_draw(LOGITS, PART, s3.to(tl.int64), (li + 3 * T) % V, torch_exponential(x3),
+                            scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+
+    @triton.jit
+    def _combine_kernel(LOGITS, PART, CAND, CONF, scale, V, HALF, UNCOND_ROWS, R, NUM_BLOCKS,
+                        GUIDED: tl.constexpr, BLOCKS: tl.constexpr):
+        """Row ``row``'s column blocks: the first column of the best score, log p(candidate) = g_c - logsumexp(g)."""
+        row = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, BLOCKS)
+        ok = k < NUM_BLOCKS
+        at = PART + row * NUM_BLOCKS + k
+        best = tl.load(at, mask=ok, other=float("-inf"))
+        first = tl.load(at + R * NUM_BLOCKS, mask=ok, other=V).to(tl.int32)
+        top = tl.load(at + 2 * R * NUM_BLOCKS, mask=ok, other=-1e30)
+        total = tl.load(at + 3 * R * NUM_BLOCKS, mask=ok, other=0.0)
+        cand = tl.min(tl.where(best == tl.max(best, axis=0), first, V), axis=0)
+        mx = tl.max(top, axis=0)
+        lse = mx + tl.log(tl.sum(total * tl.exp(top - mx), axis=0))
+        g_c = tl.load(LOGITS + row * V + cand).to(tl.float32)
+        if GUIDED:
+            u_c = tl.load(LOGITS + HALF + (row % UNCOND_ROWS) * V + cand).to(tl.float32)
+            g_c = u_c + scale * (g_c - u_c)
+        tl.store(CAND + row, cand.to(tl.int64))
+        tl.store(CONF + row, g_c - lse)

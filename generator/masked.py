@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator import fused_attention, fused_draw, fused_swiglu
+from generator import fused_attention, fused_draw, fused_swiglu, philox_noise
 from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
 from generator.call_graphs import CallGraphs
 from generator.config import GeneratorConfig
@@ -53,7 +53,8 @@ CALL_GRAPHS = os.environ.get("TESSERA_CALL_GRAPHS", "1") != "0"
 
 def kernel_switches() -> tuple:
     """The module-level kernel choices a recorded call bakes in (a change records another graph)."""
-    return fused_draw.ENABLED, fused_attention.ENABLED, fused_attention.METHOD, fused_swiglu.ENABLED
+    return (fused_draw.ENABLED, fused_draw.FRESH_NOISE, fused_attention.ENABLED, fused_attention.METHOD,
+            fused_swiglu.ENABLED)
 
 
 def unconditional_sequences(batch: int, step: int, guided: bool, inpainting: bool = False) -> int:
@@ -122,10 +123,22 @@ def confidence_noise(shape_BLV: tuple[int, int, int], s: float, device, *, tempe
     return exp_BLV, choice_BL
 
 
+def confidence_noise_increment(shape_BLV: tuple[int, int, int], num_steps: int, choice_temperature: float,
+                               device: torch.device) -> int:
+    """How far a confidence sampling call's draws (``confidence_noise`` at each step, temperature > 0) move a CUDA
+    generator's Philox offset: the (B, L, V) Exp(1) noise every step, the (B, L) Gumbel noise where
+    choice_temperature * s > 0. What a call that makes its noise in the draw (``philox_noise``) moves it by."""
+    B, L, V = shape_BLV
+    noise = philox_noise.device_layout(B * L * V, device).increment
+    choice = philox_noise.device_layout(B * L, device).increment
+    return sum(noise + (choice if choice_temperature * s > 0 else 0) for _, s in time_grid(num_steps))
+
+
 def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: torch.Tensor,
                       exp_noise_BLV: torch.Tensor | None, choice_noise_BL: torch.Tensor | None, *,
                       mask_id: int, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, positions_BM: torch.Tensor | None = None) -> torch.Tensor:
+                      top_p: float = 1.0, positions_BM: torch.Tensor | None = None,
+                      drawn_BM: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The MaskGIT confidence step as a pure tensor function (no generator, no host sync: traceable
     by ``torch.compile(fullgraph=True)``); its noise comes from ``confidence_noise``.
 
@@ -148,9 +161,14 @@ def confidence_update(logits_BMV: torch.Tensor, ids_BL: torch.Tensor, remain_B: 
     all L positions) is read there, clean tokens among them rank last as above, and the ranking
     over the M positions is the one over all L restricted to them (stable sort, same order): the ids
     are those of the full-grid update on the same logits.
+
+    drawn_BM: (candidates, log p(candidate)) (B, M) drawn already (``fused_draw.noise_draw``); the logits and
+    exp_noise_BLV are then not read.
     """
     ids_BM = ids_BL if positions_BM is None else ids_BL.gather(1, positions_BM)
-    if fused_draw.use_kernel(logits_BMV, exp_noise_BLV, temperature, top_k, top_p):   # one pass (NOTES A32)
+    if drawn_BM is not None:
+        cand_BM, conf_BM = drawn_BM
+    elif fused_draw.use_kernel(logits_BMV, exp_noise_BLV, temperature, top_k, top_p):   # one pass (NOTES A32)
         cand_BM, conf_BM = fused_draw.confidence_draw(logits_BMV, exp_noise_BLV, positions_BM, cfg_scale, temperature)
     else:
         logits_BMV = logits_BMV.float()                # guided in float32, as a compiled update computes it
@@ -211,7 +229,8 @@ def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, sc
                     num_masked_start_B: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, choice_temperature: float = 4.5,
                     generator: torch.Generator | None = None, cfg_scale: float | None = None,
-                    update=confidence_update, positions_BM: torch.Tensor | None = None) -> torch.Tensor:
+                    update=confidence_update, positions_BM: torch.Tensor | None = None,
+                    noise_stream: philox_noise.NoiseStream | None = None) -> torch.Tensor:
     """One MaskGIT step ending at time s: draw a candidate for every masked token, score it by
     log p(candidate) + choice_temperature * s * Gumbel (noise annealed to 0 as progress 1 - s -> 1),
     and unmask the most confident so that exactly R = min(scheduled_masked_count(s), M - 1) tokens
@@ -221,8 +240,20 @@ def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, sc
     ``confidence_update``; ``MaskedGenerator.sample(compile=True)`` passes its compiled one). With
     ``cfg_scale``, logits are the doubled [cond; uncond] batch. Static shapes, no host sync.
     ``positions_BM``: the logits are for these positions only (``confidence_update``).
+
+    ``noise_stream`` (CUDA, where ``fused_draw.use_noise_kernel`` holds): the same draws made from the generator
+    state it holds instead of ``generator``: the candidates' noise inside the draw kernel (``fused_draw.noise_draw``,
+    never stored), the Gumbel noise by ``philox_noise.exponential``; the same numbers (NOTES A46).
     """
     B, L = ids_BL.shape
+    if noise_stream is not None:
+        drawn_BM = fused_draw.noise_draw(logits_BLV, positions_BM, noise_stream, B, L, cfg_scale, temperature)
+        choice_BL = None
+        if choice_temperature * s > 0:
+            choice_BL = choice_temperature * s * -philox_noise.exponential((B, L), noise_stream).log()
+        remain_B = scheduled_masked_count(num_masked_start_B, schedule, s)
+        return update(logits_BLV, ids_BL, remain_B, None, choice_BL, mask_id=mask_id, cfg_scale=cfg_scale,
+                      temperature=temperature, top_k=top_k, top_p=top_p, positions_BM=positions_BM, drawn_BM=drawn_BM)
     exp_BLV, choice_BL = confidence_noise((B, L, logits_BLV.shape[-1]), s, logits_BLV.device, temperature=temperature,
                                           choice_temperature=choice_temperature, generator=generator)
     remain_B = scheduled_masked_count(num_masked_start_B, schedule, s)
@@ -253,18 +284,19 @@ class MaskedSampler:
 
     def step(self, logits_BLV, ids_BL, t: float, s: float, generator=None, *, num_masked_start_B=None,
              known_ids_BL=None, known_mask_BL=None, cfg_scale: float | None = None,
-             update=confidence_update, positions_BM=None) -> torch.Tensor:
+             update=confidence_update, positions_BM=None, noise_stream=None) -> torch.Tensor:
         """logits (B, L, V) of p(x_0 | x_t) (guided already), ids (B, L) at t -> ids (B, L) at s.
         num_masked_start_B (B,) long: tokens masked at t = 1 (confidence; may be omitted at t = 1).
         With ``cfg_scale``, logits are the doubled [cond; uncond] (2B, L, V) (or (B + 1, L, V), one
         unconditional sequence for all: ``SHARE_FIRST_UNCOND``), combined here (the
         confidence sampler fuses that into ``update``, a ``confidence_update`` or a compiled one).
         positions_BM (B, M) long (confidence only): the logits are (B, M, V) for these grid positions,
-        which hold every masked token (``masked_positions``)."""
+        which hold every masked token (``masked_positions``). noise_stream: see ``confidence_step``."""
         opts = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator)
         if self.method == "ancestral":
-            if positions_BM is not None:
-                raise ValueError("the ancestral sampler takes logits for every position (no positions_BM)")
+            if positions_BM is not None or noise_stream is not None:
+                raise ValueError("the ancestral sampler takes logits for every position and draws from the generator"
+                                 " (no positions_BM, no noise_stream)")
             if cfg_scale is not None:
                 logits_BLV = cfg_combine_doubled(logits_BLV, cfg_scale, ids_BL.shape[0])
             ids_BL = ancestral_step(logits_BLV, ids_BL, t, s, self.schedule, self.mask_id, **opts)
@@ -275,7 +307,7 @@ class MaskedSampler:
                 num_masked_start_B = (ids_BL == self.mask_id).sum(1)
             ids_BL = confidence_step(logits_BLV, ids_BL, s, self.schedule, self.mask_id, num_masked_start_B,
                                      choice_temperature=self.choice_temperature, cfg_scale=cfg_scale, update=update,
-                                     positions_BM=positions_BM, **opts)
+                                     positions_BM=positions_BM, noise_stream=noise_stream, **opts)
         return keep_known(ids_BL, known_ids_BL, known_mask_BL)
 
 
@@ -474,7 +506,8 @@ class MaskedGenerator(Generator):
         options (``CALL_GRAPHS``, ``generator.call_graphs``: the same ids, the generator left where an
         unrecorded call leaves it); without it the forward runs its own graphs (reduce-overhead).
         Compiled kernels may round differently from eager ones, so a compiled run can pick a few
-        different late tokens."""
+        different late tokens. On CUDA the confidence sampler's draw makes its noise itself, the numbers the
+        generator would have drawn, and moves the generator on as those draws would (NOTES A46)."""
         self.check_sampling_args(num_steps, temperature, top_k, top_p, cfg_scale)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler '{sampler}' is not one of {list(SAMPLERS)}")
@@ -498,19 +531,33 @@ class MaskedGenerator(Generator):
                               choice_temperature)
         options = dict(steps=steps, start=start, guided=cfg_scale != 1.0 and classes is not None,
                        cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, compile=compile)
-        inputs = (classes_B, known_ids_BL, known_mask_BL)
+        # the draw's noise made in its kernel from the generator's state, on the device (a recorded call reads the
+        # state of each replay); the generator then moves on by what the draws took (NOTES A46)
+        noise_state, shape_BLV = None, (classes_B.shape[0], self.config.num_tokens, self.config.codebook_size)
+        if sampler == "confidence" and fused_draw.use_noise_kernel(*shape_BLV, dev, generator, temperature, top_k,
+                                                                   top_p):
+            generator = philox_noise.cuda_generator(generator, dev)
+            noise_state = philox_noise.state_of(generator, dev)
+        inputs = (classes_B, known_ids_BL, known_mask_BL, noise_state)
         if compile and CALL_GRAPHS and dev.type == "cuda":
             key = (num_steps, sampler, temperature, top_k, top_p, choice_temperature, start, options["guided"],
                    cfg_scale, cfg_schedule, SHARE_FIRST_UNCOND, kernel_switches())
             call_graphs = self._sampling_fns(compile=True)[4]
-            return call_graphs(functools.partial(self._denoise, **options), key, self, inputs, generator, dev)
-        return self._denoise(*inputs, generator, **options)
+            ids = call_graphs(functools.partial(self._denoise, **options), key, self, inputs, generator, dev)
+        else:
+            ids = self._denoise(*inputs, generator, **options)
+        if noise_state is not None:
+            philox_noise.advance(generator, confidence_noise_increment(shape_BLV, num_steps, choice_temperature, dev))
+        return ids
 
     def _denoise(self, classes_B: torch.Tensor, known_ids_BL: torch.Tensor | None, known_mask_BL: torch.Tensor | None,
-                 generator: torch.Generator | None, *, steps: MaskedSampler, start: int | None, guided: bool,
-                 cfg_scale: float, cfg_schedule: str, compile: bool) -> torch.Tensor:
+                 noise_state: torch.Tensor | None, generator: torch.Generator | None, *, steps: MaskedSampler,
+                 start: int | None, guided: bool, cfg_scale: float, cfg_schedule: str, compile: bool) -> torch.Tensor:
         """``sample``'s reverse process from all [MASK] (known tokens kept) to ids (B, h, w): device work only,
-        no host sync (``CallGraphs`` records it whole). start: the largest masked count of a row (confidence)."""
+        no host sync (``CallGraphs`` records it whole). start: the largest masked count of a row (confidence).
+        noise_state: the generator's state on the device (``philox_noise.state_of``) when the draws make their
+        noise from it (``confidence_step``'s noise_stream), else None."""
+        stream = None if noise_state is None else philox_noise.NoiseStream(noise_state)
         B, L = classes_B.shape[0], self.config.num_tokens
         ids_BL = keep_known(torch.full((B, L), self.mask_id, dtype=torch.long, device=classes_B.device),
                             known_ids_BL, known_mask_BL)
@@ -532,7 +579,7 @@ class MaskedGenerator(Generator):
             logits = dynamic_dim(logits, compile and pos_BM is not None)
             ids_BL = steps.step(logits, ids_BL, t, s, generator, num_masked_start_B=num_masked_start_B,
                                 known_ids_BL=known_ids_BL, known_mask_BL=known_mask_BL, cfg_scale=scale,
-                                update=update, positions_BM=pos_BM)
+                                update=update, positions_BM=pos_BM, noise_stream=stream)
         g = self.config.grid_size
         return ids_BL.view(B, g, g)
 
