@@ -19,8 +19,8 @@ workspace: the masked sampling parts otherwise run without one, as `tessera gene
 sample-masked-stored-noise (the same with each step's (B, L, V) Exp(1) noise drawn by exponential_ into memory
 and read by the draw, NOTES A46 off), sample-masked-unshared (the same with the first guided step on 2B
 sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-masked-host (the same calls
-split on the host clock: the time before each graph's replay), sample-ar, sample-var, profile-masked / profile-ar / profile-var (where the
-compiled sampler's GPU time goes), maxbatch.
+split on the host clock: the time before each graph's replay), sample-ar, sample-var, profile-masked / profile-ar /
+profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
