@@ -73,10 +73,20 @@ def use_kernel(logits: torch.Tensor, noise: torch.Tensor | None, temperature: fl
             and noise.dtype == torch.float32 and noise.is_contiguous())
 
 
+# noise_draw's largest column block and its warps (one fixed config, as BLOCK above: the block sums' order follows it)
+NOISE_BLOCK, NOISE_WARPS = 1024, 4
+
+
 def noise_block(V: int, threads: int) -> int:
-    """Columns per program of ``noise_draw``: the largest of 1024, 512, 256 dividing both V and the noise's thread
-    count (a multiple of 256), so each program's four word segments lie inside rows; 0 when none does."""
-    return next((block for block in (1024, 512, 256) if V % block == 0 and threads % block == 0), 0)
+    """Columns per program of ``noise_draw``: the largest power of two from ``NOISE_BLOCK`` down to 256 dividing both
+    V and the noise's thread count (a multiple of 256), so each program's four word segments lie inside rows; 0 when
+    none does."""
+    block = NOISE_BLOCK
+    while block >= 256:
+        if V % block == 0 and threads % block == 0:
+            return block
+        block //= 2
+    return 0
 
 
 def use_noise_kernel(B: int, L: int, V: int, device: torch.device, generator: torch.Generator | None,
@@ -137,7 +147,8 @@ def noise_draw(logits: torch.Tensor, positions: torch.Tensor | None, stream: phi
     with on_device(logits):
         _noise_draw_kernel[(layout.threads // block, layout.calls)](
             logits, slot, stream.state, partials, start, slot.numel(), V, layout.threads, scale, float(temperature),
-            half, uncond_rows, B * M, blocks, GUIDED=guided, BLOCK=block, num_warps=4)
+            half, uncond_rows, B * M, blocks, GUIDED=guided, DIVIDE=temperature != 1.0, BLOCK=block,
+            num_warps=NOISE_WARPS)
         _combine_kernel[(B * M,)](logits, partials, cand, conf, scale, V, half, uncond_rows, B * M, blocks,
                                   GUIDED=guided, BLOCKS=triton.next_power_of_2(blocks), num_warps=1)
     return cand, conf
@@ -221,7 +232,7 @@ if triton is not None:
 
     @triton.jit
     def _block_draw(LOGITS, PART, row, col0, e, scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS,
-                    GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+                    GUIDED: tl.constexpr, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
         """One column block of logits row ``row`` against its noise ``e``: ``_draw_kernel``'s per-column terms
         (the same expressions), reduced over the block into PART[:, row, block]."""
         c = col0 + tl.arange(0, BLOCK)
@@ -229,18 +240,22 @@ if triton is not None:
         if GUIDED:
             u = tl.load(LOGITS + HALF + (row % UNCOND_ROWS) * V + c).to(tl.float32)
             g = u + scale * (g - u)
-        score = g / temperature - tl.log(e)
-        best = tl.max(score, axis=0)
+        if DIVIDE:                              # g / 1 is g: the division only where the temperature is not 1
+            g_t = g / temperature
+        else:
+            g_t = g
+        score = g_t - tl.log(e)
+        best, first = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
         top = tl.max(g, axis=0)
         at = PART + row * BLOCKS + col0 // BLOCK
         tl.store(at, best)
-        tl.store(at + R * BLOCKS, tl.min(tl.where(score == best, c, V), axis=0).to(tl.float32))   # first best
+        tl.store(at + R * BLOCKS, (col0 + first).to(tl.float32))          # the block's first column of its best
         tl.store(at + 2 * R * BLOCKS, top)
         tl.store(at + 3 * R * BLOCKS, tl.sum(tl.exp(g - top), axis=0))
 
     @triton.jit
     def _noise_draw_kernel(LOGITS, SLOT, STATE, PART, START, SLOTS, V, T, scale, temperature, HALF, UNCOND_ROWS, R,
-                           BLOCKS, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+                           BLOCKS, GUIDED: tl.constexpr, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
         t0 = tl.program_id(0) * BLOCK
         call = tl.program_id(1).to(tl.int64)
         li = call * 4 * T + t0                  # word w's segment: noise elements [li + w T, li + w T + BLOCK)
@@ -252,17 +267,17 @@ if triton is not None:
             offset = tl.load(STATE + 1) + START
             x0, x1, x2, x3 = curand_words(tl.load(STATE), offset, call, t0 + tl.arange(0, BLOCK))
             if s0 >= 0:
-                _block_draw(LOGITS, PART, s0.to(tl.int64), li % V, torch_exponential(x0), scale,
-                            temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+                _block_draw(LOGITS, PART, s0.to(tl.int64), (li % V).to(tl.int32), torch_exponential(x0), scale,
+                            temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, DIVIDE, BLOCK)
             if s1 >= 0:
-                _block_draw(LOGITS, PART, s1.to(tl.int64), (li + T) % V, torch_exponential(x1), scale,
-                            temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+                _block_draw(LOGITS, PART, s1.to(tl.int64), ((li + T) % V).to(tl.int32), torch_exponential(x1), scale,
+                            temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, DIVIDE, BLOCK)
             if s2 >= 0:
-                _block_draw(LOGITS, PART, s2.to(tl.int64), (li + 2 * T) % V, torch_exponential(x2),
-                            scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+                _block_draw(LOGITS, PART, s2.to(tl.int64), ((li + 2 * T) % V).to(tl.int32), torch_exponential(x2),
+                            scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, DIVIDE, BLOCK)
             if s3 >= 0:
-                _block_draw(LOGITS, PART, s3.to(tl.int64), (li + 3 * T) % V, torch_exponential(x3),
-                            scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, BLOCK)
+                _block_draw(LOGITS, PART, s3.to(tl.int64), ((li + 3 * T) % V).to(tl.int32), torch_exponential(x3),
+                            scale, temperature, V, HALF, UNCOND_ROWS, R, BLOCKS, GUIDED, DIVIDE, BLOCK)
 
     @triton.jit
     def _combine_kernel(LOGITS, PART, CAND, CONF, scale, V, HALF, UNCOND_ROWS, R, NUM_BLOCKS,

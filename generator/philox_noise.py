@@ -5,7 +5,9 @@ ATen's ``distribution_nullary_kernel`` launches G = min(SMs * (threads per SM / 
 256 threads, T = 256 G threads in all. Thread t runs curand's Philox4x32-10 with key = seed, counter
 (offset / 4 + k, subsequence t): its k-th call gives four 32-bit words x, for the elements
 li = (4k + w) T + t, w = 0..3 (li < n). Each word becomes u = x 2^-32 + 2^-33 in (0, 1] (``curand_uniform4``)
-and then E = -log u, or 2^-24 where u >= 1 - 2^-24 (ATen's ``transformation::exponential``). The generator's
+and then E = -log u, or 2^-24 where u >= 1 - 2^-24 (ATen's ``transformation::exponential``; its log is CUDA's fast
+``__logf``, lg2.approx x ln 2: libdevice's ``fast_logf`` gives every number bit for bit, the accurate logf about
+85% of them an ulp or a few off). The generator's
 offset then moves on by 4 ceil(n / 4T): the ``increment``.
 
 So a kernel can make element li of that tensor from (seed, offset) alone, and read none of it from memory:
@@ -137,7 +139,8 @@ def exponential(shape, stream: NoiseStream) -> torch.Tensor:
 
 
 if triton is not None:
-    # libdevice's logf is ATen's at::log on CUDA; Triton's CPU interpreter has no libdevice (numpy's log there)
+    # libdevice's fast_logf is ATen's log here (measured: every number of exponential_ bit for bit); Triton's CPU
+    # interpreter has no libdevice (numpy's log there)
     LIBDEVICE_LOG = tl.constexpr(not INTERPRETED)
 
     @triton.jit
@@ -153,11 +156,11 @@ if triton is not None:
 
     @triton.jit
     def torch_exponential(word):
-        """ATen's Exp(1) of one word: u = curand_uniform's x 2^-32 + 2^-33, then -log u (libdevice's logf, as
-        ATen's ``at::log``), or 2^-24 where u >= 1 - 2^-24."""
+        """ATen's Exp(1) of one word: u = curand_uniform's x 2^-32 + 2^-33, then -log u (``__logf``, as ATen's CUDA
+        build computes it), or 2^-24 where u >= 1 - 2^-24."""
         u = word.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
         if LIBDEVICE_LOG:
-            log_u = libdevice.log(u)
+            log_u = libdevice.fast_logf(u)
         else:
             log_u = tl.log(u)
         return tl.where(u >= 0.99999994039535522, 5.9604644775390625e-08, -log_u)
