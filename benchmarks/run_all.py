@@ -69,7 +69,7 @@ JOBS = [
     Job("sample-masked-cublas-workspace", "benchmarks.generators", ["--part", "sample-masked-cublas-workspace"],
         75),   # A45 off: 33-72 s (session 23)
     Job("sample-masked-stored-noise", "benchmarks.generators", ["--part", "sample-masked-stored-noise"],
-        75),   # A46 off: as sample-masked-cublas-workspace
+        60),   # A46 off: 21-40 s (session 24)
     Job("sample-masked-host", "benchmarks.generators", ["--part", "sample-masked-host"],
         60),  # one compile and three recordings: 29 s (session 23)
     Job("profile-var", "benchmarks.generators", ["--part", "profile-var"], 220),   # A24: its warm-up compiles ~150 s

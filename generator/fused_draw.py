@@ -17,6 +17,9 @@ vocabulary and reduces them at the end (the first index among equal best scores,
 ``masked.confidence_update`` calls it where ``use_kernel`` holds (``ENABLED``, CUDA, a temperature > 0,
 no top-k / top-p) and runs the torch ops everywhere else. TESSERA_FUSED_DRAW=0 turns it off.
 
+``noise_draw`` is the same draw with the noise made inside the kernel (PyTorch's numbers from the generator's state,
+``philox_noise``) at the rows drawn, never stored: what the sampler runs on CUDA (NOTES A46).
+
 Why a kernel (benchmarks/NOTES.md A32): the compiled torch update reads the guided logits and the noise
 in three passes (max, sum, then the draw), 0.86 ms of each @16 step at batch 64 on an H200 (13.7 ms per
 batch); one pass reads each byte once: 6.9 ms per batch, 256.0 vs 261.0 ms per @16 batch of 64 in the same run
@@ -146,7 +149,7 @@ def noise_draw(logits: torch.Tensor, positions: torch.Tensor | None, stream: phi
     half, uncond_rows = B * M * V, max(rows - B, 1) * M
     with on_device(logits):
         _noise_draw_kernel[(layout.threads // block, layout.calls)](
-            logits, slot, stream.state, partials, start, slot.numel(), V, layout.threads, scale, float(temperature),
+            logits, slot, stream.state, partials, start, V, layout.threads, scale, float(temperature),
             half, uncond_rows, B * M, blocks, GUIDED=guided, DIVIDE=temperature != 1.0, BLOCK=block,
             num_warps=NOISE_WARPS)
         _combine_kernel[(B * M,)](logits, partials, cand, conf, scale, V, half, uncond_rows, B * M, blocks,
@@ -254,7 +257,7 @@ if triton is not None:
         tl.store(at + 3 * R * BLOCKS, tl.sum(tl.exp(g - top), axis=0))
 
     @triton.jit
-    def _noise_draw_kernel(LOGITS, SLOT, STATE, PART, START, SLOTS, V, T, scale, temperature, HALF, UNCOND_ROWS, R,
+    def _noise_draw_kernel(LOGITS, SLOT, STATE, PART, START, V, T, scale, temperature, HALF, UNCOND_ROWS, R,
                            BLOCKS, GUIDED: tl.constexpr, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
         t0 = tl.program_id(0) * BLOCK
         call = tl.program_id(1).to(tl.int64)

@@ -6,9 +6,8 @@ ATen's ``distribution_nullary_kernel`` launches G = min(SMs * (threads per SM / 
 (offset / 4 + k, subsequence t): its k-th call gives four 32-bit words x, for the elements
 li = (4k + w) T + t, w = 0..3 (li < n). Each word becomes u = x 2^-32 + 2^-33 in (0, 1] (``curand_uniform4``)
 and then E = -log u, or 2^-24 where u >= 1 - 2^-24 (ATen's ``transformation::exponential``; its log is CUDA's fast
-``__logf``, lg2.approx x ln 2: libdevice's ``fast_logf`` gives every number bit for bit, the accurate logf about
-85% of them an ulp or a few off). The generator's
-offset then moves on by 4 ceil(n / 4T): the ``increment``.
+``__logf``, lg2.approx x ln 2: libdevice's ``fast_logf`` gives every number bit for bit on an H100, the accurate logf
+leaves ~85% of them an ulp or a few off). The generator's offset then moves on by 4 ceil(n / 4T): the ``increment``.
 
 So a kernel can make element li of that tensor from (seed, offset) alone, and read none of it from memory:
 ``fused_draw.noise_draw`` makes the masked sampler's (B, L, V) noise at the rows it draws (a (B, L, V) float32

@@ -8,7 +8,7 @@ import torch
 
 from generator import fused_draw as fd
 from generator import philox_noise as pn
-from tests.kernels import KERNEL_DEVICE, needs_kernel
+from tests.kernels import KERNEL_DEVICE, compile_for_hopper, needs_compiler, needs_kernel
 
 M32 = 0xFFFFFFFF
 
@@ -253,3 +253,17 @@ def test_gpu_default_generator_moves_on_as_exponential_would(monkeypatch, fresh_
         torch.cuda.manual_seed(5)
         out.append((model.sample([1, 2], num_steps=4, cfg_scale=2.0), default.get_offset()))
     assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+
+
+@needs_compiler
+def test_kernels_compile_for_hopper():
+    """Triton's real compiler takes both kernels to sm_90 (the interpreter runs them as Python)."""
+    signature = {"LOGITS": "*bf16", "SLOT": "*i32", "STATE": "*i64", "PART": "*fp32", "START": "i64", "V": "i32",
+                 "T": "i32", "scale": "fp32", "temperature": "fp32", "HALF": "i64", "UNCOND_ROWS": "i64", "R": "i32",
+                 "BLOCKS": "i32", "GUIDED": "constexpr", "DIVIDE": "constexpr", "BLOCK": "constexpr"}
+    for guided, divide in [(True, False), (False, True)]:
+        kernel = compile_for_hopper(fd._noise_draw_kernel, signature,
+                                    dict(GUIDED=guided, DIVIDE=divide, BLOCK=fd.NOISE_BLOCK), num_warps=fd.NOISE_WARPS)
+        assert kernel.asm["cubin"] and "lg2.approx" in kernel.asm["ptx"]       # ATen's __logf, inlined
+    signature = {"OUT": "*fp32", "STATE": "*i64", "START": "i64", "N": "i32", "T": "i32", "BLOCK": "constexpr"}
+    assert compile_for_hopper(pn._exponential_kernel, signature, dict(BLOCK=256), num_warps=4).asm["cubin"]
