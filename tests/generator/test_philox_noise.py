@@ -1,13 +1,17 @@
 """generator/philox_noise.py and fused_draw.noise_draw: PyTorch's CUDA Exp(1) noise made from (seed, offset).
 
 A plain-Python curand Philox4x32-10 (checked against Random123's known-answer vectors) and ATen's layout give the
-reference numbers; the Triton kernels must make them (on Triton's CPU interpreter: numpy's log, so to an ulp), and
+reference numbers; the Triton kernels must make them (on Triton's CPU interpreter: numpy's log, so to a few ulps), and
 on CUDA exactly what ``exponential_`` draws, moving the generator's offset as it does."""
 import pytest
 import torch
 
 from generator import fused_draw as fd
+from generator import masked
 from generator import philox_noise as pn
+from generator.masked import confidence_step, confidence_update, scheduled_masked_count
+from generator.schedules import get_schedule
+from tests.generator.test_masked import randomised, tiny
 from tests.kernels import KERNEL_DEVICE, compile_for_hopper, needs_compiler, needs_kernel
 
 M32 = 0xFFFFFFFF
@@ -166,11 +170,9 @@ def test_cuda_kernel_is_exponential_bit_for_bit(shape):
 
 @needs_kernel
 @pytest.mark.parametrize("s", [0.5, 0.0])      # with the annealed Gumbel term, and the last step's (none)
-def test_confidence_step_draws_in_exponential_s_order(s):
+def test_confidence_step_draws_in_the_order_exponential_would(s):
     """A confidence step with a noise stream: the (B, L, V) noise at the state's offset, then the (B, L) Gumbel
     noise at the offset after it; the ids of ``confidence_update`` on those numbers."""
-    from generator.masked import confidence_step, confidence_update
-    from generator.schedules import get_schedule
     B, L, M, V, cap = 2, 6, 4, 512, 2
     logits, positions = draw_inputs(B, L, M, V, True, seed=9)
     ids = torch.full((B, L), V, dtype=torch.long, device=KERNEL_DEVICE)
@@ -186,7 +188,6 @@ def test_confidence_step_draws_in_exponential_s_order(s):
     choice = None
     if s > 0:
         choice = 4.5 * s * -reference_exponential(B * L, 21, after, cap).view(B, L).to(KERNEL_DEVICE).log()
-    from generator.masked import scheduled_masked_count
     want = confidence_update(logits, ids, scheduled_masked_count(start, get_schedule("cosine"), s), noise, choice,
                              mask_id=V, cfg_scale=2.0, positions_BM=positions)
     assert torch.equal(got, want)
@@ -195,7 +196,6 @@ def test_confidence_step_draws_in_exponential_s_order(s):
 
 def test_a_calls_increment_is_its_draws(monkeypatch):
     """``confidence_noise_increment``: every step's (B, L, V) noise, the (B, L) Gumbel noise on all but the last."""
-    from generator import masked
     monkeypatch.setattr(pn, "device_layout", lambda numel, device: pn.layout_for(numel, 132 * 8))
     assert masked.confidence_noise_increment((64, 256, 16384), 16, 4.5, torch.device("cuda")) == 16 * 996 + 15 * 4
     assert masked.confidence_noise_increment((64, 256, 16384), 8, 0.0, torch.device("cuda")) == 8 * 996
@@ -216,7 +216,6 @@ def test_gpu_sampling_with_the_noise_made_in_the_draw_keeps_ids_and_generator_st
                                                                                     fresh_dynamo):
     """MaskedGenerator.sample on CUDA with ``FRESH_NOISE`` and without (exponential_ into memory): the same ids and
     the same generator state after, for a call run as is, recorded and replayed (compile: call graphs)."""
-    from tests.generator.test_masked import randomised, tiny
     V, G = 512, 4
     model = randomised(tiny(codebook_size=V)).cuda()
     kw = dict(kw)
@@ -244,7 +243,6 @@ def test_gpu_sampling_with_the_noise_made_in_the_draw_keeps_ids_and_generator_st
 
 @pytest.mark.gpu
 def test_gpu_default_generator_moves_on_as_exponential_would(monkeypatch, fresh_dynamo):
-    from tests.generator.test_masked import randomised, tiny
     model = randomised(tiny(codebook_size=256)).cuda()
     default = torch.cuda.default_generators[torch.cuda.current_device()]
     out = []
