@@ -8,8 +8,9 @@ sections) and trained the way pipelines/train_generator.py trains it: the Genera
 the step), torch.compile of that wrapper (as the Trainer compiles "model"), bf16 autocast, fused
 AdamW (pipelines.train_utils.adamw), grad-norm clipping, flash / memory-efficient SDPA, and no host
 sync inside the step. The batch is the largest power of two (32 .. 512) whose eager step fits, or
-TESSERA_TRAIN_BATCH (the compiled step keeps fewer activations: on an H100 it fits twice the eager
-step's batch; an eager step that does not fit is then an error row and the compiled one still runs).
+TESSERA_TRAIN_BATCH: the compiled step keeps fewer activations (on an H100, session 24: 36.0-37.5 GB
+where the eager step took 62.7-64.5 GB at the same batch), so it may fit a batch the eager one does not;
+an eager step that does not fit is then an error row and the compiled one still runs (not yet measured).
 
 Data wait: the same compiled step fed through the real token-cache path (a synthetic cache written
 by pipelines.data.tokenize_dataset to /tmp, TokenDataset, the Trainer's sampler + SeededDataset +
