@@ -30,6 +30,8 @@ from typing import Callable, Hashable
 import torch
 import torch.nn as nn
 
+from generator.sampling import cuda_generator
+
 Inputs = tuple  # of tensors or None
 
 
@@ -117,9 +119,7 @@ class CallGraphs:
         default CUDA generator, advanced as the call would advance it)."""
         if self.failed:
             return fn(*inputs, generator)
-        if generator is None:
-            generator = torch.cuda.default_generators[device.index if device.index is not None
-                                                      else torch.cuda.current_device()]
+        generator = cuda_generator(generator, device)
         key = (key, inputs_key(inputs), autocast_key(device.type), storage_key(module))
         recorded = self._graphs.get(key)
         if recorded is None:

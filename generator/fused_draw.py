@@ -80,6 +80,20 @@ def use_kernel(logits: torch.Tensor, noise: torch.Tensor | None, temperature: fl
 NOISE_BLOCK, NOISE_WARPS = 1024, 4
 
 
+def check_draw_shapes(logits: torch.Tensor, B: int, L: int, positions: torch.Tensor | None, guided: bool,
+                      against: str, columns_match: bool = True) -> None:
+    """The draw ops' shape rules, one clear error each: logits (2B or B + 1 rows guided, else B; ``columns_match``:
+    as many columns as the noise) against ``against``, positions (B, M), or without positions all L rows."""
+    rows, M, _ = logits.shape
+    if rows not in ((2 * B, B + 1) if guided else (B,)) or not columns_match:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {against}"
+                         f" ({'guided: 2B or B + 1 rows' if guided else 'B rows'})")
+    if positions is not None and tuple(positions.shape) != (B, M):
+        raise ValueError(f"positions {tuple(positions.shape)} must be (B, M) = {(B, M)}")
+    if positions is None and M != L:
+        raise ValueError(f"without positions the logits must cover all {L} positions, got {M}")
+
+
 def noise_block(V: int, threads: int) -> int:
     """Columns per program of ``noise_draw``: the largest power of two from ``NOISE_BLOCK`` down to 256 dividing both
     V and the noise's thread count (a multiple of 256), so each program's four word segments lie inside rows; 0 when
@@ -120,13 +134,7 @@ def noise_draw(logits: torch.Tensor, positions: torch.Tensor | None, stream: phi
     sum of exp (skipping Philox where none is); a second kernel combines each row's blocks."""
     rows, M, V = logits.shape
     guided = cfg_scale is not None
-    if rows not in ((2 * B, B + 1) if guided else (B,)):
-        raise ValueError(f"logits {tuple(logits.shape)} do not match batch {B} "
-                         f"({'guided: 2B or B + 1 rows' if guided else 'B rows'})")
-    if positions is None and M != L:
-        raise ValueError(f"without positions the logits must cover all {L} positions, got {M}")
-    if positions is not None and tuple(positions.shape) != (B, M):
-        raise ValueError(f"positions {tuple(positions.shape)} must be (B, M) = {(B, M)}")
+    check_draw_shapes(logits, B, L, positions, guided, f"batch {B}")
     if V >= 2**24:
         raise ValueError(f"{V} columns: the kernel's column indices pass through float32")
     layout, start = stream.take(B * L * V)
@@ -211,14 +219,9 @@ if triton is not None:
                             guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rows, M, V = logits.shape
         B, L = noise.shape[:2]
-        if rows not in ((2 * B, B + 1) if guided else (B,)) or noise.shape[2] != V:
-            raise ValueError(f"logits {tuple(logits.shape)} do not match noise {tuple(noise.shape)}"
-                             f" ({'guided: 2B or B + 1 rows' if guided else 'B rows'})")
         gather = positions.numel() > 0
-        if gather and tuple(positions.shape) != (B, M):
-            raise ValueError(f"positions {tuple(positions.shape)} must be (B, M) = {(B, M)}")
-        if not gather and M != L:
-            raise ValueError(f"without positions the logits must cover all {L} positions, got {M}")
+        check_draw_shapes(logits, B, L, positions if gather else None, guided, f"noise {tuple(noise.shape)}",
+                          noise.shape[2] == V)
         cand = torch.empty(B, M, dtype=torch.long, device=logits.device)
         conf = torch.empty(B, M, dtype=torch.float32, device=logits.device)
         if B * M:

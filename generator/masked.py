@@ -33,8 +33,8 @@ from generator import fused_attention, fused_draw, fused_swiglu, philox_noise
 from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
 from generator.call_graphs import CallGraphs
 from generator.config import GeneratorConfig
-from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, draw_with_noise, exponential_noise,
-                                gumbel_noise, keep_known, sample_logits)
+from generator.sampling import (CFG_SCHEDULES, cfg_combine_doubled, cfg_scale_at, cuda_generator, draw_with_noise,
+                                exponential_noise, gumbel_noise, keep_known, sample_logits)
 from generator.schedules import Schedule, alpha_at, as_time, get_schedule, loss_weight
 from generator.transformer import rope_tables
 
@@ -105,7 +105,8 @@ def ancestral_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, t: float, s: 
 
 
 def confidence_noise(shape_BLV: tuple[int, int, int], s: float, device, *, temperature: float = 1.0,
-                     choice_temperature: float = 4.5, generator: torch.Generator | None = None
+                     choice_temperature: float = 4.5, generator: torch.Generator | None = None,
+                     noise_stream: philox_noise.NoiseStream | None = None
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The random draws of one MaskGIT step ending at time s, from ``generator`` in the order the
     step has always drawn them (same seed, same ids):
@@ -114,12 +115,18 @@ def confidence_noise(shape_BLV: tuple[int, int, int], s: float, device, *, tempe
        temperature = 0 (greedy: nothing drawn).
     2. choice_temperature * s * G, G (B, L) ~ Gumbel(0, 1): the annealed confidence noise; None when
        choice_temperature * s = 0 (the last step, s = 0).
+
+    With ``noise_stream`` (``confidence_step``'s) the same numbers come from the state it holds: E is made inside
+    the draw, which took it from the stream before this call (``fused_draw.noise_draw``; None here), and G is
+    -log of ``philox_noise.exponential``'s Exp(1), as ``gumbel_noise`` takes it of ``exponential_``'s.
     """
     B, L, _ = shape_BLV
-    exp_BLV = exponential_noise(shape_BLV, generator, device) if temperature > 0 else None
+    exp_BLV = exponential_noise(shape_BLV, generator, device) if temperature > 0 and noise_stream is None else None
     choice_BL = None
     if choice_temperature * s > 0:
-        choice_BL = choice_temperature * s * gumbel_noise((B, L), generator, device)
+        gumbel_BL = (gumbel_noise((B, L), generator, device) if noise_stream is None
+                     else -philox_noise.exponential((B, L), noise_stream).log())
+        choice_BL = choice_temperature * s * gumbel_BL
     return exp_BLV, choice_BL
 
 
@@ -246,19 +253,15 @@ def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, sc
     never stored), the Gumbel noise by ``philox_noise.exponential``; the same numbers (NOTES A46).
     """
     B, L = ids_BL.shape
-    if noise_stream is not None:
+    drawn_BM = None
+    if noise_stream is not None:      # first: E is drawn before G, as exponential_ draws them
         drawn_BM = fused_draw.noise_draw(logits_BLV, positions_BM, noise_stream, B, L, cfg_scale, temperature)
-        choice_BL = None
-        if choice_temperature * s > 0:
-            choice_BL = choice_temperature * s * -philox_noise.exponential((B, L), noise_stream).log()
-        remain_B = scheduled_masked_count(num_masked_start_B, schedule, s)
-        return update(logits_BLV, ids_BL, remain_B, None, choice_BL, mask_id=mask_id, cfg_scale=cfg_scale,
-                      temperature=temperature, top_k=top_k, top_p=top_p, positions_BM=positions_BM, drawn_BM=drawn_BM)
     exp_BLV, choice_BL = confidence_noise((B, L, logits_BLV.shape[-1]), s, logits_BLV.device, temperature=temperature,
-                                          choice_temperature=choice_temperature, generator=generator)
+                                          choice_temperature=choice_temperature, generator=generator,
+                                          noise_stream=noise_stream)
     remain_B = scheduled_masked_count(num_masked_start_B, schedule, s)
     return update(logits_BLV, ids_BL, remain_B, exp_BLV, choice_BL, mask_id=mask_id, cfg_scale=cfg_scale,
-                  temperature=temperature, top_k=top_k, top_p=top_p, positions_BM=positions_BM)
+                  temperature=temperature, top_k=top_k, top_p=top_p, positions_BM=positions_BM, drawn_BM=drawn_BM)
 
 
 @dataclass
@@ -536,7 +539,7 @@ class MaskedGenerator(Generator):
         noise_state, shape_BLV = None, (classes_B.shape[0], self.config.num_tokens, self.config.codebook_size)
         if sampler == "confidence" and fused_draw.use_noise_kernel(*shape_BLV, dev, generator, temperature, top_k,
                                                                    top_p):
-            generator = philox_noise.cuda_generator(generator, dev)
+            generator = cuda_generator(generator, dev)
             noise_state = philox_noise.state_of(generator, dev)
         inputs = (classes_B, known_ids_BL, known_mask_BL, noise_state)
         if compile and CALL_GRAPHS and dev.type == "cuda":

@@ -19,6 +19,7 @@ on by what the draws took (``advance``): the generator ends where ``exponential_
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,8 @@ INT32_LIMIT = 2**31 - 1     # past it ATen splits the draw into 32-bit-indexable
 
 @dataclass(frozen=True)
 class Layout:
-    """Where ``exponential_`` of ``numel`` elements takes each number (see the module's docstring): ``threads`` T,
-    ``calls`` per thread (ceil(numel / 4T)); ``increment`` = 4 calls, what the draw moves the offset by."""
-    numel: int
+    """Where ``exponential_`` of n elements takes each number (see the module's docstring): ``threads`` T,
+    ``calls`` per thread (ceil(n / 4T)); ``increment`` = 4 calls, what the draw moves the offset by."""
     threads: int
     calls: int
 
@@ -63,7 +63,7 @@ def layout_for(numel: int, blocks_cap: int) -> Layout:
         raise ValueError(f"no elements to draw ({numel})")
     blocks = min(blocks_cap, -(-numel // THREADS_PER_BLOCK))
     threads = THREADS_PER_BLOCK * blocks
-    return Layout(numel, threads, -(-numel // (WORDS_PER_CALL * threads)))
+    return Layout(threads, -(-numel // (WORDS_PER_CALL * threads)))
 
 
 def device_layout(numel: int, device: torch.device) -> Layout:
@@ -75,13 +75,6 @@ def device_layout(numel: int, device: torch.device) -> Layout:
 def matches_torch(numel: int) -> bool:
     """Whether ATen draws ``numel`` elements in one launch (32-bit indexing), the layout this module follows."""
     return 0 < numel <= INT32_LIMIT
-
-
-def cuda_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    """``generator``, or ``device``'s default CUDA generator (what a draw with ``generator=None`` uses)."""
-    if generator is not None:
-        return generator
-    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def state_of(generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -123,9 +116,7 @@ class NoiseStream:
 def exponential(shape, stream: NoiseStream) -> torch.Tensor:
     """float32 ``shape``: the numbers ``torch.empty(shape).exponential_(generator=g)`` draws on CUDA from the state
     ``stream`` stands at (bit for bit), taken from it."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     if not matches_torch(numel):
         raise ValueError(f"{numel} elements: ATen draws these in pieces, a layout this kernel does not follow")
     layout, start = stream.take(numel)

@@ -110,6 +110,13 @@ def keep_known(ids: torch.Tensor, known_ids: torch.Tensor | None, known_mask: to
     return torch.where(known_mask, known_ids, ids)
 
 
+def cuda_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """``generator``, or ``device``'s default CUDA generator (what a draw with ``generator=None`` uses there)."""
+    if generator is not None:
+        return generator
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def make_generator(seed: int | None, device) -> torch.Generator | None:
     """A torch.Generator on ``device`` seeded with ``seed`` (None -> None: use the global RNG)."""
     if seed is None:
