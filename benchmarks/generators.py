@@ -516,15 +516,20 @@ def sample_masked_forward_options(args, sink: RowSink, options: dict, what: str)
         add_ids_row(b, sink, steps, f"forward {what} vs default", ids[1], ids[3])
 
 
+def default_forward_options_and(**options) -> dict:
+    """``MaskedGenerator.forward_compile_options`` with these inductor ``options`` added (A43's stays on)."""
+    from generator.masked import MaskedGenerator
+    return {"options": {**MaskedGenerator.forward_compile_options.get("options", {}), **options}}
+
+
 def sample_masked_max_autotune(args, sink: RowSink) -> None:
     """The forward compiled with inductor's ``max_autotune`` and its persistent TMA matmul templates (NOTES A41; no
     coordinate-descent tuning, which gained nothing in ``sample-masked-cd``): inductor times Triton matmul
     templates against cuBLAS per shape and, where a template wins, may fuse pointwise neighbours into it (SwiGLU's
     silu*up as the down projection's prologue, residual adds as epilogues); other matmul kernels may round
     differently, so the ids are counted."""
-    from generator.masked import MaskedGenerator
-    options = {"options": {**MaskedGenerator.forward_compile_options.get("options", {}), "max_autotune": True,
-                           "coordinate_descent_tuning": False, "triton.enable_persistent_tma_matmul": True}}
+    options = default_forward_options_and(**{"max_autotune": True, "coordinate_descent_tuning": False,
+                                             "triton.enable_persistent_tma_matmul": True})
     sample_masked_forward_options(args, sink, options, "max-autotune")
 
 
@@ -550,9 +555,7 @@ def sample_masked_pdl(args, sink: RowSink) -> None:
     each may start while the kernel before it finishes, waiting (``gdc_wait``) only before it reads that
     kernel's output; ~2000 kernel boundaries per @16 call sit ~1 us apart in the call graph (NOTES A44). The same
     kernels, so the ids should not differ."""
-    from generator.masked import MaskedGenerator
-    options = {"options": {**MaskedGenerator.forward_compile_options.get("options", {}), "triton.enable_pdl": True}}
-    sample_masked_forward_options(args, sink, options, "PDL")
+    sample_masked_forward_options(args, sink, default_forward_options_and(**{"triton.enable_pdl": True}), "PDL")
 
 
 def sample_masked_inductor_default(args, sink: RowSink) -> None:
