@@ -7,10 +7,11 @@ sections) and trained the way pipelines/train_generator.py trains it: the Genera
 (VAR: with the multi-scale tokenizer set as codec, so the teacher-forcing inputs are built inside
 the step), torch.compile of that wrapper (as the Trainer compiles "model"), bf16 autocast, fused
 AdamW (pipelines.train_utils.adamw), grad-norm clipping, flash / memory-efficient SDPA, and no host
-sync inside the step. The batch is the largest power of two (32 .. 512) whose eager step fits, or
-TESSERA_TRAIN_BATCH: the compiled step keeps fewer activations (on an H100, session 24: 36.0-37.5 GB
-where the eager step took 62.7-64.5 GB at the same batch), so it may fit a batch the eager one does not;
-an eager step that does not fit is then an error row and the compiled one still runs (not yet measured).
+sync inside the step. Batches: the eager step runs at the largest power of two (32 .. 512) that it
+fits; the compiled step at that batch (the same-batch ratio) and at twice it, where it fits: it keeps
+fewer activations (on an H100, session 24: 36.0-37.5 GB where the eager step took 62.7-64.5 GB at the
+same batch), so that is the batch that fills the GPU for it. TESSERA_TRAIN_BATCH sets one batch for both
+(an eager step that does not fit it is an error row; the compiled one still runs).
 
 Data wait: the same compiled step fed through the real token-cache path (a synthetic cache written
 by pipelines.data.tokenize_dataset to /tmp, TokenDataset, the Trainer's sampler + SeededDataset +
@@ -27,9 +28,9 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks import roofline
-from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, job_args,
-                               peak_flops, peak_memory_gb, profile_ops, repo_root, reset_peak_memory, search_max_batch,
-                               sync, time_fn)
+from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, is_oom,
+                               job_args, peak_flops, peak_memory_gb, profile_ops, repo_root, reset_peak_memory,
+                               search_max_batch, sync, time_fn)
 from benchmarks.setups import TINY_GENERATOR, build_tokenizer, device
 
 PARTS = ["masked-L", "ar-L", "var-d16"]
@@ -94,11 +95,12 @@ def train_model(name: str, args, sink: RowSink) -> None:
     step = Step(name, args.smoke, dev)
     c = step.config
     params = sum(p.numel() for p in step.params)
-    # 1. the batch that fills the GPU: largest power of two whose eager step fits
-    if args.smoke:
+    override = os.environ.get("TESSERA_TRAIN_BATCH")
+    # 1. the batch that fills the GPU for the eager step: the largest power of two that fits
+    if override:
+        B = int(override)
+    elif args.smoke:
         B = 4
-    elif os.environ.get("TESSERA_TRAIN_BATCH"):
-        B = int(os.environ["TESSERA_TRAIN_BATCH"])
     else:
         res = search_max_batch(lambda n: step(*step.batch(n)), 32, 512, 6, bisect=False)
         step.opt.zero_grad(set_to_none=True)
@@ -106,55 +108,82 @@ def train_model(name: str, args, sink: RowSink) -> None:
         if B is None:
             sink.add(name=f"{name} train", batch=None, error=f"batch 32 does not fit: {res['attempts']}")
             return
-    ids, labels = step.batch(B)
-    model = roofline.training_step(c, params, B)
-    facts = dict(bench="train", model=name, config=CONFIGS[name], params_M=round(params / 1e6, 1), batch=B,
+    facts = dict(bench="train", model=name, config=CONFIGS[name], params_M=round(params / 1e6, 1),
                  seq_len=c.num_tokens, lr=step.train.lr, grad_clip=step.train.grad_clip,
                  dtype="bf16 autocast" if dev.type == "cuda" else "fp32 (cpu smoke)",
                  sdpa="default choice" if dev.type == "cuda" else "cpu default",
                  optimizer="AdamW fused" if dev.type == "cuda" else "AdamW", dropout=c.dropout)
-    common = {**facts, **floors(model["flops"], model["bytes"], H100 if args.smoke else None)}
     pf = peak_flops()
+    iters = {"warmup": 1, "iters": 1} if args.smoke else {"warmup": 2, "iters": 8}
 
-    def add(label: str, t: dict, **extra):
-        return sink.add(name=f"{name} train {label}", **common, **t, tokens_per_s=B * c.num_tokens / t["median_s"],
+    def timed(label: str, batch: int, **extra) -> dict:
+        """The step at ``batch`` timed as one row (its floors, tokens/s, MFU and peak memory)."""
+        ids, labels = step.batch(batch)
+        free_memory()
+        reset_peak_memory()
+        t = time_fn(lambda: step(ids, labels), **iters)
+        model = roofline.training_step(c, params, batch)
+        return sink.add(name=f"{name} train {label}", **facts, batch=batch,
+                        **floors(model["flops"], model["bytes"], H100 if args.smoke else None), **t,
+                        tokens_per_s=batch * c.num_tokens / t["median_s"],
                         mfu=model["flops"] / t["median_s"] / pf if pf else None, peak_mem_gb=peak_memory_gb(), **extra)
 
-    iters = {"warmup": 1, "iters": 1} if args.smoke else {"warmup": 2, "iters": 8}
     try:
-        reset_peak_memory()
-        add("eager", time_fn(lambda: step(ids, labels), **iters), compile="eager")
+        timed("eager", B, compile="eager")
     except Exception as e:  # noqa: BLE001
         sink.error(f"{name} train eager", e, batch=B)
-    # 2. compiled, as the Trainer compiles the "model" module (mode: default)
+    # 2. compiled, as the Trainer compiles the "model" module (mode: default), at the eager step's batch (the
+    # same-batch ratio), then at twice it (see the module's docstring); a new batch recompiles (static shapes)
     status = {"compile": "wrapper: default"}
     step.fwd = compiled(step.wrapper, "default", args.smoke)
+    ids, labels = step.batch(B)
     if first_call_or_eager(lambda: step(ids, labels), None, status) is None:
         step.fwd = step.wrapper
+    del ids, labels
+    fills = B           # the largest batch the compiled step ran at: the profile and the data wait use it
     try:
-        reset_peak_memory()
-        add("compiled", time_fn(lambda: step(ids, labels), **iters), **status)
+        timed("compiled", B, **status)
     except Exception as e:  # noqa: BLE001
         sink.error(f"{name} train compiled", e, batch=B, **status)
-    if args.profile:   # where the compiled step's GPU time goes (two steps)
+    if not override and 2 * B <= 512 and step.fwd is not step.wrapper:
+        ran_out = False
         try:
-            sink.add(name=f"{name} train profile", bench="profile", model=name, batch=B, **status,
+            timed(f"compiled b{2 * B}", 2 * B, **status,
+                  note=f"the compiled step at twice the batch its eager step fits ({B})")
+            fills = 2 * B
+        except Exception as e:  # noqa: BLE001 - an OOM is the answer (the eager batch fills the GPU)
+            ran_out = is_oom(e)
+            if not ran_out:
+                sink.error(f"{name} train compiled b{2 * B}", e, batch=2 * B, **status)
+        if fills != 2 * B:      # out here, the exception and the failed step's tensors it held are gone
+            step.opt.zero_grad(set_to_none=True)
+            free_memory()
+        if ran_out:
+            sink.add(name=f"{name} train compiled b{2 * B}", **facts, batch=2 * B, **status,
+                     note=f"out of memory: batch {B} is the largest power of two that fits the compiled step")
+    if args.profile:   # where the compiled step's GPU time goes (two steps)
+        ids, labels = step.batch(fills)
+        try:
+            sink.add(name=f"{name} train profile", bench="profile", model=name, batch=fills, **status,
                      **profile_ops(lambda: [step(ids, labels) for _ in range(2)], dev.type == "cuda", top=25))
         except Exception as e:  # noqa: BLE001
-            sink.error(f"{name} train profile", e, batch=B, **status)
+            sink.error(f"{name} train profile", e, batch=fills, **status)
+        del ids, labels
     # 3. VAR: the codec's share of a step (teacher-forcing inputs, built by the tokenizer each step)
     if step.tokenizer is not None:
+        ids, _ = step.batch(fills)
         try:
             t = time_fn(lambda: step.generator.codec_inputs(ids, check_range=False), **iters)
-            sink.add(name=f"{name} codec inputs", bench="train-part", model=name, batch=B, compile="eager", **t,
+            sink.add(name=f"{name} codec inputs", bench="train-part", model=name, batch=fills, compile="eager", **t,
                      note="VQGAN.teacher_forcing_input per step, as the loss builds them (no range check, no sync)")
         except Exception as e:  # noqa: BLE001
-            sink.error(f"{name} codec inputs", e, batch=B)
-    # 4. data wait: the real token-cache DataLoader path vs the resident tensor
+            sink.error(f"{name} codec inputs", e, batch=fills)
+        del ids
+    # 4. data wait: the real token-cache DataLoader path vs the resident tensor, at the compiled step's batch
     try:
-        data_wait(name, step, B, args.smoke, sink, {**facts, **status})
+        data_wait(name, step, fills, args.smoke, sink, {**facts, "batch": fills, **status})
     except Exception as e:  # noqa: BLE001
-        sink.error(f"{name} data wait", e, batch=B)
+        sink.error(f"{name} data wait", e, batch=fills)
 
 
 # ---- data wait ----------------------------------------------------------------------------------
