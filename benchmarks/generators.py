@@ -19,7 +19,9 @@ workspace: the masked sampling parts otherwise run without one, as `tessera gene
 sample-masked-stored-noise (the same with each step's (B, L, V) Exp(1) noise drawn by exponential_ into memory
 and read by the draw, NOTES A46 off), sample-masked-unshared (the same with the first guided step on 2B
 sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-masked-host (the same calls
-split on the host clock: the time before each graph's replay), sample-ar, sample-var, profile-masked / profile-ar /
+split on the host clock: the time before each graph's replay), sample-ar, sample-ar-autotune / sample-ar-pdl (the
+bf16-weight rows with the decode step compiled in max-autotune-no-cudagraphs mode / with its inductor kernels
+launched with programmatic dependent launch, NOTES A48), sample-var, profile-masked / profile-ar /
 profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -57,7 +59,8 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
-         "sample-ar", "sample-ar-autotune", "sample-var", "profile-masked", "profile-ar", "profile-var", "maxbatch"]
+         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-var", "profile-masked", "profile-ar",
+         "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
@@ -309,7 +312,8 @@ def sampler_step(b: Bench) -> None:
                 return fused_update()
 
         variants.append(("fused-compiled update only [torch draw]", torch_draw_update,
-                         lambda: fused_update(confidence_update), "update: fullgraph (noise pre-drawn), no draw kernel"))
+                         lambda: fused_update(confidence_update),
+                         "update: fullgraph (noise pre-drawn), no draw kernel"))
         for label, fn, eager, mode in variants:
             status = {"compile": mode}
             if eager is not None:
@@ -324,29 +328,30 @@ def sampler_step(b: Bench) -> None:
 
 
 # ---- autoregressive ----------------------------------------------------------------------------
-def sample_ar(args, sink: RowSink, decode_mode: str | None = None) -> None:
+def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str | None = None) -> None:
     """AR-B eager, then ``sample(compile=True)`` with fp32 frozen and with bf16 Linear weights (batch B,
     B + decoding, and batch 1 on the pipelines' bf16 path). The compiled path: the decode step compiled
     (dynamic cache length), its first call per setup uncaptured, the second captures one CUDA graph per
-    32 tokens, later calls replay them (``timing``'s two warm-ups). ``decode_mode``: the step's compile
-    mode instead of the default (bf16 weights only, rows named ``[mode]``)."""
+    32 tokens, later calls replay them (``timing``'s two warm-ups). ``decode_options``: torch.compile arguments
+    of the step added to ``ARGenerator.decode_compile_options`` (bf16 weights only, rows named ``[what]``)."""
     b = Bench(args, sink, "ar-B")
     B, on_gpu = b.batch, b.dev.type == "cuda"
-    tag = f" [{decode_mode}]" if decode_mode else ""
+    variant = decode_options is not None
+    tag = f" [{what}]" if variant else ""
     saved = ARGenerator.decode_compile_options
-    if decode_mode:
-        ARGenerator.decode_compile_options = {**saved, "mode": decode_mode}
+    if variant:
+        ARGenerator.decode_compile_options = {**saved, **decode_options}
     with _Warnings("generator.autoregressive") as warn:
         def status() -> str:
             if not on_gpu:
                 return "eager (the built-in compile is CUDA-only)"
-            return warn.status(f"built-in decode step ({decode_mode or 'default'} mode) + CUDA graph per 32 tokens")
+            return warn.status(f"built-in decode step ({what or 'default mode'}) + CUDA graph per 32 tokens")
 
-        if not decode_mode:
+        if not variant:
             b.guarded("eager", lambda: b.sample(B, compile=False), batch=B, compile="eager", decode=False, slow=True)
         try:
             for suffix, weights in (("", None), (" autocast-weights", torch.bfloat16)):
-                if weights is None and decode_mode:
+                if weights is None and variant:
                     continue
                 if weights is not None:       # what the pipelines load on a GPU: the same ids, no per-step cast
                     if not on_gpu:            # needs bf16 autocast, which the benchmarks turn on on CUDA only
@@ -758,7 +763,10 @@ def main() -> None:
             "sample-masked-stored-noise": sample_masked_stored_noise,
             "sample-masked-unshared": sample_masked_unshared, "sample-masked-host": sample_masked_host,
             "sample-ar": sample_ar,
-            "sample-ar-autotune": functools.partial(sample_ar, decode_mode="max-autotune-no-cudagraphs"),
+            "sample-ar-autotune": functools.partial(sample_ar, decode_options={"mode": "max-autotune-no-cudagraphs"},
+                                                    what="max-autotune-no-cudagraphs"),
+            "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
+                                               what="PDL"),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
                for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}
