@@ -4,9 +4,10 @@ to choose a replacement before changing the sampler.
     python3 -m benchmarks.decode_matvec
 
 1. The five Linear shapes of an AR-B step (qkv, proj, gate_up, down, head) at M = 2 rows (batch 1 with CFG)
-   and M = 128 (batch 64): ``F.linear`` (cuBLAS, what runs now) against a Triton mat-vec (``matvec``: one
-   program per BLOCK_N outputs streams its weight rows once, float32 sums; the best of a small sweep of
-   block sizes and warps is shown with its configuration). Session 8's other candidate, split-K batched
+   and M = 128 (batch 64): ``F.linear`` (cuBLAS without a workspace, as the sampling commands run it) against
+   generator/matvec.py's few-rows kernel (one program per BLOCK_N outputs streams its weight rows once, float32
+   sums): its shipped launch (``matvec.LAUNCH``) and the best of a sweep of block sizes and warps, to set
+   ``LAUNCH`` from. Session 8's other candidate, split-K batched
    matmuls, was slower than cuBLAS at every shape and split on an H200 (NOTES A28) and is gone.
 2. The k-th largest logit of top-k 2000 over 16384 codes at 1, 64, 1024 and 16384 rows: ``torch.topk``,
    ``torch.kthvalue``, a full sort, and ``generator.kth_largest``'s Triton kernel (what sampling runs on
@@ -23,42 +24,13 @@ import torch.nn.functional as F
 
 from benchmarks.decode_attention import graph_time_us
 from generator import kth_largest as kl
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from generator import matvec as mv
+from generator.launch import prefer_static_matmul_schedules
 
 D, HIDDEN, V = 768, 2048, 16384                      # AR-B
 SHAPES = {"qkv": (D, 3 * D), "proj": (D, D), "gate_up": (D, 2 * HIDDEN), "down": (HIDDEN, D), "head": (D, V)}
 TOP_K = 2000
 SWEEP = list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)))     # BLOCK_N, BLOCK_K, warps
-
-if triton is not None:
-    @triton.jit
-    def _matvec_kernel(X, W, Y, N, K, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Y (M, N) = X (M, K) @ W (N, K)^T for a few rows M (a power of two): program p reads weight rows
-        [p BLOCK_N, (p + 1) BLOCK_N) once, in BLOCK_K chunks along K, summing products in float32."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, M)
-        acc = tl.zeros((M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-            x = tl.load(X + m[:, None] * K + k[None, :], mask=k[None, :] < K, other=0.0)
-            acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
-        tl.store(Y + m[:, None] * N + n[None, :], acc.to(Y.dtype.element_ty), mask=n[None, :] < N)
-
-
-def matvec(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: int, warps: int) -> torch.Tensor:
-    """``F.linear(x, weight)`` for a few contiguous rows through ``_matvec_kernel``."""
-    M, K = x_MK.shape
-    N = weight_NK.shape[0]
-    y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
-    _matvec_kernel[(triton.cdiv(N, block_n),)](x_MK, weight_NK, y, N, K, M=M, BLOCK_N=block_n, BLOCK_K=block_k,
-                                               num_warps=warps)
-    return y
 
 
 def time_us(fn) -> float:
@@ -66,10 +38,11 @@ def time_us(fn) -> float:
 
 
 def main() -> None:
+    prefer_static_matmul_schedules()      # cuBLAS without a workspace, as the sampling commands run it (NOTES A45)
     torch.manual_seed(0)
     dev = "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, AR-B shapes; "
-          "us per call among 20 in one CUDA graph")
+          f"us per call among 20 in one CUDA graph; matvec's shipped launch (BLOCK_N, BLOCK_K, warps) {mv.LAUNCH}")
     for name, (K, N) in SHAPES.items():
         weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         mb = weight.numel() * 2 / 1e6
@@ -78,18 +51,20 @@ def main() -> None:
             expected = F.linear(x.float(), weight.float())
             us = time_us(lambda: F.linear(x, weight))
             row = [f"{name:8s} {K:5d}->{N:5d} M={M:3d} [{mb:5.1f} MB]", f"F.linear {us:6.1f} us ({mb / us:4.2f} TB/s)"]
-            if M <= 16 and triton is not None:
+            if M <= mv.MAX_ROWS and mv.triton is not None:
                 best = None
                 for cfg in SWEEP:
-                    err = (matvec(x, weight, *cfg).float() - expected).abs().max().item()
+                    err = (mv.launch(x, weight, *cfg).float() - expected).abs().max().item()
                     if err > 0.05:
                         row.append(f"matvec {cfg} max error {err:.3f}")
                         continue
-                    us = time_us(lambda cfg=cfg: matvec(x, weight, *cfg))
+                    us = time_us(lambda cfg=cfg: mv.launch(x, weight, *cfg))
                     best = min(best or (us, cfg), (us, cfg))
+                    if cfg == mv.LAUNCH:
+                        row.append(f"matvec as shipped {us:6.1f} us")
                 if best:
                     us, cfg = best
-                    row.append(f"matvec {us:6.1f} us ({mb / us:4.2f} TB/s) BLOCK_N, BLOCK_K, warps = {cfg}")
+                    row.append(f"matvec best {us:6.1f} us ({mb / us:4.2f} TB/s) BLOCK_N, BLOCK_K, warps = {cfg}")
             print("  ".join(row), flush=True)
     for rows in (1, 64, 1024, 16384):
         logits = torch.randn(rows, V, device=dev)

@@ -21,7 +21,8 @@ and read by the draw, NOTES A46 off), sample-masked-unshared (the same with the 
 sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-masked-host (the same calls
 split on the host clock: the time before each graph's replay), sample-ar, sample-ar-autotune / sample-ar-pdl (the
 bf16-weight rows with the decode step compiled in max-autotune-no-cudagraphs mode / with its inductor kernels
-launched with programmatic dependent launch, NOTES A48), sample-var, profile-masked / profile-ar /
+launched with programmatic dependent launch, NOTES A48), sample-ar-matvec (the same with the step's output
+projections through generator/matvec.py, NOTES A49), sample-var, profile-masked / profile-ar /
 profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -59,8 +60,8 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
-         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-var", "profile-masked", "profile-ar",
-         "profile-var", "maxbatch"]
+         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-matvec", "sample-var", "profile-masked",
+         "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
@@ -375,8 +376,23 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
                         (lambda n=batch: b.sample(n, compile=on_gpu))
                     b.guarded(label, fn, batch=batch, compile=status(), decode=decode, slow=True, weights=wlabel,
                               compile_s=status_first.get("compile_s") if batch == B and not decode else None)
+                if weights is not None:     # the ids of the rows' path under one seed, to compare across jobs
+                    try:
+                        b.gen.manual_seed(1234)
+                        add_digest_row(b, sink, None, f"autocast-weights{tag}", b.sample(B, compile=True))
+                    except Exception as e:  # noqa: BLE001
+                        sink.error(f"ar-B ids digest: autocast-weights{tag}", e, batch=B)
         finally:
             ARGenerator.decode_compile_options = saved
+
+
+def sample_ar_matvec(args, sink: RowSink) -> None:
+    """``sample-ar``'s bf16-weight rows with the attention's output projection and the MLP's down projection of
+    each cached step through generator/matvec.py's few-rows kernel (NOTES A49, opted in here), rows named
+    ``[matvec]``, to pair with ``sample-ar``'s rows and ids digest of the same run."""
+    from generator import matvec
+    with mock.patch.object(matvec, "ENABLED", True):
+        sample_ar(args, sink, decode_options={}, what="matvec")
 
 
 # ---- next-scale (VAR) ----------------------------------------------------------------------------
@@ -465,15 +481,16 @@ def seeded_ids(b: Bench, steps: int) -> torch.Tensor:
     return b.sample(b.batch, num_steps=steps, compile=True)
 
 
-def add_digest_row(b: Bench, sink: RowSink, steps: int, what: str, ids: torch.Tensor) -> None:
-    """A ``sample-ids`` row named "masked-B @{steps} ids digest: {what}": the sha256 of ``ids`` (int64 bytes), so
-    runs in other processes, settings or machines can tell whether a seed gave the same ids (the weights are
-    seeded: ``setups.build_generator``)."""
+def add_digest_row(b: Bench, sink: RowSink, steps: int | None, what: str, ids: torch.Tensor) -> None:
+    """A ``sample-ids`` row named "{model} @{steps} ids digest: {what}" ("{model} ids digest: {what}" for AR and
+    VAR, steps None): the sha256 of ``ids`` (int64 bytes), so runs in other processes, settings or machines can
+    tell whether a seed gave the same ids (the weights are seeded: ``setups.build_generator``)."""
     digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
-    sink.add(name=f"masked-B @{steps} ids digest: {what}", bench="sample-ids", model="masked-B", batch=b.batch,
-             steps=steps, config=SAMPLING["masked-B"], compile="sample(compile=True)", dtype=b.dtype,
+    label = b.name if steps is None else f"{b.name} @{steps}"
+    sink.add(name=f"{label} ids digest: {what}", bench="sample-ids", model=b.name, batch=b.batch,
+             steps=steps, config=SAMPLING[b.name], compile="sample(compile=True)", dtype=b.dtype,
              ids_sha256=digest, note=f"sha256 {digest} of the ids under seed 1234")
-    print(f"@{steps} {what}: ids sha256 {digest}", flush=True)
+    print(f"{label} {what}: ids sha256 {digest}", flush=True)
 
 
 def add_ids_row(b: Bench, sink: RowSink, steps: int, what: str, ids: torch.Tensor, reference: torch.Tensor) -> None:
@@ -767,6 +784,7 @@ def main() -> None:
                                                     what="max-autotune-no-cudagraphs"),
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
+            "sample-ar-matvec": sample_ar_matvec,
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
                for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}

@@ -35,6 +35,8 @@ from generator.fused_attention import fused_attention
 from generator.fused_attention import use_kernel as use_fused_attention
 from generator.fused_swiglu import fused_swiglu
 from generator.fused_swiglu import use_kernel as use_fused_swiglu
+from generator.matvec import linear_few_rows
+from generator.matvec import use_kernel as use_matvec
 
 
 class RMSNorm(nn.Module):
@@ -189,7 +191,15 @@ class Attention(nn.Module):
             out = attend_one_query(q, k, v, mask_LS)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
-        return self.proj(gather_rows(out.transpose(1, 2).reshape(B, L, D), rows_BM))
+        return linear(self.proj, gather_rows(out.transpose(1, 2).reshape(B, L, D), rows_BM))
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; through the few-rows mat-vec kernel where ``matvec.use_kernel`` holds (opted in: the output
+    layers of a cached decoding step at batch 1-4, NOTES A49)."""
+    if layer.bias is None and use_matvec(x, layer.weight):
+        return linear_few_rows(x, layer.weight)
+    return layer(x)
 
 
 def gather_rows(x_BLD: torch.Tensor, rows_BM: torch.Tensor | None) -> torch.Tensor:
@@ -205,9 +215,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         if use_fused_swiglu(x, self.gate_up.weight):          # no-grad CUDA forwards (NOTES A31)
-            return self.down(fused_swiglu(x, self.gate_up.weight))
+            return linear(self.down, fused_swiglu(x, self.gate_up.weight))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return linear(self.down, F.silu(gate) * up)
 
 
 class Block(nn.Module):
