@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator import fused_attention, fused_draw, fused_swiglu, philox_noise
+from generator import fused_attention, fused_draw, fused_swiglu, matvec, philox_noise
 from generator.base import CompiledOrEager, Generator, LossOutput, eval_mode
 from generator.call_graphs import CallGraphs
 from generator.config import GeneratorConfig
@@ -54,7 +54,7 @@ CALL_GRAPHS = os.environ.get("TESSERA_CALL_GRAPHS", "1") != "0"
 def kernel_switches() -> tuple:
     """The module-level kernel choices a recorded call bakes in (a change records another graph)."""
     return (fused_draw.ENABLED, fused_draw.FRESH_NOISE, fused_attention.ENABLED, fused_attention.METHOD,
-            fused_swiglu.ENABLED)
+            fused_swiglu.ENABLED, matvec.ENABLED)
 
 
 def unconditional_sequences(batch: int, step: int, guided: bool, inpainting: bool = False) -> int:
