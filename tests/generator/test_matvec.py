@@ -102,3 +102,22 @@ def test_the_kernel_compiles_for_hopper():
     kernel = compile_for_hopper(matvec._matvec_kernel, signature, dict(M_P2=2, BLOCK_N=block_n, BLOCK_K=block_k),
                                 num_warps=warps)
     assert kernel.asm["cubin"]
+
+
+@needs_kernel
+def test_the_routed_layer_traces_as_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) of an MLP whose down projection takes the kernel: the custom op is one node
+    of the graph (no break), with the eager call's output."""
+    monkeypatch.setattr(transformer, "use_matvec", matvec.few_rows)
+    torch.manual_seed(0)
+    mlp = transformer.SwiGLU(64, 128).to(KERNEL_DEVICE)
+    x = torch.randn(2, 1, 64, device=KERNEL_DEVICE)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(mlp, backend="eager", fullgraph=True)(x)
+            torch.testing.assert_close(compiled, mlp(x), atol=0, rtol=0)
+            gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+            torch.testing.assert_close(compiled, mlp.down(F.silu(gate) * up), atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
