@@ -121,3 +121,29 @@ def test_the_routed_layer_traces_as_one_graph(monkeypatch):
             torch.testing.assert_close(compiled, mlp.down(F.silu(gate) * up), atol=1e-5, rtol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_sampling_takes_the_kernel_and_replays_its_ids(monkeypatch):
+    """bf16 Linear weights under autocast, as the pipelines sample: the eager step calls the kernel for each block's
+    two output layers, and the compiled step's first call, its CUDA-graph capture and a replay give the same ids."""
+    monkeypatch.setattr(matvec, "ENABLED", True)
+    torch.manual_seed(0)
+    config = GeneratorConfig(kind="ar", codebook_size=64, grid_size=4, num_classes=3, dim=64, depth=2, heads=2)
+    model = ARGenerator(config).cuda()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.3)
+    model.eval().autocast_weights()
+    calls = []
+
+    def counted(x, weight):
+        calls.append(tuple(x.shape))
+        return matvec.linear_few_rows(x, weight)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with monkeypatch.context() as m:
+            m.setattr(transformer, "linear_few_rows", counted)
+            model.sample([0, 1], generator=torch.Generator("cuda").manual_seed(0), cfg_scale=2.0, compile=False)
+        assert len(calls) == 16 * 2 * 2 and set(calls) == {(4, 1, 64), (4, 1, 192)}     # 2 images, CFG: 4 rows
+        ids = [model.sample([0, 1], generator=torch.Generator("cuda").manual_seed(0), cfg_scale=2.0, compile=True)
+               for _ in range(3)]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(ids[1], ids[2])
