@@ -8,10 +8,11 @@ sections) and trained the way pipelines/train_generator.py trains it: the Genera
 the step), torch.compile of that wrapper (as the Trainer compiles "model"), bf16 autocast, fused
 AdamW (pipelines.train_utils.adamw), grad-norm clipping, flash / memory-efficient SDPA, and no host
 sync inside the step. Batches: the eager step runs at the largest power of two (32 .. 512) that it
-fits; the compiled step at that batch (the same-batch ratio) and at twice it, where it fits: it keeps
-fewer activations (on an H100, session 24: 36.0-37.5 GB where the eager step took 62.7-64.5 GB at the
-same batch), so that is the batch that fills the GPU for it. TESSERA_TRAIN_BATCH sets one batch for both
-(an eager step that does not fit it is an error row; the compiled one still runs).
+fits; the compiled step at that batch (the same-batch ratio) and at twice it, or 1.5x where twice runs
+out of memory: it keeps fewer activations (on an H100, session 24: 36.0-37.5 GB where the eager step
+took 62.7-64.5 GB at the same batch), so that is the batch that fills the GPU for it.
+TESSERA_TRAIN_BATCH sets one batch for both (an eager step that does not fit it is an error row; the
+compiled one still runs).
 
 Data wait: the same compiled step fed through the real token-cache path (a synthetic cache written
 by pipelines.data.tokenize_dataset to /tmp, TokenDataset, the Trainer's sampler + SeededDataset +
@@ -133,7 +134,7 @@ def train_model(name: str, args, sink: RowSink) -> None:
     except Exception as e:  # noqa: BLE001
         sink.error(f"{name} train eager", e, batch=B)
     # 2. compiled, as the Trainer compiles the "model" module (mode: default), at the eager step's batch (the
-    # same-batch ratio), then at twice it (see the module's docstring); a new batch recompiles (static shapes)
+    # same-batch ratio), then at twice it or 1.5x (the module's docstring); a new batch recompiles (static shapes)
     status = {"compile": "wrapper: default"}
     step.fwd = compiled(step.wrapper, "default", args.smoke)
     ids, labels = step.batch(B)
@@ -145,22 +146,25 @@ def train_model(name: str, args, sink: RowSink) -> None:
         timed("compiled", B, **status)
     except Exception as e:  # noqa: BLE001
         sink.error(f"{name} train compiled", e, batch=B, **status)
-    if not override and 2 * B <= 512 and step.fwd is not step.wrapper:
+    larger_batches = [2 * B, 3 * B // 2] if not override and 2 * B <= 512 and step.fwd is not step.wrapper else []
+    for larger in larger_batches:
         ran_out = False
         try:
-            timed(f"compiled b{2 * B}", 2 * B, **status,
-                  note=f"the compiled step at twice the batch its eager step fits ({B})")
-            fills = 2 * B
-        except Exception as e:  # noqa: BLE001 - an OOM is the answer (the eager batch fills the GPU)
+            timed(f"compiled b{larger}", larger, **status,
+                  note=f"the compiled step at {larger / B:g}x the batch its eager step fits ({B})")
+            fills = larger
+        except Exception as e:  # noqa: BLE001 - an OOM is an answer: try the next, smaller batch
             ran_out = is_oom(e)
             if not ran_out:
-                sink.error(f"{name} train compiled b{2 * B}", e, batch=2 * B, **status)
-        if fills != 2 * B:      # out here, the exception and the failed step's tensors it held are gone
+                sink.error(f"{name} train compiled b{larger}", e, batch=larger, **status)
+        if fills != larger:     # out here, the exception and the failed step's tensors it held are gone
             step.opt.zero_grad(set_to_none=True)
             free_memory()
         if ran_out:
-            sink.add(name=f"{name} train compiled b{2 * B}", **facts, batch=2 * B, **status,
-                     note=f"out of memory: batch {B} is the largest power of two that fits the compiled step")
+            sink.add(name=f"{name} train compiled b{larger}", **facts, batch=larger, **status,
+                     note=f"out of memory at batch {larger} (compiled)")
+        if fills == larger or not ran_out:
+            break
     if args.profile:   # where the compiled step's GPU time goes (two steps)
         ids, labels = step.batch(fills)
         try:
