@@ -6,9 +6,9 @@ BLOCK_K columns at a time, against every row of x, summing the products in float
 
 Why (benchmarks/NOTES.md A49): at batch 1 with CFG each Linear of an AR step runs on M = 2 rows, a read of its
 weight that takes a few microseconds, latency-bound (A26: the 48 mat-vecs per token are ~53% of the GPU time
-per image). Session 9's micro-benchmark (H200, 20 calls replayed from one CUDA graph, AR-B's shapes) had this
-kernel (best of a sweep of block sizes and warps) faster than cuBLAS where the output is no wider than the
-input (N <= K: the attention's output projection 4.0 -> 2.6 us, the MLP's down projection 7.3 -> 4.2 us), and
+per image). Session 9's micro-benchmark (H200, 20 calls replayed from one CUDA graph, AR-B's shapes) had an
+earlier version of this kernel (the best of a sweep of block sizes and warps; it reduced across lanes at every
+step of the loop, which this one does once) faster than cuBLAS where the output is no wider than the input (N <= K: the attention's output projection 4.0 -> 2.6 us, the MLP's down projection 7.3 -> 4.2 us), and
 slower where it is wider (qkv 3.3 -> 3.6, gate_up 3.6 -> 4.6, head 6.1 -> 11.0), so ``use_kernel`` takes N <= K
 only. ``Attention`` and ``SwiGLU`` call it (through ``transformer.linear``) for their output layers.
 
@@ -80,16 +80,18 @@ if triton is not None:
     @triton.jit
     def _matvec_kernel(X, W, Y, M, N, K, M_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Y (M, N) = X (M, K) W (N, K)^T: this program's BLOCK_N weight rows, read once in BLOCK_K columns,
-        against all M (<= M_P2) rows of X, in float32."""
+        against all M (<= M_P2) rows of X, in float32. Each lane keeps its own column's partial sums through the
+        loop (no cross-lane reduction per step: the loop is loads and FMAs), reduced across lanes once."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_P2)
-        acc = tl.zeros((M_P2, BLOCK_N), tl.float32)
+        acc = tl.zeros((M_P2, BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
             x = tl.load(X + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
-        tl.store(Y + m[:, None] * N + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+            acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+        y = tl.sum(acc, axis=2)
+        tl.store(Y + m[:, None] * N + n[None, :], y.to(Y.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
 
     @torch.library.custom_op("tessera::linear_few_rows", mutates_args=())
     def _linear_few_rows_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
