@@ -10,7 +10,8 @@ per image). Session 9's micro-benchmark (H200, 20 calls replayed from one CUDA g
 earlier version of this kernel (the best of a sweep of block sizes and warps; it reduced across lanes at every
 step of the loop, which this one does once) faster than cuBLAS where the output is no wider than the input
 (N <= K: the attention's output projection 4.0 -> 2.6 us, the MLP's down projection 7.3 -> 4.2 us), and slower
-where it is wider (qkv 3.3 -> 3.6, gate_up 3.6 -> 4.6, head 6.1 -> 11.0), so ``use_kernel`` takes N <= K only. ``Attention`` and ``SwiGLU`` call it (through ``transformer.linear``) for their output layers.
+where it is wider (qkv 3.3 -> 3.6, gate_up 3.6 -> 4.6, head 6.1 -> 11.0), so ``use_kernel`` takes N <= K only.
+``Attention`` and ``SwiGLU`` call it (through ``transformer.linear``) for their output layers.
 
 Off by default until measured end to end (job ``sample-ar-matvec``); TESSERA_MATVEC=1 turns it on. A different
 sum order from cuBLAS's: equal to bf16 rounding, which can move a late token of a sampled sequence.
