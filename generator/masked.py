@@ -256,6 +256,9 @@ def confidence_step(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, s: float, sc
     drawn_BM = None
     if noise_stream is not None:      # first: E is drawn before G, as exponential_ draws them
         drawn_BM = fused_draw.noise_draw(logits_BLV, positions_BM, noise_stream, B, L, cfg_scale, temperature)
+        # (B, M) inputs of a compiled update, M dynamic as the positions' (without, torch 2.11 compiled one graph
+        # per step's M until dynamo's recompile limit sent the update back to eager for good: session 24's batch 1)
+        drawn_BM = tuple(dynamic_dim(t, positions_BM is not None) for t in drawn_BM)
     exp_BLV, choice_BL = confidence_noise((B, L, logits_BLV.shape[-1]), s, logits_BLV.device, temperature=temperature,
                                           choice_temperature=choice_temperature, generator=generator,
                                           noise_stream=noise_stream)

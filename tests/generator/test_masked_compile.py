@@ -93,6 +93,55 @@ def test_every_step_count_shares_the_compiled_graphs(monkeypatch, caplog):
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
 
 
+def cpu_fresh_noise(monkeypatch) -> None:
+    """The sampler's CUDA path with the noise made in the draw (NOTES A46), on the CPU: the draw and the noise
+    replaced by torch ops of the same shapes (what the compiled update sees), the generator's state a stand-in."""
+    from generator import fused_draw, masked, philox_noise
+
+    def draw(logits, positions, stream, B, L, cfg_scale, temperature):
+        stream.take(B * L * logits.shape[-1])
+        guided = logits[:B].float() if cfg_scale is None else logits[:B].float() * cfg_scale
+        return guided.argmax(-1), guided.log_softmax(-1).amax(-1)
+    monkeypatch.setattr(fused_draw, "use_noise_kernel", lambda *args: True)
+    monkeypatch.setattr(fused_draw, "noise_draw", draw)
+    monkeypatch.setattr(masked, "cuda_generator", lambda generator, device: generator)
+    monkeypatch.setattr(masked, "confidence_noise_increment", lambda *args: 0)
+    monkeypatch.setattr(philox_noise, "state_of", lambda generator, device: torch.zeros(2, dtype=torch.int64))
+    monkeypatch.setattr(philox_noise, "advance", lambda generator, increment: None)
+    monkeypatch.setattr(philox_noise, "exponential", lambda shape, stream: torch.empty(shape).exponential_())
+    monkeypatch.setattr(philox_noise.NoiseStream, "layout", lambda self, n: philox_noise.layout_for(n, 1056))
+
+
+def test_the_drawn_candidates_share_the_compiled_graphs_too(monkeypatch, caplog):
+    """With the noise made in the draw the update takes the candidates and their log p, (B, M), drawn before
+    it: marked dynamic in M like the positions, so the update traces as many graphs as with stored noise.
+    Unmarked, torch 2.11 traced one per step's M until dynamo's recompile limit sent the update back to eager
+    for good (session 24's batch-1 rows on an H100); dynamo without automatic dynamic shapes does that here."""
+    graphs = []
+
+    def counting_backend(fn, **kw):
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return REAL_COMPILE(fn, backend=backend, fullgraph=kw.get("fullgraph", False))
+
+    def traced_graphs() -> int:
+        graphs.clear()
+        torch._dynamo.reset()
+        model = randomised(tiny(grid_size=8))
+        with caplog.at_level(logging.WARNING, logger="generator.masked"):
+            for b, n in [(3, 16), (3, 8), (1, 16), (1, 16)]:
+                model.sample(list(range(b)), num_steps=n, cfg_scale=2.0, generator=gen(0), compile=True)
+        assert FALLBACK not in caplog.text and all(fn.compiled for fn in model._compiled[:4])
+        return len(graphs)
+
+    monkeypatch.setattr(torch, "compile", counting_backend)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        stored = traced_graphs()
+        cpu_fresh_noise(monkeypatch)
+        assert traced_graphs() == stored
+
+
 @pytest.mark.parametrize("where", ["build", "first call"])
 def test_compile_failure_falls_back_to_eager(where, monkeypatch, caplog):
     model = randomised(tiny())
