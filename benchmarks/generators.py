@@ -43,6 +43,7 @@ import logging
 import os
 import statistics
 import time
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -109,10 +110,13 @@ class Bench:
         with autocast(self.dev):
             return self.tok.decode_scales(ids) if self.is_var else self.tok.decode(ids)
 
-    def row(self, label: str, fn, *, batch: int, compile: str, decode: bool, steps: int = 16, slow: bool = False,
-            weights: str = FP32_FROZEN, **extra) -> dict:
+    def row(self, label: str, fn, *, batch: int, compile: str | Callable[[], str], decode: bool, steps: int = 16,
+            slow: bool = False, weights: str = FP32_FROZEN, **extra) -> dict:
+        """Time ``fn`` as one row. ``compile``: the compile column, or a function giving it, read after the timing
+        (a compiled function that falls back to eager in this row's own warm-up then says so)."""
         reset_peak_memory()
         t = time_fn(fn, **timing(self.smoke, slow))
+        compile = compile() if callable(compile) else compile
         c = self.model.config
         m = roofline.sampling(c, self.weights, batch, cfg=True, steps=steps, fp32_weights=weights == FP32_FROZEN)
         flops, bytes_, impl = m["flops"], m["bytes"], m["impl_bytes"]
@@ -134,7 +138,9 @@ class Bench:
             return self.row(label, fn, **kw)
         except Exception as e:     # noqa: BLE001
             free_memory()
-            return self.sink.error(f"{self.name} {label}", e, batch=kw.get("batch"), compile=kw.get("compile"))
+            status = kw.get("compile")
+            return self.sink.error(f"{self.name} {label}", e, batch=kw.get("batch"),
+                                   compile=status() if callable(status) else status)
 
 
 def compile_forward(b: Bench, mode: str, first_call) -> dict:
@@ -154,7 +160,8 @@ def uncompile_forward(b: Bench) -> None:
 
 class _Warnings(logging.Handler):
     """Collects the warnings of the named loggers while in a ``with`` block: a built-in compile that
-    falls back to eager says so there. ``status(label)`` is the rows' compile column."""
+    falls back to eager says so there, and dynamo there when a function hits its recompile limit (it runs
+    eagerly from then on). ``status(label)`` is the rows' compile column."""
 
     def __init__(self, *loggers: str):
         super().__init__(logging.WARNING)
@@ -176,7 +183,7 @@ class _Warnings(logging.Handler):
     def status(self, label: str) -> str:
         """``label``, or why the compile fell back to eager (the last such warning)."""
         failed = [m for m in self.messages if "compile" in m]
-        return f"failed -> eager ({failed[-1][:160]})" if failed else label
+        return f"failed -> eager ({' '.join(failed[-1].split())[:160]})" if failed else label
 
 
 @contextlib.contextmanager
@@ -258,7 +265,7 @@ def sample_masked_fused(b: Bench, tag: str = "", weights: str = FP32_FROZEN) -> 
     def sample(n: int, steps: int):
         return b.sample(n, num_steps=steps, compile=True)
 
-    with _Warnings("generator.masked") as warn, builtin_compile(b.smoke):
+    with _Warnings("generator.masked", "torch._dynamo") as warn, builtin_compile(b.smoke):
         first = {"compile": label}
         first_call_or_eager(lambda: sample(B, 16), None, first)     # compiles the batch-64 shapes
         rows = [(f"@16 fused-compiled{tag}", lambda: sample(B, 16), B, 16, False),
@@ -266,7 +273,7 @@ def sample_masked_fused(b: Bench, tag: str = "", weights: str = FP32_FROZEN) -> 
                 (f"@16 fused-compiled{tag}", lambda: b.decode(sample(B, 16)), B, 16, True),   # name gets " +decode"
                 (f"@16 fused-compiled{tag} b1", lambda: sample(1, 16), 1, 16, False)]        # warm-up compiles b1
         for i, (name, fn, batch, steps, decode) in enumerate(rows):
-            b.guarded(name, fn, batch=batch, compile=warn.status(label), decode=decode, steps=steps,
+            b.guarded(name, fn, batch=batch, compile=lambda: warn.status(label), decode=decode, steps=steps,
                       slow=batch == 1, compile_s=first.get("compile_s") if i == 0 else None, weights=weights)
 
 
@@ -342,7 +349,7 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
     saved = ARGenerator.decode_compile_options
     if variant:
         ARGenerator.decode_compile_options = {**saved, **decode_options}
-    with _Warnings("generator.autoregressive") as warn:
+    with _Warnings("generator.autoregressive", "torch._dynamo") as warn:
         def status() -> str:
             if not on_gpu:
                 return "eager (the built-in compile is CUDA-only)"
@@ -374,7 +381,7 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
                 for label, batch, decode in variants:
                     fn = (lambda n=batch: b.decode(b.sample(n, compile=on_gpu))) if decode else \
                         (lambda n=batch: b.sample(n, compile=on_gpu))
-                    b.guarded(label, fn, batch=batch, compile=status(), decode=decode, slow=True, weights=wlabel,
+                    b.guarded(label, fn, batch=batch, compile=status, decode=decode, slow=True, weights=wlabel,
                               compile_s=status_first.get("compile_s") if batch == B and not decode else None)
                 if weights is not None:     # the ids of the rows' path under one seed, to compare across jobs
                     try:
@@ -407,7 +414,7 @@ def sample_var(args, sink: RowSink) -> None:
     b.guarded("eager b1", lambda: b.decode(b.sample(1)), batch=1, compile="eager", decode=True)
     if args.compile_mode != "none":
         from pipelines.generate import compile_decoder
-        with _Warnings("generator.var", "pipelines.generate") as warn, builtin_compile(b.smoke):
+        with _Warnings("generator.var", "pipelines.generate", "torch._dynamo") as warn, builtin_compile(b.smoke):
             first = {"compile": "scale forward: dynamic"}
             first_call_or_eager(lambda: b.sample(B, compile=True), None, first)   # compiles both graphs
             status = warn.status("scale forward: reduce-overhead, dynamic")
