@@ -3,6 +3,8 @@
 A plain-Python curand Philox4x32-10 (checked against Random123's known-answer vectors) and ATen's layout give the
 reference numbers; the Triton kernels must make them (on Triton's CPU interpreter: numpy's log, so to a few ulps), and
 on CUDA exactly what ``exponential_`` draws, moving the generator's offset as it does."""
+import logging
+
 import pytest
 import torch
 
@@ -239,6 +241,19 @@ def test_gpu_sampling_with_the_noise_made_in_the_draw_keeps_ids_and_generator_st
     for (ids, state), (want_ids, want_state) in zip(fresh, stored):
         assert torch.equal(ids, want_ids)
         assert torch.equal(state, want_state)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_update_stays_compiled_through_every_step_count(fresh_dynamo, caplog):
+    """@16 and @8 at batch 3, then batch 1, as the benchmark job calls them: the update takes the drawn candidates
+    with M dynamic, so it never reaches dynamo's recompile limit (session 24's runs did at batch 1, NOTES A50)."""
+    model = randomised(tiny(codebook_size=256, grid_size=16)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16), caplog.at_level(logging.WARNING):
+        for b, n in [(3, 16), (3, 8), (1, 16), (1, 16), (1, 16)]:
+            model.sample(list(range(b)), num_steps=n, cfg_scale=2.0, compile=True,
+                         generator=torch.Generator("cuda").manual_seed(0))
+    assert "running it eagerly" not in caplog.text and "recompile_limit" not in caplog.text
+    assert all(fn.compiled for fn in model._compiled[:4])
 
 
 @pytest.mark.gpu
