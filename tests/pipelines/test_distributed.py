@@ -192,9 +192,11 @@ def _codebook_rank(rank: int, port: int, out: Path) -> None:
 
 
 def test_dead_codes_count_every_ranks_usage(tmp_path):
-    """Under DDP a code used only on rank 1 is alive: the usage is combined over ranks, not rank 0's."""
+    """Under DDP a code used only on rank 1 is alive: the usage is combined over ranks, not rank 0's. The ranks are
+    spawned: forked, their backward fails once this pytest process has run a torch.compile'd function and a
+    backward (autograd's threads cannot follow a fork), as earlier test files may."""
     torch.multiprocessing.start_processes(_codebook_rank, (free_ports(1)[0], tmp_path), nprocs=2,
-                                          start_method="fork")
+                                          start_method="spawn")
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     for r in ranks:
         assert r["restarted"] == [0, 0, 0, 4, 0, 0]          # codes 4-7 only, once the window has passed
