@@ -24,6 +24,16 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def counting_compile(graphs: list):
+    """A torch.compile stand-in that appends every graph dynamo traces to ``graphs`` and runs it eagerly."""
+    def compile(fn, **kw):
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return REAL_COMPILE(fn, backend=backend, fullgraph=kw.get("fullgraph", False))
+    return compile
+
+
 def eager_backend(fn, **kw):
     """A torch.compile stand-in: the real dynamo trace (fullgraph as asked) with the 'eager' backend."""
     return REAL_COMPILE(fn, backend="eager", fullgraph=kw.get("fullgraph", False))
@@ -74,13 +84,7 @@ def test_every_step_count_shares_the_compiled_graphs(monkeypatch, caplog):
     model = randomised(tiny())
     graphs = []
 
-    def counting_backend(fn, **kw):
-        def backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-        return REAL_COMPILE(fn, backend=backend, fullgraph=kw.get("fullgraph", False))
-
-    monkeypatch.setattr(torch, "compile", counting_backend)
+    monkeypatch.setattr(torch, "compile", counting_compile(graphs))
     model.sample([0, 1, 2], num_steps=16, cfg_scale=2.0, generator=gen(0), compile=True)
     model.sample([0, 1, 2], num_steps=8, cfg_scale=2.0, generator=gen(0), compile=True)
     assert len(graphs) == 5 + 2                     # 5 + 2 more without the marks: a static graph each first
@@ -119,12 +123,6 @@ def test_the_drawn_candidates_share_the_compiled_graphs_too(monkeypatch, caplog)
     for good (session 24's batch-1 rows on an H100); dynamo without automatic dynamic shapes does that here."""
     graphs = []
 
-    def counting_backend(fn, **kw):
-        def backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-        return REAL_COMPILE(fn, backend=backend, fullgraph=kw.get("fullgraph", False))
-
     def traced_graphs() -> int:
         graphs.clear()
         torch._dynamo.reset()
@@ -135,7 +133,7 @@ def test_the_drawn_candidates_share_the_compiled_graphs_too(monkeypatch, caplog)
         assert FALLBACK not in caplog.text and all(fn.compiled for fn in model._compiled[:4])
         return len(graphs)
 
-    monkeypatch.setattr(torch, "compile", counting_backend)
+    monkeypatch.setattr(torch, "compile", counting_compile(graphs))
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         stored = traced_graphs()
         cpu_fresh_noise(monkeypatch)
