@@ -152,13 +152,26 @@ def smoke_plan(jobs: list[Job]) -> list[Job]:
     return plan
 
 
+# lines of a job's output that say a compiled path ran eagerly after all (session 24's masked batch-1 rows ran their
+# update eagerly after dynamo's recompile limit, and no row said so: NOTES A50)
+FALLBACK_MARKERS = ("hit config.recompile_limit", "running it eagerly", "decoding eagerly", "failed -> eager")
+
+
+def fallback_lines(text: str, most: int = 5) -> list[str]:
+    """The first ``most`` lines of ``text`` (a job's output) with a ``FALLBACK_MARKERS`` marker, stripped."""
+    found = [line.strip() for line in text.splitlines() if any(m in line for m in FALLBACK_MARKERS)]
+    return [line[:300] for line in found[:most]]
+
+
 def run_job(job: Job, smoke: bool, rows_file: Path, log, timeout: float, env: dict, models: str | None = None) -> dict:
-    """The job's module in a new process group; stopped (TERM, then KILL) at ``timeout``."""
+    """The job's module in a new process group; stopped (TERM, then KILL) at ``timeout``. The result lists the
+    lines of its output that report a compile falling back to eager (``fallback_lines``)."""
     cmd = [sys.executable, "-m", job.module, *job.args, "--rows-out", str(rows_file)] + (["--smoke"] if smoke else [])
     if job.needs_models and models:
         cmd += ["--models", models]
     log.write(f"\n===== {job.name}: {' '.join(cmd)}\n")
     log.flush()
+    start = log.tell()
     t0 = time.perf_counter()
     env = dict(env, BENCH_DEADLINE=str(time.time() + timeout))     # jobs that run children stop them in time
     p = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -170,7 +183,12 @@ def run_job(job: Job, smoke: bool, rows_file: Path, log, timeout: float, env: di
         status = f"stopped at the budget ({timeout:.0f} s)"
         _stop_group(p)
         rc = p.returncode
-    return {"job": job.name, "status": status, "returncode": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+    result = {"job": job.name, "status": status, "returncode": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+    log.flush()
+    with open(log.name, errors="replace") as out:
+        out.seek(start)
+        fallbacks = fallback_lines(out.read())
+    return {**result, "fallbacks": fallbacks} if fallbacks else result
 
 
 def _stop_group(p: subprocess.Popen) -> None:
@@ -218,6 +236,9 @@ def report(payload: dict) -> None:
     jobs = payload.get("jobs", [])
     if jobs:
         print("\njobs: " + "; ".join(f"{j['job']} {j['status']} {j.get('wall_s', 0):.0f}s" for j in jobs))
+    for j in jobs:
+        for line in j.get("fallbacks", []):
+            print(f"COMPILE FALLBACK in {j['job']}: {line}")
     skipped = [j["job"] for j in jobs if j["status"].startswith("skipped")]
     if skipped:
         print("skipped (run next with --jobs " + ",".join(skipped) + ")")
@@ -331,7 +352,9 @@ def main() -> None:
             payload["ratios"] = ratios(payload["rows"])
             payload["wall_s"] = round(time.perf_counter() - t_start, 1)
             write_outputs(payload, a.out, a.smoke)       # after every job: a killed run still leaves its results
-            print(f"  {job.name}: {res['status']} in {res['wall_s']:.0f} s", flush=True)
+            print(f"  {job.name}: {res['status']} in {res['wall_s']:.0f} s"
+                  + (f"; {len(res['fallbacks'])} compile fallback line(s), see the report" if res.get("fallbacks")
+                     else ""), flush=True)
     report(payload)
     print(f"\n{payload.get('wall_s', 0):.0f} s; wrote " + ", ".join(write_outputs(payload, a.out, a.smoke)))
     rows_file.unlink(missing_ok=True)

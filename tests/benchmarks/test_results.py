@@ -1,6 +1,7 @@
 """How runs become results: ratios pair our rows with a peer of the same run only (an anchor from another
 run is shown, never counted as met), and the device's results file keeps every run's rows."""
 import json
+import os
 
 import pytest
 
@@ -44,3 +45,23 @@ def test_the_results_file_keeps_earlier_runs_and_replaces_a_runs_own_rows(tmp_pa
     assert [j["job"] for j in merged["jobs"]] == ["peers", "sample", "peers"]
     assert merged["merged_from"] == ["a", "b"]
     assert {(r["run_id"], r["met"]) for r in merged["ratios"]} == {("a", True), ("b", False)}
+
+
+def test_a_jobs_compile_fallbacks_are_read_from_its_own_output(tmp_path):
+    """Session 24's masked job logged dynamo's recompile limit and the update running eagerly, and no row said so:
+    each job's result now lists such lines of its own output (not an earlier job's, in the same log file)."""
+    (tmp_path / "fake_job.py").write_text(
+        "import sys\n"
+        "print('ROW {}')\n"
+        "if 'fallback' in sys.argv:\n"
+        "    print('W1205 torch/_dynamo/convert_frame.py:1743] [3/16] torch._dynamo hit config.recompile_limit (16)')\n"
+        "    print(\"WARNING generator.masked: torch.compile of the masked sampler's confidence update failed \"\n"
+        "          \"(FailOnRecompileLimitHit: Hard failure due to fullgraph=True); running it eagerly\")\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    with open(tmp_path / "bench.log", "a") as log:
+        first = run_all.run_job(run_all.Job("a", "fake_job", ["fallback"], 10), False, tmp_path / "rows", log, 60, env)
+        second = run_all.run_job(run_all.Job("b", "fake_job", [], 10), False, tmp_path / "rows", log, 60, env)
+    assert first["status"] == "ok" and len(first["fallbacks"]) == 2
+    assert "recompile_limit" in first["fallbacks"][0] and first["fallbacks"][1].endswith("running it eagerly")
+    assert second["status"] == "ok" and "fallbacks" not in second
+    assert run_all.fallback_lines("ROW {}\nall compiled\n") == []
