@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from generator.base import CompiledOrEager, Generator
 from generator.launch import prefer_static_matmul_schedules
 from pipelines.config import coerce, parse_overrides
-from pipelines.images import output_dir_path, output_image_path, tensor_to_pil
+from pipelines.images import output_targets, tensor_to_pil
 from pipelines.loading import (check_compatible, class_names_for, load_generator_dir, load_tokenizer, pick_device,
                                read_generator_config, resolve_classes)
 
@@ -217,11 +217,7 @@ def static_matmuls_for(generator_dir: str | Path) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    if not args.out and not args.out_dir:
-        raise ValueError("give --out PNG (the grid) and/or --out-dir DIR (single images)")
-    if args.out:
-        output_image_path(args.out)         # a bad name fails now, not after the sampling
-    out_dir = output_dir_path(args.out_dir) if args.out_dir else None
+    out_dir = output_targets(args.out, args.out_dir, "the grid")
     if args.num_per_class < 1:
         raise ValueError(f"--num-per-class must be >= 1, got {args.num_per_class}")
     if args.batch_size < 1:

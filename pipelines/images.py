@@ -67,6 +67,16 @@ def output_dir_path(path: str | Path) -> Path:
     return path
 
 
+def output_targets(out: str | None, out_dir: str | None, out_holds: str) -> Path | None:
+    """A command's ``--out`` and ``--out-dir`` checked before any work: at least one given, ``--out`` a name an image
+    can be written to (``out_holds``: what it will hold), ``--out-dir`` made now. Returns the directory or None."""
+    if not out and not out_dir:
+        raise ValueError(f"give --out PNG ({out_holds}) and/or --out-dir DIR (one PNG per sample)")
+    if out:
+        output_image_path(out)         # a bad name fails now, not after the sampling
+    return output_dir_path(out_dir) if out_dir else None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: alpha (RGBA, LA, palette with transparency) composited on white,
     16/32-bit greyscale scaled to 8 bits, CMYK/YCbCr/L converted."""

@@ -31,8 +31,8 @@ from PIL import Image
 
 from pipelines.generate import (TokenPipeline, add_model_args, add_sampling_args, class_grid, sampling_options,
                                 static_matmuls_for)
-from pipelines.images import (image_to_tensor, mask_to_tensor, open_image, output_dir_path, output_image_path, paste,
-                              scale_masks, tensor_to_pil, token_mask)
+from pipelines.images import (image_to_tensor, mask_to_tensor, open_image, output_targets, paste, scale_masks,
+                              tensor_to_pil, token_mask)
 from pipelines.loading import resolve_classes
 
 logger = logging.getLogger(__name__)
@@ -137,11 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    if not args.out and not args.out_dir:
-        raise ValueError("give --out PNG and/or --out-dir DIR (one PNG per sample)")
-    if args.out:
-        output_image_path(args.out)         # a bad name fails now, not after the sampling
-    out_dir = output_dir_path(args.out_dir) if args.out_dir else None
+    out_dir = output_targets(args.out, args.out_dir, "one sample, or the grid of several")
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--dilate", args.dilate, 0),
                              ("--feather", args.feather, 0)):
         if value < low:

@@ -122,6 +122,13 @@ def inpaint(a, *extra, image=None, out=None):
             "--num-steps", "2", "--out", out or a["root"] / "never-written.png", *extra]
 
 
+def without_out(a, argv: list) -> list:
+    """``argv`` of ``generate`` or ``inpaint`` without its ``--out``: a command given no output at all."""
+    i = argv.index("--out")
+    assert argv[i + 1] == a["root"] / "never-written.png"
+    return argv[:i] + argv[i + 2:]
+
+
 def reconstruct(a, image, tokenizer=None, out=None):
     return ["reconstruct", "--tokenizer", tokenizer or a["tok"], "--image", image,
             "--out", out or a["root"] / "never-written.png"]
@@ -261,6 +268,10 @@ CASES = [
      "cannot write an image to {bad}/grid: unknown image extension '' (use .png, .jpg, .webp ...)"),
     ("output-is-a-directory", lambda a, b: inpaint(a, *BOX, out=b["dir"]),
      "folder.png is a directory; give an image file name such as "),
+    ("no-output", lambda a, b: without_out(a, generate(a, "--classes", "0")),
+     "give --out PNG (the grid) and/or --out-dir DIR (one PNG per sample)"),
+    ("inpaint-no-output", lambda a, b: without_out(a, inpaint(a, *BOX)),
+     "give --out PNG (one sample, or the grid of several) and/or --out-dir DIR (one PNG per sample)"),
     ("out-dir-is-a-file", lambda a, b: generate(a, "--classes", "0", "--out-dir", a["image"]),
      "--out-dir {image} is a file, not a directory"),
     ("inpaint-out-dir-is-a-file", lambda a, b: inpaint(a, *BOX, "--out-dir", a["image"]),
