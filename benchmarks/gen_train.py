@@ -173,15 +173,22 @@ def train_model(name: str, args, sink: RowSink) -> None:
         except Exception as e:  # noqa: BLE001
             sink.error(f"{name} train profile", e, batch=fills, **status)
         del ids, labels
-    # 3. VAR: the codec's share of a step (teacher-forcing inputs, built by the tokenizer each step)
+    # 3. VAR: the codec's share of a step (teacher-forcing inputs, built by the tokenizer each step): eager, and
+    # compiled as the compiled step traces it (its share of that step; the FLOPs the MFU counts leave it out)
     if step.tokenizer is not None:
         ids, _ = step.batch(fills)
-        try:
-            t = time_fn(lambda: step.generator.codec_inputs(ids, check_range=False), **iters)
-            sink.add(name=f"{name} codec inputs", bench="train-part", model=name, batch=fills, compile="eager", **t,
-                     note="VQGAN.teacher_forcing_input per step, as the loss builds them (no range check, no sync)")
-        except Exception as e:  # noqa: BLE001
-            sink.error(f"{name} codec inputs", e, batch=fills)
+
+        def codec_inputs():
+            return step.generator.codec_inputs(ids, check_range=False)
+        for label, fn, how in (("", codec_inputs, "eager"),
+                               (" compiled", compiled(codec_inputs, "default", args.smoke), "default")):
+            try:
+                t = time_fn(fn, **iters)
+                sink.add(name=f"{name} codec inputs{label}", bench="train-part", model=name, batch=fills, compile=how,
+                         **t, note="VQGAN.teacher_forcing_input per step, as the loss builds them (no range check, "
+                                   "no sync)")
+            except Exception as e:  # noqa: BLE001
+                sink.error(f"{name} codec inputs{label}", e, batch=fills)
         del ids
     # 4. data wait: the real token-cache DataLoader path vs the resident tensor, at the compiled step's batch
     try:
