@@ -173,15 +173,18 @@ def train_model(name: str, args, sink: RowSink) -> None:
         except Exception as e:  # noqa: BLE001
             sink.error(f"{name} train profile", e, batch=fills, **status)
         del ids, labels
-    # 3. VAR: the codec's share of a step (teacher-forcing inputs, built by the tokenizer each step): eager, and
-    # compiled as the compiled step traces it (its share of that step; the FLOPs the MFU counts leave it out)
+    # 3. VAR: the codec's share of a step (teacher-forcing inputs, built by the tokenizer each step): eager; eager
+    # with cuDNN timing its conv algorithms (the Phi convs are float32: is cuDNN's default pick what takes the
+    # time?); compiled as the compiled step traces it (its share of that step: the MFU's FLOPs leave it out)
     if step.tokenizer is not None:
         ids, _ = step.batch(fills)
 
         def codec_inputs():
             return step.generator.codec_inputs(ids, check_range=False)
-        for label, fn, how in (("", codec_inputs, "eager"),
-                               (" compiled", compiled(codec_inputs, "default", args.smoke), "default")):
+        for label, fn, how, pick in (("", codec_inputs, "eager", False),
+                                     (" [cudnn.benchmark]", codec_inputs, "eager", True),
+                                     (" compiled", compiled(codec_inputs, "default", args.smoke), "default", False)):
+            saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, pick
             try:
                 t = time_fn(fn, **iters)
                 sink.add(name=f"{name} codec inputs{label}", bench="train-part", model=name, batch=fills, compile=how,
@@ -189,6 +192,8 @@ def train_model(name: str, args, sink: RowSink) -> None:
                                    "no sync)")
             except Exception as e:  # noqa: BLE001
                 sink.error(f"{name} codec inputs{label}", e, batch=fills)
+            finally:
+                torch.backends.cudnn.benchmark = saved
         del ids
     # 4. data wait: the real token-cache DataLoader path vs the resident tensor, at the compiled step's batch
     try:
