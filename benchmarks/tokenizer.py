@@ -138,7 +138,11 @@ def train_step(args, sink: RowSink) -> None:
                 return
             B //= 2
     pf = peak_flops()
-    for label, gan_step in (("GAN on", disc_start), ("GAN off", 0)):
+    # also with cuDNN timing its conv algorithms per shape (cudnn.benchmark; the Trainer leaves PyTorch's default,
+    # off): the rows named "[cudnn.benchmark]" pair with the others of the same run
+    for label, gan_step, pick in (("GAN on", disc_start, False), ("GAN off", 0, False), ("GAN on", disc_start, True)):
+        name = f"f16 train step ({label})" + (" [cudnn.benchmark]" if pick else "")
+        saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, pick
         try:
             with FlopCounterMode(display=False) as fc:       # one real step, counted (fwd + bwd + extra grads)
                 step(images, gan_step)
@@ -146,14 +150,16 @@ def train_step(args, sink: RowSink) -> None:
             reset_peak_memory()
             t = time_fn(lambda: step(images, gan_step), **timing(args.smoke))
             n_params = sum(p.numel() for ps in params.values() for p in ps)
-            sink.add(name=f"f16 train step ({label})", bench="train", model="imagenet-f16", config=F16_CONFIG,
+            sink.add(name=name, bench="train", model="imagenet-f16", config=F16_CONFIG,
                      batch=B, compile="eager",
                      dtype="bf16 autocast" if dev.type == "cuda" else "fp32 (cpu smoke)", **t,
                      images_per_s=B / t["median_s"], mfu=flops / t["median_s"] / pf if pf else None,
                      peak_mem_gb=peak_memory_gb(), note=lpips_note,
                      **floors(flops, n_params * 42 + images.numel() * 2 * 4, H100 if args.smoke else None))
         except Exception as e:  # noqa: BLE001
-            sink.error(f"f16 train step ({label})", e, batch=B)
+            sink.error(name, e, batch=B)
+        finally:
+            torch.backends.cudnn.benchmark = saved
 
 
 # ---- emoji training run -------------------------------------------------------------------------
