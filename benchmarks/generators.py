@@ -384,11 +384,13 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
                     b.guarded(label, fn, batch=batch, compile=status, decode=decode, slow=True, weights=wlabel,
                               compile_s=status_first.get("compile_s") if batch == B and not decode else None)
                 if weights is not None:     # the ids of the rows' path under one seed, to compare across jobs
-                    try:
-                        b.gen.manual_seed(1234)
-                        add_digest_row(b, sink, None, f"autocast-weights{tag}", b.sample(B, compile=True))
-                    except Exception as e:  # noqa: BLE001
-                        sink.error(f"ar-B ids digest: autocast-weights{tag}", e, batch=B)
+                    for n in (B, 1):
+                        try:
+                            b.gen.manual_seed(1234)
+                            add_digest_row(b, sink, None, f"autocast-weights{tag}" + (" b1" if n == 1 else ""),
+                                           b.sample(n, compile=True))
+                        except Exception as e:  # noqa: BLE001
+                            sink.error(f"ar-B ids digest: autocast-weights{tag}", e, batch=n)
         finally:
             ARGenerator.decode_compile_options = saved
 

@@ -35,7 +35,7 @@ except ImportError:   # CPU-only installs: F.linear
 ENABLED = os.environ.get("TESSERA_MATVEC") == "1"
 MAX_ROWS = 8              # batch 1-4 under CFG; past a few rows cuBLAS's tiles use the weight reads well
 DTYPES = (torch.bfloat16, torch.float16)
-LAUNCH = (8, 256, 4)      # BLOCK_N weight rows per program, BLOCK_K columns per step, warps
+LAUNCH = (4, 512, 2)      # BLOCK_N weight rows per program, BLOCK_K columns per step, warps (NOTES A49)
 
 
 def linear_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
