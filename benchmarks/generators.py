@@ -490,13 +490,13 @@ def seeded_ids(b: Bench, steps: int) -> torch.Tensor:
     return b.sample(b.batch, num_steps=steps, compile=True)
 
 
-def add_digest_row(b: Bench, sink: RowSink, steps: int | None, what: str, ids: torch.Tensor) -> None:
+def add_digest_row(b: Bench, sink: RowSink, steps: int | None, what: str, ids: torch.Tensor) -> None:  # ids (n, ...)
     """A ``sample-ids`` row named "{model} @{steps} ids digest: {what}" ("{model} ids digest: {what}" for AR and
     VAR, steps None): the sha256 of ``ids`` (int64 bytes), so runs in other processes, settings or machines can
     tell whether a seed gave the same ids (the weights are seeded: ``setups.build_generator``)."""
     digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
     label = b.name if steps is None else f"{b.name} @{steps}"
-    sink.add(name=f"{label} ids digest: {what}", bench="sample-ids", model=b.name, batch=b.batch,
+    sink.add(name=f"{label} ids digest: {what}", bench="sample-ids", model=b.name, batch=ids.shape[0],
              steps=steps, config=SAMPLING[b.name], compile="sample(compile=True)", dtype=b.dtype,
              ids_sha256=digest, note=f"sha256 {digest} of the ids under seed 1234")
     print(f"{label} {what}: ids sha256 {digest}", flush=True)
