@@ -490,7 +490,7 @@ def seeded_ids(b: Bench, steps: int) -> torch.Tensor:
     return b.sample(b.batch, num_steps=steps, compile=True)
 
 
-def add_digest_row(b: Bench, sink: RowSink, steps: int | None, what: str, ids: torch.Tensor) -> None:  # ids (n, ...)
+def add_digest_row(b: Bench, sink: RowSink, steps: int | None, what: str, ids: torch.Tensor) -> None:
     """A ``sample-ids`` row named "{model} @{steps} ids digest: {what}" ("{model} ids digest: {what}" for AR and
     VAR, steps None): the sha256 of ``ids`` (int64 bytes), so runs in other processes, settings or machines can
     tell whether a seed gave the same ids (the weights are seeded: ``setups.build_generator``)."""
