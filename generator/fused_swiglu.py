@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from generator.launch import INTERPRETED, on_device
+from generator.launch import INTERPRETED, linear_in_half, on_device
 
 try:
     import triton
@@ -51,7 +51,6 @@ HAS_TMA = triton is not None and hasattr(tl, "make_tensor_descriptor") and hasat
 
 # opt-in, measured slower (NOTES A31): TESSERA_FUSED_SWIGLU=1, or set this before the first forward
 ENABLED = os.environ.get("TESSERA_FUSED_SWIGLU") == "1"
-DTYPES = (torch.bfloat16, torch.float16)
 
 
 def fused_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -67,12 +66,8 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     when autocast is on), D and Hd multiples of 16."""
     if not (ENABLED and triton is not None and x.is_cuda and not torch.is_grad_enabled()):
         return False
-    if torch.is_autocast_enabled("cuda"):
-        dtype_ok = torch.get_autocast_dtype("cuda") == weight.dtype and x.dtype in (torch.float32, *DTYPES)
-    else:
-        dtype_ok = x.dtype == weight.dtype
     N2, D = weight.shape
-    return (dtype_ok and weight.dtype in DTYPES and weight.is_cuda and weight.is_contiguous()
+    return (linear_in_half(x, weight) and weight.is_cuda and weight.is_contiguous()
             and x.shape[-1] == D and D % 16 == 0 and N2 % 32 == 0)
 
 

@@ -1,8 +1,9 @@
 """What every Triton launch in generator/ shares: Triton launches on the *current* CUDA device, so each op
 makes its tensors' device current first (a model on cuda:1 would otherwise launch on cuda:0 with pointers
 into cuda:1's memory); and the kernels compute element offsets in int32, so each op falls back to its torch
-path for tensors too large for that (``int32_offsets``). Also the process setting for cuBLAS's matmul launches
-that the sampling commands make (``prefer_static_matmul_schedules``)."""
+path for tensors too large for that (``int32_offsets``); a kernel replacing a Linear runs where F.linear would
+compute in bf16/fp16 (``linear_in_half``). Also the process setting for cuBLAS's matmul launches that the
+sampling commands make (``prefer_static_matmul_schedules``)."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,19 @@ def int32_offsets(*tensors: torch.Tensor) -> bool:
     """Whether every element offset of these tensors (views: their strides) fits the kernels' int32
     arithmetic. Past it (e.g. masked-B's qkv beyond ~1800 images under CFG) the ops run their torch path."""
     return all(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) < INT32_OFFSET_LIMIT for t in tensors)
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def linear_in_half(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(x, weight)`` computes in the weight's dtype and that is bf16 or fp16: x's own dtype, or
+    CUDA autocast's dtype (x float32 or half) when autocast is on. What a kernel replacing a Linear must match."""
+    if weight.dtype not in HALF_DTYPES:
+        return False
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda") == weight.dtype and x.dtype in (torch.float32, *HALF_DTYPES)
+    return x.dtype == weight.dtype
 
 
 # cuBLAS with no workspace (NOTES A45): PyTorch hands cuBLAS a workspace (CUBLAS_WORKSPACE_CONFIG; cuBLASLt's

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from generator.launch import int32_offsets, on_device
+from generator.launch import int32_offsets, linear_in_half, on_device
 
 try:
     import triton
@@ -34,7 +34,6 @@ except ImportError:   # CPU-only installs: F.linear
 
 ENABLED = os.environ.get("TESSERA_MATVEC") == "1"
 MAX_ROWS = 8              # batch 1-4 under CFG; past a few rows cuBLAS's tiles use the weight reads well
-DTYPES = (torch.bfloat16, torch.float16)
 LAUNCH = (4, 512, 2)      # BLOCK_N weight rows per program, BLOCK_K columns per step, warps (NOTES A49)
 
 
@@ -51,11 +50,7 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     ``F.linear`` computes in (x's, or CUDA autocast's), and the shapes of ``few_rows``."""
     if not (ENABLED and triton is not None and x.is_cuda and weight.is_cuda and not torch.is_grad_enabled()):
         return False
-    if torch.is_autocast_enabled("cuda"):
-        dtype_ok = torch.get_autocast_dtype("cuda") == weight.dtype and x.dtype in (torch.float32, *DTYPES)
-    else:
-        dtype_ok = x.dtype == weight.dtype
-    return dtype_ok and weight.dtype in DTYPES and few_rows(x, weight)
+    return linear_in_half(x, weight) and few_rows(x, weight)
 
 
 def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:

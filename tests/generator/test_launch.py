@@ -7,7 +7,7 @@ import torch
 
 from generator import decode_attention, fused_attention, kth_largest
 from generator import launch
-from generator.launch import STATIC_MATMUL_ENV, int32_offsets, on_device, prefer_static_matmul_schedules
+from generator.launch import STATIC_MATMUL_ENV, int32_offsets, linear_in_half, on_device, prefer_static_matmul_schedules
 from tests.kernels import KERNEL_DEVICE, needs_kernel
 
 
@@ -70,3 +70,13 @@ def test_kernels_on_the_second_gpu_equal_the_first_while_the_first_is_current():
                 decode_attention.attend_one_query(*(t.to(dev, torch.bfloat16) for t in (q, k, v)), mask.to(dev)).cpu()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_a_kernel_replacing_a_linear_matches_its_compute_dtype_outside_autocast():
+    """Without autocast ``F.linear`` computes in x's dtype: a bf16/fp16 kernel only where x and the weight share it."""
+    w_bf16, w_fp32 = torch.empty(4, 8, dtype=torch.bfloat16), torch.empty(4, 8)
+    assert linear_in_half(torch.empty(2, 8, dtype=torch.bfloat16), w_bf16)
+    assert linear_in_half(torch.empty(2, 8, dtype=torch.float16), w_bf16.half())
+    assert not linear_in_half(torch.empty(2, 8), w_bf16)                       # x float32: F.linear would refuse
+    assert not linear_in_half(torch.empty(2, 8), w_fp32)                       # float32: no half kernel
+    assert not linear_in_half(torch.empty(2, 8, dtype=torch.float16), w_bf16)
