@@ -289,6 +289,17 @@ def autocast(device: torch.device | str):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """``torch.backends.cudnn.benchmark`` set to ``on`` inside the block (cuDNN times its algorithms per shape),
+    restored after (NOTES A51's rows)."""
+    saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def compiled(fn: Callable, mode: str, smoke: bool, dynamic: bool | None = False) -> Callable:
     """torch.compile(fn, mode), static shapes by default (a new batch size recompiles instead of
     switching to a slower dynamic-shape kernel). Smoke runs use the 'eager' backend (dynamo traces,

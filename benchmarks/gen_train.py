@@ -29,9 +29,9 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks import roofline
-from benchmarks.common import (H100, RowSink, autocast, compiled, first_call_or_eager, floors, free_memory, is_oom,
-                               job_args, peak_flops, peak_memory_gb, profile_ops, repo_root, reset_peak_memory,
-                               search_max_batch, sync, time_fn)
+from benchmarks.common import (H100, RowSink, autocast, compiled, cudnn_benchmark, first_call_or_eager, floors,
+                               free_memory, is_oom, job_args, peak_flops, peak_memory_gb, profile_ops, repo_root,
+                               reset_peak_memory, search_max_batch, sync, time_fn)
 from benchmarks.setups import TINY_GENERATOR, build_tokenizer, device
 
 PARTS = ["masked-L", "ar-L", "var-d16"]
@@ -184,16 +184,14 @@ def train_model(name: str, args, sink: RowSink) -> None:
         for label, fn, how, pick in (("", codec_inputs, "eager", False),
                                      (" [cudnn.benchmark]", codec_inputs, "eager", True),
                                      (" compiled", compiled(codec_inputs, "default", args.smoke), "default", False)):
-            saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, pick
             try:
-                t = time_fn(fn, **iters)
+                with cudnn_benchmark(pick):
+                    t = time_fn(fn, **iters)
                 sink.add(name=f"{name} codec inputs{label}", bench="train-part", model=name, batch=fills, compile=how,
                          **t, note="VQGAN.teacher_forcing_input per step, as the loss builds them (no range check, "
                                    "no sync)")
             except Exception as e:  # noqa: BLE001
                 sink.error(f"{name} codec inputs{label}", e, batch=fills)
-            finally:
-                torch.backends.cudnn.benchmark = saved
         del ids
     # 4. data wait: the real token-cache DataLoader path vs the resident tensor, at the compiled step's batch
     try:

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import roofline
-from benchmarks.common import (H100, RowSink, autocast, compiled, default_emoji_cache, first_call_or_eager, floors,
-                               free_memory, is_oom, job_args, make_lpips_importable, peak_flops, peak_memory_gb, repo_root,
-                               reset_peak_memory, sync, time_fn, timing)
+from benchmarks.common import (H100, RowSink, autocast, compiled, cudnn_benchmark, default_emoji_cache,
+                               first_call_or_eager, floors, free_memory, is_oom, job_args, make_lpips_importable,
+                               peak_flops, peak_memory_gb, repo_root, reset_peak_memory, sync, time_fn, timing)
 from benchmarks.setups import F16_CONFIG, build_tokenizer, device, tokenizer_sections
 from pipelines.config import parse_yaml
 
@@ -142,13 +142,13 @@ def train_step(args, sink: RowSink) -> None:
     # off): the rows named "[cudnn.benchmark]" pair with the others of the same run
     for label, gan_step, pick in (("GAN on", disc_start, False), ("GAN off", 0, False), ("GAN on", disc_start, True)):
         name = f"f16 train step ({label})" + (" [cudnn.benchmark]" if pick else "")
-        saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, pick
         try:
-            with FlopCounterMode(display=False) as fc:       # one real step, counted (fwd + bwd + extra grads)
-                step(images, gan_step)
-            flops = float(fc.get_total_flops())
-            reset_peak_memory()
-            t = time_fn(lambda: step(images, gan_step), **timing(args.smoke))
+            with cudnn_benchmark(pick):
+                with FlopCounterMode(display=False) as fc:   # one real step, counted (fwd + bwd + extra grads)
+                    step(images, gan_step)
+                flops = float(fc.get_total_flops())
+                reset_peak_memory()
+                t = time_fn(lambda: step(images, gan_step), **timing(args.smoke))
             n_params = sum(p.numel() for ps in params.values() for p in ps)
             sink.add(name=name, bench="train", model="imagenet-f16", config=F16_CONFIG,
                      batch=B, compile="eager",
@@ -158,8 +158,6 @@ def train_step(args, sink: RowSink) -> None:
                      **floors(flops, n_params * 42 + images.numel() * 2 * 4, H100 if args.smoke else None))
         except Exception as e:  # noqa: BLE001
             sink.error(name, e, batch=B)
-        finally:
-            torch.backends.cudnn.benchmark = saved
 
 
 # ---- emoji training run -------------------------------------------------------------------------
