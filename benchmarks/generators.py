@@ -385,12 +385,12 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
                               compile_s=status_first.get("compile_s") if batch == B and not decode else None)
                 if weights is not None:     # the ids of the rows' path under one seed, to compare across jobs
                     for n in (B, 1):
+                        what = f"autocast-weights{tag}" + (" b1" if n == 1 else "")
                         try:
                             b.gen.manual_seed(1234)
-                            add_digest_row(b, sink, None, f"autocast-weights{tag}" + (" b1" if n == 1 else ""),
-                                           b.sample(n, compile=True))
+                            add_digest_row(b, sink, None, what, b.sample(n, compile=True))
                         except Exception as e:  # noqa: BLE001
-                            sink.error(f"ar-B ids digest: autocast-weights{tag}", e, batch=n)
+                            sink.error(f"ar-B ids digest: {what}", e, batch=n)
         finally:
             ARGenerator.decode_compile_options = saved
 
