@@ -1,28 +1,37 @@
-"""Linear layers on a few rows (a cached decoding step) as one Triton mat-vec.
+"""Linear layers on a few rows (a cached decoding step) as one Triton mat-vec, with the pre-norm block's work
+around them fused in.
 
-``linear_few_rows(x, weight)`` = ``F.linear(x, weight)`` for x of at most ``MAX_ROWS`` rows, in the weight's
-dtype (x cast to it, as autocast would). Program p reads weight rows [p BLOCK_N, (p + 1) BLOCK_N) once, in
-BLOCK_K columns at a time, against every row of x, summing the products in float32, and rounds once.
+``linear_few_rows(x, weight, norm_weight=, glu=, residual=)`` = ``residual + F.linear(f(x), weight)`` for x of at
+most ``MAX_ROWS`` rows, the product in the weight's dtype (its input cast to it, as autocast would), where f is
 
-Why (benchmarks/NOTES.md A49): at batch 1 with CFG each Linear of an AR step runs on M = 2 rows, a read of its
-weight that takes a few microseconds, latency-bound (A26: the 48 mat-vecs per token are ~53% of the GPU time
-per image). Session 9's micro-benchmark (H200, 20 calls replayed from one CUDA graph, AR-B's shapes) had an
-earlier version of this kernel (the best of a sweep of block sizes and warps; it reduced across lanes at every
-step of the loop, which this one does once) faster than cuBLAS where the output is no wider than the input
-(N <= K: the attention's output projection 4.0 -> 2.6 us, the MLP's down projection 7.3 -> 4.2 us), and slower
-where it is wider (qkv 3.3 -> 3.6, gate_up 3.6 -> 4.6, head 6.1 -> 11.0), so ``use_kernel`` takes N <= K only.
-``Attention`` and ``SwiGLU`` call it (through ``transformer.linear``) for their output layers.
+- nothing (the attention's output projection),
+- an RMSNorm with ``norm_weight`` (the qkv and gate_up projections of a pre-norm block: ``transformer.RMSNorm``'s
+  float32 formula, its result rounded to the weight's dtype),
+- ``silu(gate) * up`` over x's two halves (``glu``: the MLP's down projection of SwiGLU's gate_up output, in
+  float32 and rounded once, as the compiled step's fused kernel does),
+
+and ``residual`` (optional) is added to the rounded product in float32, stored in their promoted dtype. Program p
+reads weight rows [p BLOCK_N, (p + 1) BLOCK_N) once, BLOCK_K columns at a time, against every row of x, each lane
+keeping its own partial sums in float32 through the loop, reduced across lanes once at the end. With a norm every
+program first sums the squares of x's rows (a few KB, from L2).
+
+Why (benchmarks/NOTES.md A49, A52): at batch 1 with CFG each Linear of an AR step runs on M = 2 rows, a read of
+its weight that takes a few microseconds, latency-bound, and an AR-B token is ~110 kernels, each paying its
+launch gap inside the step's CUDA graph. The mat-vec alone beat cuBLAS at AR-B's proj and down (3.3 -> 2.3 and
+5.0 -> 3.1 us, H100) and, with other launches, at qkv (3.2 -> 2.9) and gate_up (3.6 -> 3.3); the head (16384
+outputs) stays with cuBLAS (``MAX_WIDEN``). Fusing the norms, SwiGLU's activation and the residual adds into the
+four mat-vecs removes three of a block's nine kernels (A52).
 
 Off by default until measured end to end (job ``sample-ar-matvec``); TESSERA_MATVEC=1 turns it on. A different
 sum order from cuBLAS's: equal to bf16 rounding, which can move a late token of a sampled sequence.
-``LAUNCH`` is a first guess (the sweep that chose the H200's configs kept only their times): set it from
-``python3 -m benchmarks.decode_matvec``, which sweeps this kernel.
+``launch_config`` is set from ``python3 -m benchmarks.decode_matvec``, which sweeps this kernel.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 
 from generator.launch import int32_offsets, linear_in_half, on_device
 
@@ -34,68 +43,127 @@ except ImportError:   # CPU-only installs: F.linear
 
 ENABLED = os.environ.get("TESSERA_MATVEC") == "1"
 MAX_ROWS = 8              # batch 1-4 under CFG; past a few rows cuBLAS's tiles use the weight reads well
-LAUNCH = (4, 512, 2)      # BLOCK_N weight rows per program, BLOCK_K columns per step, warps (NOTES A49)
+MAX_WIDEN = 6             # outputs per input: AR-B's gate_up (5.3x) takes the kernel, the head (21x) cuBLAS
 
 
-def linear_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (no bias) for x (..., K) of at most ``MAX_ROWS`` rows, through the kernel, in
-    the weight's dtype. Only where ``use_kernel`` says (or on Triton's CPU interpreter, in tests)."""
-    K = x.shape[-1]
-    x_MK = x.reshape(-1, K).to(weight.dtype)
-    return torch.ops.tessera.linear_few_rows(x_MK, weight).view(*x.shape[:-1], weight.shape[0])
+def launch_config(N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_N weight rows per program, BLOCK_K columns per step, warps) for a (N, K) weight: the best of
+    ``benchmarks/decode_matvec``'s sweep at AR-B's shapes on the H100 (NOTES A49: proj and down (4, 512, 2),
+    qkv (4, 256, 2), gate_up (8, 256, 2))."""
+    if N <= K:
+        return 4, 512, 2
+    return (4, 256, 2) if N <= 3 * K else (8, 256, 2)
 
 
-def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+                    eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + F.linear(f(x), weight)`` (module docstring) for x (..., K), or (..., 2K) with ``glu``, of at
+    most ``MAX_ROWS`` rows and residual (..., N). Only where ``use_kernel`` says (or on Triton's CPU interpreter,
+    in tests)."""
+    lead, N = x.shape[:-1], weight.shape[0]
+    x_MK = x.reshape(-1, x.shape[-1])
+    if norm_weight is None and not glu:
+        x_MK = x_MK.to(weight.dtype)     # as autocast casts it; a norm or an activation reads x as it is
+    r_MN = None if residual is None else residual.reshape(-1, N)
+    return torch.ops.tessera.linear_few_rows(x_MK, weight, norm_weight, eps, glu, r_MN).view(*lead, N)
+
+
+def few_rows_reference(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                       eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's maths in torch ops (the op's path past int32 offsets, and the tests' formula)."""
+    if glu:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    elif norm_weight is not None:
+        xf = x.float()
+        x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = F.linear(x.to(weight.dtype), weight)
+    return y if residual is None else residual + y
+
+
+def use_kernel(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
     """``ENABLED``, CUDA, Triton present, no autograd (forward only), a bf16/fp16 weight whose dtype is what
     ``F.linear`` computes in (x's, or CUDA autocast's), and the shapes of ``few_rows``."""
     if not (ENABLED and triton is not None and x.is_cuda and weight.is_cuda and not torch.is_grad_enabled()):
         return False
-    return linear_in_half(x, weight) and few_rows(x, weight)
+    return linear_in_half(x, weight) and few_rows(x, weight, glu)
 
 
-def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """What the kernel covers and wins at: x (..., K) of at most ``MAX_ROWS`` rows, a contiguous weight (N, K)
-    and an output no wider than the input (N <= K)."""
+def few_rows(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
+    """What the kernel covers and wins at: x (..., K) (with ``glu`` (..., 2K)) of at most ``MAX_ROWS`` rows, a
+    contiguous weight (N, K) and at most ``MAX_WIDEN`` outputs per input."""
     N, K = weight.shape
-    return weight.is_contiguous() and x.shape[-1] == K and x.numel() <= MAX_ROWS * K and N <= K
+    width = 2 * K if glu else K
+    return (weight.is_contiguous() and x.shape[-1] == width and x.numel() <= MAX_ROWS * width
+            and N <= MAX_WIDEN * K)
 
 
-def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: int, warps: int) -> torch.Tensor:
-    """The kernel on contiguous x (M, K) and weight (N, K) with one launch configuration (the benchmark sweeps
-    them) -> (M, N) in x's dtype."""
-    M, K = x_MK.shape
-    N = weight_NK.shape[0]
-    y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
+def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: int, warps: int,
+           norm_weight: torch.Tensor | None = None, eps: float = 1e-6, glu: bool = False,
+           residual_MN: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel on contiguous x (M, K) (or (M, 2K) with ``glu``), weight (N, K) and residual (M, N), with one
+    launch configuration (the benchmark sweeps them) -> (M, N) in the weight's dtype, or with a residual in its
+    promoted dtype with the weight's."""
+    M, N, K = x_MK.shape[0], weight_NK.shape[0], weight_NK.shape[1]
+    out_dtype = weight_NK.dtype if residual_MN is None else torch.promote_types(residual_MN.dtype, weight_NK.dtype)
+    y = torch.empty(M, N, dtype=out_dtype, device=x_MK.device)
     with on_device(x_MK):
-        _matvec_kernel[(triton.cdiv(N, block_n),)](x_MK, weight_NK, y, M, N, K, M_P2=triton.next_power_of_2(M),
-                                                   BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        _matvec_kernel[(triton.cdiv(N, block_n),)](
+            x_MK, weight_NK, y, x_MK if norm_weight is None else norm_weight, y if residual_MN is None else residual_MN,
+            M, N, K, eps, M_P2=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
+            NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual_MN is not None, num_warps=warps)
     return y
 
 
 if triton is not None:
     @triton.jit
-    def _matvec_kernel(X, W, Y, M, N, K, M_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Y (M, N) = X (M, K) W (N, K)^T: this program's BLOCK_N weight rows, read once in BLOCK_K columns,
-        against all M (<= M_P2) rows of X, in float32. Each lane keeps its own column's partial sums through the
-        loop (no cross-lane reduction per step: the loop is loads and FMAs), reduced across lanes once."""
+    def _matvec_kernel(X, W, Y, G, R, M, N, K, eps, M_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr):
+        """Y (M, N) = R + f(X) W (N, K)^T: this program's BLOCK_N weight rows, read once in BLOCK_K columns,
+        against all M (<= M_P2) rows of f(X) (rounded to W's dtype), in float32; f = RMSNorm with weight G
+        (NORM), silu(gate) * up over X's halves (GLU: rows of 2K), or nothing. Each lane keeps its own column's
+        partial sums through the loop (no cross-lane reduction per step), reduced across lanes once."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_P2)
+        row = 2 * K if GLU else K
+        if NORM:      # the rows' mean squares first, as RMSNorm does before it scales
+            ss = tl.zeros((M_P2, BLOCK_K), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(X + m[:, None] * row + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+                ss += x.to(tl.float32) * x.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
         acc = tl.zeros((M_P2, BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
+            x_mask = (m[:, None] < M) & (k[None, :] < K)
             w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-            x = tl.load(X + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            acc += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+            x = tl.load(X + m[:, None] * row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            if GLU:
+                up = tl.load(X + m[:, None] * row + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                x = (x * tl.sigmoid(x) * up).to(W.dtype.element_ty).to(tl.float32)
+            if NORM:
+                g = tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)
+                x = (x * rstd[:, None] * g[None, :]).to(W.dtype.element_ty).to(tl.float32)
+            acc += x[:, None, :] * w[None, :, :].to(tl.float32)
         y = tl.sum(acc, axis=2)
-        tl.store(Y + m[:, None] * N + n[None, :], y.to(Y.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+        out_mask = (m[:, None] < M) & (n[None, :] < N)
+        if RESIDUAL:   # the product rounded to W's dtype (what F.linear returns), then the add in float32
+            r = tl.load(R + m[:, None] * N + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+            y = y.to(W.dtype.element_ty).to(tl.float32) + r
+        tl.store(Y + m[:, None] * N + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
 
     @torch.library.custom_op("tessera::linear_few_rows", mutates_args=())
-    def _linear_few_rows_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _linear_few_rows_op(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                            glu: bool, residual: torch.Tensor | None) -> torch.Tensor:
         x, weight = x.contiguous(), weight.contiguous()     # no copies as the step calls it
+        residual = None if residual is None else residual.contiguous()
         if not int32_offsets(x, weight):
-            return torch.nn.functional.linear(x, weight)
-        return launch(x, weight, *LAUNCH)
+            return few_rows_reference(x, weight, norm_weight, eps, glu, residual)
+        return launch(x, weight, *launch_config(*weight.shape), norm_weight=norm_weight, eps=eps, glu=glu,
+                      residual_MN=residual)
 
     @_linear_few_rows_op.register_fake
-    def _(x, weight):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, norm_weight, eps, glu, residual):
+        dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=dtype)

@@ -159,18 +159,22 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None, rows_BM=None):
+    def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None, rows_BM=None,
+                norm=None, residual=None, drop=None):
         """``mask_LS``: None, a bool (L, S) tensor (True = attend), or a ``BlockCausal`` (uncached forwards
         only: VAR's teacher-forced training and scoring). ``rows_BM`` (B, M) long: every row attends as usual,
-        but only these rows' outputs are projected and returned, (B, M, D)."""
+        but only these rows' outputs are projected and returned, (B, M, D). ``norm``, ``residual``, ``drop``: a
+        pre-norm block's sublayer, ``residual + drop(attention(norm(x)))`` (``linear`` fuses them into the
+        projections of a few-rows step)."""
         B, L, D = x_BLD.shape
         grouped = isinstance(mask_LS, BlockCausal)
         if grouped and self.kv_cache is not None and cache_pos is not None:
             raise ValueError("a BlockCausal mask is for uncached forwards; cached steps take a bool mask")
-        qkv_BL3HK = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim)
+        qkv_BL3HK = linear(self.qkv, x_BLD, norm=norm).view(B, L, 3, self.heads, self.head_dim)
         full = mask_LS is None and not is_causal and (self.kv_cache is None or cache_pos is None)
         if full and use_fused_attention(qkv_BL3HK, self.q_norm, self.k_norm):   # no-grad CUDA forwards (NOTES A29)
-            return self.proj(gather_rows(fused_attention(qkv_BL3HK, self.q_norm, self.k_norm, cos_LF, sin_LF), rows_BM))
+            out_BLD = fused_attention(qkv_BL3HK, self.q_norm, self.k_norm, cos_LF, sin_LF)
+            return linear(self.proj, gather_rows(out_BLD, rows_BM), residual=residual, drop=drop)
         # qk-norm and RoPE in the projection's own (B, L, H, K) order (the tables broadcast over heads), then
         # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
         # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
@@ -191,15 +195,28 @@ class Attention(nn.Module):
             out = attend_one_query(q, k, v, mask_LS)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
-        return linear(self.proj, gather_rows(out.transpose(1, 2).reshape(B, L, D), rows_BM))
+        return linear(self.proj, gather_rows(out.transpose(1, 2).reshape(B, L, D), rows_BM), residual=residual,
+                      drop=drop)
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; through the few-rows mat-vec kernel where ``matvec.use_kernel`` holds (opted in: the output
-    layers of a cached decoding step at batch 1-4, NOTES A49)."""
-    if layer.bias is None and use_matvec(x, layer.weight):
-        return linear_few_rows(x, layer.weight)
-    return layer(x)
+def linear(layer: nn.Linear, x: torch.Tensor, *, norm: nn.Module | None = None, glu: bool = False,
+           residual: torch.Tensor | None = None, drop: nn.Module | None = None) -> torch.Tensor:
+    """``residual + drop(layer(f(x)))``, f = ``norm``, or with ``glu`` silu(gate) * up over x's two halves (SwiGLU),
+    or nothing; a missing residual or drop is left out. Through the few-rows mat-vec kernel, all of it one launch,
+    where ``matvec.use_kernel`` holds (opted in: a cached decoding step at batch 1-4, NOTES A49, A52) and dropout
+    is off; the torch ops everywhere else."""
+    dropping = drop is not None and drop.training and drop.p > 0
+    if (layer.bias is None and not dropping and (norm is None or type(norm) is RMSNorm)
+            and use_matvec(x, layer.weight, glu)):
+        return linear_few_rows(x, layer.weight, norm_weight=None if norm is None else norm.weight,
+                               eps=1e-6 if norm is None else norm.eps, glu=glu, residual=residual)
+    if norm is not None:
+        x = norm(x)
+    if glu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = layer(x) if drop is None else drop(layer(x))
+    return y if residual is None else residual + y
 
 
 def gather_rows(x_BLD: torch.Tensor, rows_BM: torch.Tensor | None) -> torch.Tensor:
@@ -213,11 +230,12 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)     # fused: one matmul for both branches
         self.down = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, norm=None, residual=None, drop=None):
+        """``residual + drop(mlp(norm(x)))``; without them the MLP alone (see ``linear``)."""
         if use_fused_swiglu(x, self.gate_up.weight):          # no-grad CUDA forwards (NOTES A31)
-            return linear(self.down, fused_swiglu(x, self.gate_up.weight))
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return linear(self.down, F.silu(gate) * up)
+            h = fused_swiglu(x if norm is None else norm(x), self.gate_up.weight)
+            return linear(self.down, h, residual=residual, drop=drop)
+        return linear(self.down, linear(self.gate_up, x, norm=norm), glu=True, residual=residual, drop=drop)
 
 
 class Block(nn.Module):
@@ -244,9 +262,9 @@ class Block(nn.Module):
                 self.attn(h, cos_LF, sin_LF, mask_LS, is_causal, cache_pos, rows_BM))
             h = self.norm2(x_BLD) * (1 + scale2) + shift2
             return x_BLD + gate2 * self.drop(self.mlp(h))
-        x_BLD = gather_rows(x_BLD, rows_BM) + self.drop(
-            self.attn(self.norm1(x_BLD), cos_LF, sin_LF, mask_LS, is_causal, cache_pos, rows_BM))
-        return x_BLD + self.drop(self.mlp(self.norm2(x_BLD)))
+        x_BLD = self.attn(x_BLD, cos_LF, sin_LF, mask_LS, is_causal, cache_pos, rows_BM, norm=self.norm1,
+                          residual=gather_rows(x_BLD, rows_BM), drop=self.drop)
+        return self.mlp(x_BLD, norm=self.norm2, residual=x_BLD, drop=self.drop)
 
 
 class Transformer(nn.Module):

@@ -12,15 +12,18 @@ from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, compile_for_hopper, needs
 D, HIDDEN, V = 768, 2048, 16384     # AR-B
 
 
-@pytest.mark.parametrize("name, N, K, takes", [("qkv", 3 * D, D, False), ("proj", D, D, True),
-                                               ("gate_up", 2 * HIDDEN, D, False), ("down", D, HIDDEN, True),
+@pytest.mark.parametrize("name, N, K, takes", [("qkv", 3 * D, D, True), ("proj", D, D, True),
+                                               ("gate_up", 2 * HIDDEN, D, True), ("down", D, HIDDEN, True),
                                                ("head", V, D, False)])
-def test_only_outputs_no_wider_than_inputs_take_the_kernel(name, N, K, takes):
-    """AR-B's five Linear shapes: the kernel where it beat cuBLAS in session 9's micro-benchmark (N <= K)."""
+def test_which_layers_take_the_kernel(name, N, K, takes):
+    """AR-B's five Linear shapes: the kernel where session 25's sweep beat cuBLAS (at most ``MAX_WIDEN`` outputs per
+    input: not the head), at most 8 rows, a contiguous weight; the down projection also from gate_up's output."""
     weight = torch.empty(N, K, device="meta")
     assert matvec.few_rows(torch.empty(2, 1, K, device="meta"), weight) is takes
     assert not matvec.few_rows(torch.empty(16, 1, K, device="meta"), weight)           # 16 rows: cuBLAS
     assert not matvec.few_rows(torch.empty(2, 1, K, device="meta"), torch.empty(K, N, device="meta").t())
+    assert matvec.few_rows(torch.empty(2, 1, 2 * K, device="meta"), weight, glu=True) is takes
+    assert not matvec.few_rows(torch.empty(2, 1, K, device="meta"), weight, glu=True)   # glu reads 2K per row
 
 
 def test_off_by_default_and_never_on_the_cpu(monkeypatch):
@@ -56,13 +59,61 @@ def test_every_launch_the_benchmark_sweeps_is_the_linear(cfg):
     torch.testing.assert_close(y, F.linear(x, weight), atol=1e-5, rtol=1e-5)
 
 
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """transformer.RMSNorm's formula, written out."""
+    return x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("x_dtype", [torch.float32, KERNEL_DTYPE])
+@pytest.mark.parametrize("M, N, K", [(2, 384, 128), (3, 100, 300)])
+def test_the_norm_in_front_is_rmsnorm_then_the_linear(M, N, K, x_dtype):
+    """With ``norm_weight``: RMSNorm's float32 formula over each row of x (a float32 or half residual stream), rounded
+    to the weight's dtype (what autocast hands F.linear), then the product; several column blocks per row (the mean
+    square spans them), N wider than K, M not a power of two."""
+    g = torch.Generator().manual_seed(K)
+    x, w = (torch.randn(M, K, generator=g) * 3).to(x_dtype), torch.randn(N, K, generator=g) / K ** 0.5
+    norm_weight = 1 + 0.1 * torch.randn(K, generator=g)
+    x, w, norm_weight = x.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE, KERNEL_DTYPE), norm_weight.to(KERNEL_DEVICE)
+    y = matvec.launch(x, w, 4, 64, 2, norm_weight=norm_weight, eps=1e-5)
+    assert y.shape == (M, N) and y.dtype == KERNEL_DTYPE
+    h = _rmsnorm(x, norm_weight, 1e-5).to(KERNEL_DTYPE)
+    torch.testing.assert_close(y.double(), h.double() @ w.double().T, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(y, matvec.few_rows_reference(x, w, norm_weight, 1e-5), atol=2e-3, rtol=1e-2)
+    not_normed = matvec.launch(x.to(KERNEL_DTYPE), w, 4, 64, 2)
+    assert (not_normed - y).abs().max() > 0.1          # the norm did something: x's rows have RMS ~3
+
+
+@needs_kernel
+@pytest.mark.parametrize("residual_dtype", [None, torch.float32, KERNEL_DTYPE])
+def test_the_gated_input_and_the_residual_add(residual_dtype):
+    """With ``glu``: x holds [gate | up] (2K per row) and the product is taken with silu(gate) * up, in float32 and
+    rounded once to the weight's dtype; with a residual: the product rounded (what F.linear returns), plus the
+    residual in float32, stored in their promoted dtype."""
+    M, N, K = 3, 96, 320
+    g = torch.Generator().manual_seed(1)
+    gate_up, w = torch.randn(M, 2 * K, generator=g) * 2, torch.randn(N, K, generator=g) / K ** 0.5
+    gate_up, w = gate_up.to(KERNEL_DEVICE, KERNEL_DTYPE), w.to(KERNEL_DEVICE, KERNEL_DTYPE)
+    residual = None if residual_dtype is None else torch.randn(M, N, generator=g).to(KERNEL_DEVICE, residual_dtype)
+    y = matvec.launch(gate_up, w, 4, 128, 2, glu=True, residual_MN=residual)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    h = (gate * torch.sigmoid(gate) * up).to(KERNEL_DTYPE)
+    product = (h.double() @ w.double().T).to(KERNEL_DTYPE)
+    expected = product if residual is None else residual.double() + product.double()
+    assert y.dtype == (KERNEL_DTYPE if residual is None else torch.promote_types(residual_dtype, KERNEL_DTYPE))
+    torch.testing.assert_close(y.double(), expected.double(), atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(y, matvec.few_rows_reference(gate_up, w, glu=True, residual=residual),
+                               atol=2e-3, rtol=1e-2)
+
+
 @needs_kernel
 def test_a_cached_decoding_step_through_the_kernel(monkeypatch):
-    """A tiny AR model's cached steps with the output projections and the MLP's down projections through the
-    kernel (fp32 weights: the kernel sums in float32 whatever the dtype) give the logits of F.linear; the full
-    forward's many rows keep F.linear."""
+    """A tiny AR model's cached steps with every block's four Linear layers through the kernel (fp32 weights: the
+    kernel sums in float32 whatever the dtype): qkv and gate_up with the norm in front, proj and down with the
+    residual add, down with SwiGLU's activation; the logits of the unfused layers. The full forward's many rows
+    keep F.linear. (Width 64: gate_up has 6 outputs per input, as AR-B's 5.3, within ``MAX_WIDEN``.)"""
     torch.manual_seed(0)
-    config = GeneratorConfig(kind="ar", codebook_size=32, grid_size=4, num_classes=3, dim=32, depth=2, heads=2)
+    config = GeneratorConfig(kind="ar", codebook_size=32, grid_size=4, num_classes=3, dim=64, depth=2, heads=2)
     model = ARGenerator(config).to(KERNEL_DEVICE)
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.3)
@@ -81,13 +132,17 @@ def test_a_cached_decoding_step_through_the_kernel(monkeypatch):
         plain, full = decode(), model.logits(ids, classes)
         calls = []
 
-        def counted(x, weight):
-            calls.append(x.shape)
-            return matvec.linear_few_rows(x, weight)
+        def counted(x, weight, **fused):
+            calls.append((weight.shape, tuple(k for k, v in fused.items() if v is not None and v is not False
+                                              and k != "eps")))
+            return matvec.linear_few_rows(x, weight, **fused)
         monkeypatch.setattr(transformer, "use_matvec", matvec.few_rows)      # any device: the interpreter's CPU
         monkeypatch.setattr(transformer, "linear_few_rows", counted)
         through = decode()
-        assert len(calls) == 16 * 2 * 2        # 16 steps (prefill included), 2 blocks, proj and down
+        D_, Hd = config.dim, config.mlp_hidden
+        per_block = [((3 * D_, D_), ("norm_weight",)), ((D_, D_), ("residual",)),
+                     ((2 * Hd, D_), ("norm_weight",)), ((D_, Hd), ("glu", "residual"))]
+        assert [(tuple(s), f) for s, f in calls] == per_block * 2 * 16     # 16 steps (prefill included), 2 blocks
         calls.clear()
         torch.testing.assert_close(model.logits(ids, classes), full, atol=0, rtol=0)
         assert not calls
@@ -95,32 +150,53 @@ def test_a_cached_decoding_step_through_the_kernel(monkeypatch):
 
 
 @needs_compiler
-def test_the_kernel_compiles_for_hopper():
-    signature = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "M": "i32", "N": "i32", "K": "i32", "M_P2": "constexpr",
-                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    block_n, block_k, warps = matvec.LAUNCH
-    kernel = compile_for_hopper(matvec._matvec_kernel, signature, dict(M_P2=2, BLOCK_N=block_n, BLOCK_K=block_k),
+@pytest.mark.parametrize("norm, glu, residual", [(False, False, False), (True, False, False), (False, False, True),
+                                                 (False, True, True)])
+def test_every_kernel_a_block_launches_compiles_for_hopper(norm, glu, residual):
+    """The four variants a pre-norm block launches (qkv and gate_up: norm; proj: residual; down: glu and residual),
+    at each one's launch, through Triton's real compiler to sm_90."""
+    signature = {"X": "*bf16", "W": "*bf16", "Y": "*fp32" if residual else "*bf16", "G": "*fp32",
+                 "R": "*fp32" if residual else "*bf16", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32",
+                 "M_P2": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "NORM": "constexpr",
+                 "GLU": "constexpr", "RESIDUAL": "constexpr"}
+    N, K = (D, HIDDEN) if glu else (3 * D, D) if norm else (D, D)
+    block_n, block_k, warps = matvec.launch_config(N, K)
+    kernel = compile_for_hopper(matvec._matvec_kernel, signature,
+                                dict(M_P2=2, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, GLU=glu, RESIDUAL=residual),
                                 num_warps=warps)
     assert kernel.asm["cubin"]
 
 
 @needs_kernel
-def test_the_routed_layer_traces_as_one_graph(monkeypatch):
-    """torch.compile(fullgraph=True) of an MLP whose down projection takes the kernel: the custom op is one node
-    of the graph (no break), with the eager call's output."""
+def test_the_routed_layers_trace_as_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) of a pre-norm MLP sublayer (norm, residual) whose two layers take the kernel:
+    the custom ops are nodes of the graph (no break), with the eager call's output, which is the unfused formula's."""
     monkeypatch.setattr(transformer, "use_matvec", matvec.few_rows)
     torch.manual_seed(0)
-    mlp = transformer.SwiGLU(64, 128).to(KERNEL_DEVICE)
+    mlp, norm = transformer.SwiGLU(64, 128).to(KERNEL_DEVICE), transformer.RMSNorm(64).to(KERNEL_DEVICE)
     x = torch.randn(2, 1, 64, device=KERNEL_DEVICE)
     torch._dynamo.reset()
     try:
         with torch.no_grad():
-            compiled = torch.compile(mlp, backend="eager", fullgraph=True)(x)
-            torch.testing.assert_close(compiled, mlp(x), atol=0, rtol=0)
-            gate, up = mlp.gate_up(x).chunk(2, dim=-1)
-            torch.testing.assert_close(compiled, mlp.down(F.silu(gate) * up), atol=1e-5, rtol=1e-5)
+            compiled = torch.compile(lambda x: mlp(x, norm=norm, residual=x), backend="eager", fullgraph=True)(x)
+            torch.testing.assert_close(compiled, mlp(x, norm=norm, residual=x), atol=0, rtol=0)
+            gate, up = mlp.gate_up(norm(x)).chunk(2, dim=-1)
+            torch.testing.assert_close(compiled, x + mlp.down(F.silu(gate) * up), atol=1e-5, rtol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_dropout_keeps_the_torch_ops(monkeypatch):
+    """A sublayer in training with dropout on never takes the kernel (the dropout sits between the product and the
+    residual add); the block's output is residual + dropout(branch)."""
+    monkeypatch.setattr(transformer, "use_matvec", lambda *a: True)
+    monkeypatch.setattr(transformer, "linear_few_rows", lambda *a, **k: pytest.fail("took the kernel"))
+    layer, drop = torch.nn.Linear(8, 8, bias=False), torch.nn.Dropout(0.5)
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    y = transformer.linear(layer, x, residual=x, drop=drop)
+    torch.manual_seed(0)
+    torch.testing.assert_close(y, x + drop(layer(x)))
 
 
 @pytest.mark.gpu
@@ -136,14 +212,14 @@ def test_on_a_gpu_sampling_takes_the_kernel_and_replays_its_ids(monkeypatch):
     model.eval().autocast_weights()
     calls = []
 
-    def counted(x, weight):
+    def counted(x, weight, **fused):
         calls.append(tuple(x.shape))
-        return matvec.linear_few_rows(x, weight)
+        return matvec.linear_few_rows(x, weight, **fused)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with monkeypatch.context() as m:
             m.setattr(transformer, "linear_few_rows", counted)
             model.sample([0, 1], generator=torch.Generator("cuda").manual_seed(0), cfg_scale=2.0, compile=False)
-        assert len(calls) == 16 * 2 * 2 and set(calls) == {(4, 1, 64), (4, 1, 192)}     # 2 images, CFG: 4 rows
+        assert len(calls) == 16 * 2 * 4 and set(calls) == {(4, 1, 64), (4, 1, 384)}     # 2 images, CFG: 4 rows
         ids = [model.sample([0, 1], generator=torch.Generator("cuda").manual_seed(0), cfg_scale=2.0, compile=True)
                for _ in range(3)]
     assert torch.equal(ids[0], ids[1]) and torch.equal(ids[1], ids[2])
