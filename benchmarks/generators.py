@@ -21,9 +21,9 @@ and read by the draw, NOTES A46 off), sample-masked-unshared (the same with the 
 sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-masked-host (the same calls
 split on the host clock: the time before each graph's replay), sample-ar, sample-ar-autotune / sample-ar-pdl (the
 bf16-weight rows with the decode step compiled in max-autotune-no-cudagraphs mode / with its inductor kernels
-launched with programmatic dependent launch, NOTES A48), sample-ar-matvec (the same with the step's output
-projections through generator/matvec.py, NOTES A49), sample-var, profile-masked / profile-ar /
-profile-var (where the compiled sampler's GPU time goes), maxbatch.
+launched with programmatic dependent launch, NOTES A48), sample-ar-matvec (the same with the step's block
+Linear layers through generator/matvec.py, norms and residual adds fused in, NOTES A49, A52), sample-var,
+profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
 multi-scale tokenizer), random weights, batch 64, CFG on, bf16 autocast. Models are frozen as the
@@ -396,9 +396,9 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
 
 
 def sample_ar_matvec(args, sink: RowSink) -> None:
-    """``sample-ar``'s bf16-weight rows with the attention's output projection and the MLP's down projection of
-    each cached step through generator/matvec.py's few-rows kernel (NOTES A49, opted in here), rows named
-    ``[matvec]``, to pair with ``sample-ar``'s rows and ids digest of the same run."""
+    """``sample-ar``'s bf16-weight rows with each cached step's block Linear layers through generator/matvec.py's
+    few-rows kernel, the norms, SwiGLU's activation and the residual adds fused in (NOTES A49, A52; opted in here),
+    rows named ``[matvec]``, to pair with ``sample-ar``'s rows and ids digest of the same run."""
     from generator import matvec
     with mock.patch.object(matvec, "ENABLED", True):
         sample_ar(args, sink, decode_options={}, what="matvec")
