@@ -90,12 +90,14 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool
 
 
 def few_rows(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
-    """What the kernel covers and wins at: x (..., K) (with ``glu`` (..., 2K)) of at most ``MAX_ROWS`` rows, a
-    contiguous weight (N, K) and at most ``MAX_WIDEN`` outputs per input."""
+    """What the kernel covers and wins at: one new token per sequence, x (B, 1, K) (with ``glu`` (B, 1, 2K)), of
+    at most ``MAX_ROWS`` rows, a contiguous weight (N, K) and at most ``MAX_WIDEN`` outputs per input. The
+    one-token test comes first: a compiled forward over a dynamic number of tokens (VAR's scales after the first)
+    decides it without a guard (dynamic sizes are >= 2), where a row count would specialise its graph."""
     N, K = weight.shape
     width = 2 * K if glu else K
-    return (weight.is_contiguous() and x.shape[-1] == width and x.numel() <= MAX_ROWS * width
-            and N <= MAX_WIDEN * K)
+    return (x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and x.shape[2] == width
+            and weight.is_contiguous() and N <= MAX_WIDEN * K)
 
 
 def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: int, warps: int,

@@ -21,9 +21,27 @@ def test_which_layers_take_the_kernel(name, N, K, takes):
     weight = torch.empty(N, K, device="meta")
     assert matvec.few_rows(torch.empty(2, 1, K, device="meta"), weight) is takes
     assert not matvec.few_rows(torch.empty(16, 1, K, device="meta"), weight)           # 16 rows: cuBLAS
+    assert not matvec.few_rows(torch.empty(1, 4, K, device="meta"), weight)            # 4 tokens: not a cached step
     assert not matvec.few_rows(torch.empty(2, 1, K, device="meta"), torch.empty(K, N, device="meta").t())
     assert matvec.few_rows(torch.empty(2, 1, 2 * K, device="meta"), weight, glu=True) is takes
     assert not matvec.few_rows(torch.empty(2, 1, K, device="meta"), weight, glu=True)   # glu reads 2K per row
+
+
+def test_a_dynamic_token_count_compiles_once():
+    """A forward compiled with a dynamic number of tokens (VAR's scales after the first) decides ``few_rows`` without
+    a guard on the count: one graph for 2 to 17 tokens (a row-count test would split it at 8 rows)."""
+    from torch._dynamo.testing import CompileCounter
+    weight, counter = torch.empty(96, 32), CompileCounter()
+    torch._dynamo.reset()
+    try:
+        f = torch.compile(lambda x: x * 2 if matvec.few_rows(x, weight) else x * 3, backend=counter, dynamic=True)
+        for tokens in (4, 2, 5, 9, 17):
+            x = torch.randn(3, tokens, 32)
+            torch.testing.assert_close(f(x), x * 3)
+        assert counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+    assert matvec.few_rows(torch.empty(3, 1, 32), weight)       # one token per sequence: the kernel
 
 
 def test_off_by_default_and_never_on_the_cpu(monkeypatch):
