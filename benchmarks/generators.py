@@ -21,8 +21,8 @@ and read by the draw, NOTES A46 off), sample-masked-unshared (the same with the 
 sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), sample-masked-host (the same calls
 split on the host clock: the time before each graph's replay), sample-ar, sample-ar-autotune / sample-ar-pdl (the
 bf16-weight rows with the decode step compiled in max-autotune-no-cudagraphs mode / with its inductor kernels
-launched with programmatic dependent launch, NOTES A48), sample-ar-matvec (the same with the step's block
-Linear layers through generator/matvec.py, norms and residual adds fused in, NOTES A49, A52), sample-var,
+launched with programmatic dependent launch, NOTES A48), sample-ar-cublas (the same with the step's block
+Linear layers through cuBLAS, generator/matvec.py's fused mat-vecs off, NOTES A49, A52), sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -61,7 +61,7 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
-         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-matvec", "sample-var", "profile-masked",
+         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-var", "profile-masked",
          "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -395,13 +395,13 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
             ARGenerator.decode_compile_options = saved
 
 
-def sample_ar_matvec(args, sink: RowSink) -> None:
-    """``sample-ar``'s bf16-weight rows with each cached step's block Linear layers through generator/matvec.py's
-    few-rows kernel, the norms, SwiGLU's activation and the residual adds fused in (NOTES A49, A52; opted in here),
-    rows named ``[matvec]``, to pair with ``sample-ar``'s rows and ids digest of the same run."""
+def sample_ar_cublas(args, sink: RowSink) -> None:
+    """``sample-ar``'s bf16-weight rows with generator/matvec.py's few-rows kernel off (NOTES A49, A52): each cached
+    step's Linear layers through cuBLAS and the norms and residual adds as inductor's kernels, rows named
+    ``[cuBLAS]``, to pair with ``sample-ar``'s rows and ids digest of the same run."""
     from generator import matvec
-    with mock.patch.object(matvec, "ENABLED", True):
-        sample_ar(args, sink, decode_options={}, what="matvec")
+    with kernel_off(matvec):
+        sample_ar(args, sink, decode_options={}, what="cuBLAS")
 
 
 # ---- next-scale (VAR) ----------------------------------------------------------------------------
@@ -793,7 +793,7 @@ def main() -> None:
                                                     what="max-autotune-no-cudagraphs"),
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
-            "sample-ar-matvec": sample_ar_matvec,
+            "sample-ar-cublas": sample_ar_cublas,
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
                for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}

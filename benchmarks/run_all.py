@@ -51,7 +51,7 @@ JOBS = [
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-ar-pdl", "benchmarks.generators", ["--part", "sample-ar-pdl"], 120),  # A48: sample-ar's bf16 rows
-    Job("sample-ar-matvec", "benchmarks.generators", ["--part", "sample-ar-matvec"], 120),  # A49: the same
+    Job("sample-ar-cublas", "benchmarks.generators", ["--part", "sample-ar-cublas"], 120),  # A52 off: the same
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # 145-201 s (s. 20)
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
     Job("sample-masked-split-attn", "benchmarks.generators", ["--part", "sample-masked-split-attn"], 60),  # A36: 32 s
@@ -108,7 +108,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-autocast-weights", "sample-masked-unshared", "sample-masked-no-call-graphs",
                  "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
                  "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-host",
-                 "sample-ar-autotune", "sample-ar-pdl", "sample-ar-matvec",
+                 "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job

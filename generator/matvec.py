@@ -22,8 +22,9 @@ launch gap inside the step's CUDA graph. The mat-vec alone beat cuBLAS at AR-B's
 outputs) stays with cuBLAS (``MAX_WIDEN``). Fusing the norms, SwiGLU's activation and the residual adds into the
 four mat-vecs removes three of a block's nine kernels (A52).
 
-Off by default until measured end to end (job ``sample-ar-matvec``); TESSERA_MATVEC=1 turns it on. A different
-sum order from cuBLAS's: equal to bf16 rounding, which can move a late token of a sampled sequence.
+On by default (measured end to end, NOTES A52; job ``sample-ar-cublas`` runs the same rows without it);
+TESSERA_MATVEC=0 turns it off. A different sum order from cuBLAS's: equal to bf16 rounding, which can move a late
+token of a sampled sequence.
 ``launch_config`` is set from ``python3 -m benchmarks.decode_matvec``, which sweeps this kernel.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ try:
 except ImportError:   # CPU-only installs: F.linear
     triton = None
 
-ENABLED = os.environ.get("TESSERA_MATVEC") == "1"
+ENABLED = os.environ.get("TESSERA_MATVEC", "1") != "0"
 MAX_ROWS = 8              # batch 1-4 under CFG; past a few rows cuBLAS's tiles use the weight reads well
 MAX_WIDEN = 6             # outputs per input: AR-B's gate_up (5.3x) takes the kernel, the head (21x) cuBLAS
 

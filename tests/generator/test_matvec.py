@@ -1,5 +1,10 @@
 """The few-rows Linear kernel (generator/matvec.py): which layers take it, its products against F.linear, and a
 cached decoding step through it. The kernel runs on CUDA or Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,10 +49,19 @@ def test_a_dynamic_token_count_compiles_once():
     assert matvec.few_rows(torch.empty(3, 1, 32), weight)       # one token per sequence: the kernel
 
 
-def test_off_by_default_and_never_on_the_cpu(monkeypatch):
-    x, w = torch.randn(2, D), torch.randn(D, D)
-    assert not matvec.ENABLED or not matvec.use_kernel(x, w)
+@pytest.mark.parametrize("value, on", [(None, True), ("0", False)])
+def test_on_by_default_off_with_the_variable(value, on):
+    """TESSERA_MATVEC unset: the kernel is on (NOTES A52); "0" turns it off. Read at import (a fresh process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TESSERA_MATVEC"} | ({} if value is None else
+                                                                          {"TESSERA_MATVEC": value})
+    out = subprocess.run([sys.executable, "-c", "from generator import matvec; print(matvec.ENABLED)"], env=env,
+                         cwd=Path(__file__).parents[2], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(on)
+
+
+def test_never_on_the_cpu(monkeypatch):
     monkeypatch.setattr(matvec, "ENABLED", True)
+    x, w = torch.randn(2, D), torch.randn(D, D)
     assert not matvec.use_kernel(x.half(), w.half())        # CPU tensors: F.linear
 
 
