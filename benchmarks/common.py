@@ -159,16 +159,19 @@ TABLE_KEYS = ("name", "batch", "compile", "median_s", "images_per_s", "tokens_pe
 class RowSink:
     """Appends one JSON line per result row to ``path`` (flushed at once, so a job killed by its
     time limit or an OOM still leaves every row it finished). Adds device facts and the smoke flag;
-    gap = measured median / max(compute floor, memory floor)."""
+    gap = measured median / max(compute floor, memory floor). ``tag`` ends every row's name (a variant's rows, to
+    pair with the default's of the same run)."""
 
-    def __init__(self, path: str | Path | None, job: str, smoke: bool):
-        self.path, self.job, self.smoke = Path(path) if path else None, job, smoke
+    def __init__(self, path: str | Path | None, job: str, smoke: bool, tag: str = ""):
+        self.path, self.job, self.smoke, self.tag = Path(path) if path else None, job, smoke, tag
         facts = device_facts()
         self.facts = {"device": facts["device"], "torch": facts["torch"]}
         self.rows: list[dict] = []
 
     def add(self, **row) -> dict:
         row = {"job": self.job, **self.facts, **row, "smoke": self.smoke}
+        if self.tag and "name" in row:
+            row["name"] += self.tag
         if row.get("floor_s") and row.get("median_s"):
             row["gap"] = row["median_s"] / row["floor_s"]
         self.rows.append(row)

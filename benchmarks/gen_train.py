@@ -1,6 +1,7 @@
 """GPU benchmark of generator training: tokens/s, MFU and the data-wait fraction.
 
-    python3 -m benchmarks.gen_train [--part masked-L|ar-L|var-d16 ...] [--profile] [--smoke] [--rows-out F]
+    python3 -m benchmarks.gen_train [--part masked-L|ar-L|var-d16 ...] [--profile] [--var-alone-tokens N] [--smoke]
+        [--rows-out F]
 
 Each model is built from its real run config (configs/generator/<name>.yaml: model + train
 sections) and trained the way pipelines/train_generator.py trains it: the GeneratorLoss wrapper
@@ -291,11 +292,21 @@ def data_wait(name: str, step: Step, B: int, smoke: bool, sink: RowSink, facts: 
     shutil.rmtree(path, ignore_errors=True)
 
 
+def flags(p) -> None:
+    p.add_argument("--profile", action="store_true", help="also profile two compiled steps (top operators by GPU time)")
+    p.add_argument("--var-alone-tokens", type=int, help="VAR's teacher forcing: a scale of at least this many tokens "
+                   "attends in its own SDPA call, the ones before it in one masked call (generator.var.ALONE_TOKENS; "
+                   "more than the sequence: one masked call per layer, NOTES A53); rows named [alone>=N]")
+
+
 def main() -> None:
-    args = job_args(__doc__.splitlines()[0], PARTS, extra=lambda p: p.add_argument(
-        "--profile", action="store_true", help="also profile two compiled steps (top operators by GPU time)"))
+    args = job_args(__doc__.splitlines()[0], PARTS, extra=flags)
+    tag = ""
+    if args.var_alone_tokens:
+        import generator.var
+        generator.var.ALONE_TOKENS, tag = args.var_alone_tokens, f" [alone>={args.var_alone_tokens}]"
     for part in args.part:
-        train_model(part, args, RowSink(args.rows_out, f"train {part}", args.smoke))
+        train_model(part, args, RowSink(args.rows_out, f"train {part}", args.smoke, tag))
         torch._dynamo.reset()   # compiled graphs hold the model: drop them before the next part
         free_memory()
         sync()

@@ -86,6 +86,8 @@ JOBS = [
     Job("profile-train-ar", "benchmarks.gen_train", ["--part", "ar-L", "--profile"], 185),
     Job("profile-train-masked", "benchmarks.gen_train", ["--part", "masked-L", "--profile"], 190),
     Job("profile-train-var", "benchmarks.gen_train", ["--part", "var-d16", "--profile"], 310),   # 299 s (s. 26)
+    # A53: VAR's teacher forcing as one masked SDPA call per layer, to pair with train-var-d16's rows
+    Job("train-var-d16-one-call", "benchmarks.gen_train", ["--part", "var-d16", "--var-alone-tokens", "1024"], 290),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -110,7 +112,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-host",
                  "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas",
                  "profile-masked", "profile-ar", "profile-var",
-                 "profile-train-ar", "profile-train-masked", "profile-train-var"}
+                 "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
            "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]
@@ -139,13 +141,17 @@ def select(spec: str | None) -> list[Job]:
 
 def smoke_plan(jobs: list[Job]) -> list[Job]:
     """Smoke runs put consecutive ``--part`` jobs of one module into one process (the start-up of a
-    process that imports torch dominates a CPU smoke run); GPU runs keep one process per job."""
+    process that imports torch dominates a CPU smoke run), where their arguments are parts only (a flag such as
+    ``--profile`` would apply to every part of the process); GPU runs keep one process per job."""
+    def parts_only(args: list[str]) -> bool:
+        return len(args) % 2 == 0 and all(a == "--part" for a in args[::2])
+
     plan: list[Job] = []
     order = list(dict.fromkeys(j.module for j in jobs))
     for j in sorted(jobs, key=lambda j: order.index(j.module)):      # stable: each module's jobs together
         args = j.smoke_args or j.args
         prev = plan[-1] if plan else None
-        if prev and prev.module == j.module and args[:1] == ["--part"] and prev.args[:1] == ["--part"]:
+        if prev and prev.module == j.module and args and parts_only(args) and parts_only(prev.args):
             plan[-1] = Job(f"{prev.name}+{j.name}", j.module, prev.args + args, prev.est_s + SMOKE_EST_S)
         else:
             plan.append(Job(j.name, j.module, args, SMOKE_EST_S, needs_models=j.needs_models))

@@ -65,3 +65,20 @@ def test_a_jobs_compile_fallbacks_are_read_from_its_own_output(tmp_path):
     assert "recompile_limit" in first["fallbacks"][0] and first["fallbacks"][1].endswith("running it eagerly")
     assert second["status"] == "ok" and "fallbacks" not in second
     assert run_all.fallback_lines("ROW {}\nall compiled\n") == []
+
+
+def test_a_smoke_run_shares_a_process_only_between_plain_parts():
+    """Consecutive ``--part`` jobs of one module share a smoke process; a job with its own flag (a profile, VAR's
+    one-call attention) gets its own, so the flag does not reach (and rename) the other jobs' rows."""
+    plan = run_all.smoke_plan(run_all.select("train-masked-L,train-ar-L,train-var-d16,train-var-d16-one-call,"
+                                             "profile-train-var"))
+    assert [j.name for j in plan] == ["train-masked-L+train-ar-L+train-var-d16", "train-var-d16-one-call",
+                                      "profile-train-var"]
+    assert plan[0].args == ["--part", "masked-L", "--part", "ar-L", "--part", "var-d16"]
+
+
+def test_a_variants_rows_end_in_its_tag():
+    from benchmarks.common import RowSink
+    sink = RowSink(None, "train var-d16", smoke=True, tag=" [alone>=1024]")
+    assert sink.add(name="var-d16 train compiled", median_s=1.0)["name"] == "var-d16 train compiled [alone>=1024]"
+    assert sink.error("var-d16 train eager", RuntimeError("oom"))["name"] == "var-d16 train eager [alone>=1024]"
