@@ -181,6 +181,34 @@ def test_a_cached_decoding_step_through_the_kernel(monkeypatch):
     torch.testing.assert_close(through, plain, atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
+def test_vars_one_token_first_scale_through_the_kernel(monkeypatch):
+    """VAR's adaLN blocks (their norms stay outside) at its one-token first scale: qkv, proj and gate_up through
+    the plain kernel and down with the activation fused; the later scales (4 tokens and more) keep F.linear; the
+    ids a seed samples equal the unfused path's (fp32 weights: float32 sums either way). Width 64: gate_up has 6
+    outputs per input, within ``MAX_WIDEN``."""
+    from tests.generator.test_var import RefCodec, tiny_model
+    model = tiny_model(dim=64).to(KERNEL_DEVICE)
+    codec = RefCodec()
+    codec.embed_VC = codec.embed_VC.to(KERNEL_DEVICE)
+
+    def sample():
+        gen = torch.Generator(KERNEL_DEVICE).manual_seed(5)
+        return torch.cat([i.flatten(1) for i in model.sample([0, 2], codec=codec, cfg_scale=2.0, generator=gen)], 1)
+
+    plain, calls = sample(), []
+
+    def counted(x, weight, **fused):
+        calls.append((tuple(x.shape), bool(fused.get("glu"))))
+        return matvec.linear_few_rows(x, weight, **fused)
+    monkeypatch.setattr(transformer, "use_matvec", matvec.few_rows)      # any device: the interpreter's CPU
+    monkeypatch.setattr(transformer, "linear_few_rows", counted)
+    through = sample()
+    # 2 blocks x (qkv, proj, gate_up, down) at the first scale only, 4 rows (2 images under CFG), one token each
+    assert sorted(set(calls)) == [((4, 1, 64), False), ((4, 1, 384), True)] and len(calls) == 2 * 4
+    assert torch.equal(through, plain)
+
+
 @needs_compiler
 @pytest.mark.parametrize("norm, glu, residual", [(False, False, False), (True, False, False), (False, False, True),
                                                  (False, True, True)])
