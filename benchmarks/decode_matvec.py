@@ -62,15 +62,14 @@ def sweep(what: str, kernel, expected: torch.Tensor, shipped: tuple, mb: float) 
 
 
 def fused_case(x: torch.Tensor, weight: torch.Tensor, norm=False, glu=False, residual=False):
-    """The block's fused variant at this layer: its input (with ``glu``, a [gate | up] row of twice the width), the
-    kernel as a function of the launch, and its formula (generator.matvec.few_rows_reference) in float32."""
+    """The block's fused variant at this layer, on its own input (with ``glu``, a [gate | up] row of twice the width):
+    the kernel as a function of the launch, and its formula (generator.matvec.few_rows_reference) in float32."""
     M, (N, K) = x.shape[0], weight.shape
     x = torch.randn(M, 2 * K, device=x.device, dtype=x.dtype) if glu else x.float()   # a float32 residual stream
     norm_weight = 1 + 0.1 * torch.randn(K, device=x.device) if norm else None
     residual_MN = torch.randn(M, N, device=x.device) if residual else None
     expected = mv.few_rows_reference(x, weight.float(), norm_weight, glu=glu, residual=residual_MN)
-    return x, (lambda cfg: mv.launch(x, weight, *cfg, norm_weight=norm_weight, glu=glu, residual_MN=residual_MN)), \
-        expected
+    return (lambda cfg: mv.launch(x, weight, *cfg, norm_weight=norm_weight, glu=glu, residual_MN=residual_MN)), expected
 
 
 def main() -> None:
@@ -90,7 +89,7 @@ def main() -> None:
             if M <= mv.MAX_ROWS and mv.triton is not None:
                 row += sweep("matvec", lambda cfg: mv.launch(x, weight, *cfg), expected, mv.launch_config(N, K), mb)
                 if name in FUSED:
-                    fused_x, kernel, expected = fused_case(x, weight, **FUSED[name])
+                    kernel, expected = fused_case(x, weight, **FUSED[name])
                     row += sweep(f"fused {'+'.join(FUSED[name])}", kernel, expected, mv.launch_config(N, K), mb)
             print("  ".join(row), flush=True)
     for rows in (1, 64, 1024, 16384):

@@ -116,7 +116,7 @@ class Bench:
         (a compiled function that falls back to eager in this row's own warm-up then says so)."""
         reset_peak_memory()
         t = time_fn(fn, **timing(self.smoke, slow))
-        compile = compile() if callable(compile) else compile
+        compile = compile_column(compile)
         c = self.model.config
         m = roofline.sampling(c, self.weights, batch, cfg=True, steps=steps, fp32_weights=weights == FP32_FROZEN)
         flops, bytes_, impl = m["flops"], m["bytes"], m["impl_bytes"]
@@ -138,9 +138,13 @@ class Bench:
             return self.row(label, fn, **kw)
         except Exception as e:     # noqa: BLE001
             free_memory()
-            status = kw.get("compile")
             return self.sink.error(f"{self.name} {label}", e, batch=kw.get("batch"),
-                                   compile=status() if callable(status) else status)
+                                   compile=compile_column(kw.get("compile")))
+
+
+def compile_column(status: str | Callable[[], str] | None) -> str | None:
+    """A row's compile column: ``status``, or what the function ``status`` says now (after the row's own warm-up)."""
+    return status() if callable(status) else status
 
 
 def compile_forward(b: Bench, mode: str, first_call) -> dict:

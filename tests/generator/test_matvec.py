@@ -138,6 +138,22 @@ def test_the_gated_input_and_the_residual_add(residual_dtype):
                                atol=2e-3, rtol=1e-2)
 
 
+def record_kernel_calls(patch, any_device: bool = True) -> list[tuple]:
+    """Route ``transformer.linear``'s kernel calls through a recorder (``patch``: a monkeypatch or its context): each
+    call's (x shape, weight shape, the fusions given). ``any_device``: ``few_rows`` alone decides, so the interpreter's
+    CPU tensors take the kernel too."""
+    calls = []
+
+    def counted(x, weight, **fused):
+        given = tuple(k for k, v in fused.items() if k != "eps" and v is not None and v is not False)
+        calls.append((tuple(x.shape), tuple(weight.shape), given))
+        return matvec.linear_few_rows(x, weight, **fused)
+    if any_device:
+        patch.setattr(transformer, "use_matvec", matvec.few_rows)
+    patch.setattr(transformer, "linear_few_rows", counted)
+    return calls
+
+
 @needs_kernel
 def test_a_cached_decoding_step_through_the_kernel(monkeypatch):
     """A tiny AR model's cached steps with every block's four Linear layers through the kernel (fp32 weights: the
@@ -162,19 +178,12 @@ def test_a_cached_decoding_step_through_the_kernel(monkeypatch):
 
     with torch.no_grad():
         plain, full = decode(), model.logits(ids, classes)
-        calls = []
-
-        def counted(x, weight, **fused):
-            calls.append((weight.shape, tuple(k for k, v in fused.items() if v is not None and v is not False
-                                              and k != "eps")))
-            return matvec.linear_few_rows(x, weight, **fused)
-        monkeypatch.setattr(transformer, "use_matvec", matvec.few_rows)      # any device: the interpreter's CPU
-        monkeypatch.setattr(transformer, "linear_few_rows", counted)
+        calls = record_kernel_calls(monkeypatch)
         through = decode()
         D_, Hd = config.dim, config.mlp_hidden
         per_block = [((3 * D_, D_), ("norm_weight",)), ((D_, D_), ("residual",)),
                      ((2 * Hd, D_), ("norm_weight",)), ((D_, Hd), ("glu", "residual"))]
-        assert [(tuple(s), f) for s, f in calls] == per_block * 2 * 16     # 16 steps (prefill included), 2 blocks
+        assert [(w, f) for _, w, f in calls] == per_block * 2 * 16     # 16 steps (prefill included), 2 blocks
         calls.clear()
         torch.testing.assert_close(model.logits(ids, classes), full, atol=0, rtol=0)
         assert not calls
@@ -196,16 +205,12 @@ def test_vars_one_token_first_scale_through_the_kernel(monkeypatch):
         gen = torch.Generator(KERNEL_DEVICE).manual_seed(5)
         return torch.cat([i.flatten(1) for i in model.sample([0, 2], codec=codec, cfg_scale=2.0, generator=gen)], 1)
 
-    plain, calls = sample(), []
-
-    def counted(x, weight, **fused):
-        calls.append((tuple(x.shape), bool(fused.get("glu"))))
-        return matvec.linear_few_rows(x, weight, **fused)
-    monkeypatch.setattr(transformer, "use_matvec", matvec.few_rows)      # any device: the interpreter's CPU
-    monkeypatch.setattr(transformer, "linear_few_rows", counted)
+    plain = sample()
+    calls = record_kernel_calls(monkeypatch)
     through = sample()
     # 2 blocks x (qkv, proj, gate_up, down) at the first scale only, 4 rows (2 images under CFG), one token each
-    assert sorted(set(calls)) == [((4, 1, 64), False), ((4, 1, 384), True)] and len(calls) == 2 * 4
+    assert sorted({(x, "glu" in f) for x, _, f in calls}) == [((4, 1, 64), False), ((4, 1, 384), True)]
+    assert len(calls) == 2 * 4
     assert torch.equal(through, plain)
 
 
@@ -262,7 +267,7 @@ def test_dropout_keeps_the_torch_ops(monkeypatch):
 @pytest.mark.gpu
 def test_on_a_gpu_sampling_takes_the_kernel_and_replays_its_ids(monkeypatch):
     """bf16 Linear weights under autocast, as the pipelines sample: the eager step calls the kernel for each block's
-    two output layers, and the compiled step's first call, its CUDA-graph capture and a replay give the same ids."""
+    four Linear layers, and the compiled step's first call, its CUDA-graph capture and a replay give the same ids."""
     monkeypatch.setattr(matvec, "ENABLED", True)
     torch.manual_seed(0)
     config = GeneratorConfig(kind="ar", codebook_size=64, grid_size=4, num_classes=3, dim=64, depth=2, heads=2)
@@ -270,16 +275,11 @@ def test_on_a_gpu_sampling_takes_the_kernel_and_replays_its_ids(monkeypatch):
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.3)
     model.eval().autocast_weights()
-    calls = []
-
-    def counted(x, weight, **fused):
-        calls.append(tuple(x.shape))
-        return matvec.linear_few_rows(x, weight, **fused)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with monkeypatch.context() as m:
-            m.setattr(transformer, "linear_few_rows", counted)
+            calls = record_kernel_calls(m, any_device=False)
             model.sample([0, 1], generator=torch.Generator("cuda").manual_seed(0), cfg_scale=2.0, compile=False)
-        assert len(calls) == 16 * 2 * 4 and set(calls) == {(4, 1, 64), (4, 1, 384)}     # 2 images, CFG: 4 rows
+        assert len(calls) == 16 * 2 * 4 and {x for x, _, _ in calls} == {(4, 1, 64), (4, 1, 384)}   # CFG: 4 rows
         ids = [model.sample([0, 1], generator=torch.Generator("cuda").manual_seed(0), cfg_scale=2.0, compile=True)
                for _ in range(3)]
     assert torch.equal(ids[0], ids[1]) and torch.equal(ids[1], ids[2])
