@@ -59,7 +59,8 @@ def qkv_views(B, L, H, backward):
     return qkv, [t.transpose(1, 2) for t in qkv.unbind(2)]
 
 
-def measure(label, candidates, pairs, B, H, backward, reps: int = 1):
+def measure(label, candidates, pairs, B, H, backward, reps: int = 1, one_per_line: bool = False):
+    """One row of candidates (``one_per_line``: each printed as it is timed)."""
     flops = 4 * B * H * pairs * 64 * (3.5 if backward else 1.0)
     row = [label]
     for name, fn in candidates.items():
@@ -72,7 +73,10 @@ def measure(label, candidates, pairs, B, H, backward, reps: int = 1):
             row.append(f"{name} {ms:6.2f} ms {flops / ms / 1e9:4.0f} TF/s")
         except RuntimeError as e:
             row.append(f"{name} n/a ({str(e).splitlines()[0][:50]})")
-    print(" | ".join(row), flush=True)
+        if one_per_line:
+            print(f"{label} | {row.pop()}", flush=True)
+    if not one_per_line:
+        print(" | ".join(row), flush=True)
 
 
 def sdpa(backend, q, k, v, **kw):
@@ -105,12 +109,29 @@ def var_rows(flex) -> None:
     if flex is not None:
         block_mask = create_block_mask(lambda b, h, qi, ki: level[ki] <= level[qi], None, None, L, L, device="cuda")
         cands["flex BlockMask"] = lambda: flex(q, k, v, block_mask=block_mask)
-    for alone in (ALONE_TOKENS, 1):
+    # the thresholds of generator.var.ALONE_TOKENS: 64 (the default: 5 calls), 100 (4), 169 (3: the 91 + 64 + 100
+    # tokens of the small scales in one masked call), 256 (2), past L (one masked call over all 680 tokens, NOTES A53)
+    for alone in sorted({ALONE_TOKENS, 100, 169, 256, 1024}):
         groups = BlockCausal.from_bounds(bounds, mask, alone)
-        cands[f"groups (alone >= {alone}: {len(groups.ends)} calls)"] = lambda g=groups: g.attend(q, k, v)
         attend = torch.compile(groups.attend, dynamic=False)     # the training step runs it compiled
-        cands[f"compiled groups (alone >= {alone})"] = lambda attend=attend: attend(q, k, v)
-    measure(f"{'VAR-d16 train':16s} L={L}", cands, int(mask.sum()), 128, 16, True)
+        cands[f"compiled groups (alone >= {alone}: {len(groups.ends)} calls)"] = lambda attend=attend: attend(q, k, v)
+    cands["groups eager (default)"] = lambda: BlockCausal.from_bounds(bounds, mask, ALONE_TOKENS).attend(q, k, v)
+    measure(f"{'VAR-d16 train':16s} L={L}", cands, int(mask.sum()), 128, 16, True, one_per_line=True)
+    for name, fn in cands.items():        # what each grouping runs: its kernels' GPU time in one forward + backward
+        if name.startswith("compiled"):
+            out = fn()
+            print(f"  {name}: {kernel_times(lambda: fn().backward(torch.ones_like(out)))}", flush=True)
+
+
+def kernel_times(fn, top: int = 6) -> str:
+    """The ``top`` kernels by GPU time of one call of ``fn`` (after a warm-up call), as 'name ms' items."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:top]
+    return "; ".join(f"{e.key[:60]} x{e.count} {e.self_device_time_total / 1e3:.3f} ms" for e in events)
 
 
 def compiled_kernels(flex=None) -> None:
