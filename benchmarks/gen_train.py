@@ -92,11 +92,67 @@ class Step:
         return ids.to(self.dev), labels.to(self.dev)
 
 
+def train_facts(name: str, step: Step) -> dict:
+    """The fields every training row of ``name`` carries: config, size, dtype, optimizer."""
+    c, cuda = step.config, step.dev.type == "cuda"
+    return dict(bench="train", model=name, config=CONFIGS[name],
+                params_M=round(sum(p.numel() for p in step.params) / 1e6, 1), seq_len=c.num_tokens, lr=step.train.lr,
+                grad_clip=step.train.grad_clip, dtype="bf16 autocast" if cuda else "fp32 (cpu smoke)",
+                sdpa="default choice" if cuda else "cpu default", optimizer="AdamW fused" if cuda else "AdamW",
+                dropout=c.dropout)
+
+
+def time_step(step: Step, sink: RowSink, facts: dict, label: str, batch: int, iters: dict, **extra) -> dict:
+    """The step at ``batch`` timed as one row (its floors, tokens/s, MFU and peak memory)."""
+    c, pf = step.config, peak_flops()
+    ids, labels = step.batch(batch)
+    free_memory()
+    reset_peak_memory()
+    t = time_fn(lambda: step(ids, labels), **iters)
+    model = roofline.training_step(c, sum(p.numel() for p in step.params), batch)
+    return sink.add(name=f"{facts['model']} train {label}", **facts, batch=batch,
+                    **floors(model["flops"], model["bytes"], H100 if step.smoke else None), **t,
+                    tokens_per_s=batch * c.num_tokens / t["median_s"],
+                    mfu=model["flops"] / t["median_s"] / pf if pf else None, peak_mem_gb=peak_memory_gb(), **extra)
+
+
+def alone_sweep(name: str, args, sink: RowSink) -> None:
+    """VAR's teacher-forcing attention groupings side by side in one process (NOTES A53): the step compiled once
+    and timed at ``--batch`` under each threshold of ``--var-alone-sweep`` (generator.var.ALONE_TOKENS), in the
+    order given and then the first again (drift); rows ``<name> train compiled [alone>=N]``. Dynamo guards on
+    the threshold, a global read while tracing: a new one traces its own graph, the repeat reuses the first's.
+    Skips the eager step, the batch search, the codec inputs and the data wait (``train_model`` runs those), so
+    three groupings cost about one full job."""
+    import generator.var
+    step = Step(name, args.smoke, device(args.smoke))
+    if step.config.kind != "var":
+        raise SystemExit(f"--var-alone-sweep is for the VAR part, not {name}")
+    facts, B = train_facts(name, step), 4 if args.smoke else args.batch
+    iters = {"warmup": 1, "iters": 1} if args.smoke else {"warmup": 2, "iters": 8}
+    torch._dynamo.reset()       # graphs of earlier compiles of the loss's forward count towards its recompile limit
+    step.fwd = compiled(step.wrapper, "default", args.smoke)
+    thresholds = args.var_alone_sweep + args.var_alone_sweep[:1]
+    for i, alone in enumerate(thresholds):
+        generator.var.ALONE_TOKENS = alone
+        status = {"compile": "wrapper: default"}
+        ids, labels = step.batch(B)
+        label = f"compiled [alone>={alone}]" + (" again" if i == len(thresholds) - 1 else "")
+        if first_call_or_eager(lambda: step(ids, labels), None, status) is None:
+            sink.add(name=f"{name} train {label}", **facts, batch=B, **status, error="the compiled step failed")
+            step.fwd = compiled(step.wrapper, "default", args.smoke)
+            continue
+        del ids, labels
+        try:
+            time_step(step, sink, facts, label, B, iters, **status, alone_tokens=alone)
+        except Exception as e:  # noqa: BLE001
+            sink.error(f"{name} train {label}", e, batch=B, **status)
+        step.opt.zero_grad(set_to_none=True)
+        free_memory()
+
+
 def train_model(name: str, args, sink: RowSink) -> None:
     dev = device(args.smoke)
     step = Step(name, args.smoke, dev)
-    c = step.config
-    params = sum(p.numel() for p in step.params)
     override = os.environ.get("TESSERA_TRAIN_BATCH")
     # 1. the batch that fills the GPU for the eager step: the largest power of two that fits
     if override:
@@ -110,25 +166,11 @@ def train_model(name: str, args, sink: RowSink) -> None:
         if B is None:
             sink.add(name=f"{name} train", batch=None, error=f"batch 32 does not fit: {res['attempts']}")
             return
-    facts = dict(bench="train", model=name, config=CONFIGS[name], params_M=round(params / 1e6, 1),
-                 seq_len=c.num_tokens, lr=step.train.lr, grad_clip=step.train.grad_clip,
-                 dtype="bf16 autocast" if dev.type == "cuda" else "fp32 (cpu smoke)",
-                 sdpa="default choice" if dev.type == "cuda" else "cpu default",
-                 optimizer="AdamW fused" if dev.type == "cuda" else "AdamW", dropout=c.dropout)
-    pf = peak_flops()
+    facts = train_facts(name, step)
     iters = {"warmup": 1, "iters": 1} if args.smoke else {"warmup": 2, "iters": 8}
 
     def timed(label: str, batch: int, **extra) -> dict:
-        """The step at ``batch`` timed as one row (its floors, tokens/s, MFU and peak memory)."""
-        ids, labels = step.batch(batch)
-        free_memory()
-        reset_peak_memory()
-        t = time_fn(lambda: step(ids, labels), **iters)
-        model = roofline.training_step(c, params, batch)
-        return sink.add(name=f"{name} train {label}", **facts, batch=batch,
-                        **floors(model["flops"], model["bytes"], H100 if args.smoke else None), **t,
-                        tokens_per_s=batch * c.num_tokens / t["median_s"],
-                        mfu=model["flops"] / t["median_s"] / pf if pf else None, peak_mem_gb=peak_memory_gb(), **extra)
+        return time_step(step, sink, facts, label, batch, iters, **extra)
 
     try:
         timed("eager", B, compile="eager")
@@ -297,6 +339,9 @@ def flags(p) -> None:
     p.add_argument("--var-alone-tokens", type=int, help="VAR's teacher forcing: a scale of at least this many tokens "
                    "attends in its own SDPA call, the ones before it in one masked call (generator.var.ALONE_TOKENS; "
                    "more than the sequence: one masked call per layer, NOTES A53); rows named [alone>=N]")
+    p.add_argument("--var-alone-sweep", type=lambda v: [int(x) for x in v.split(",")],
+                   help="comma-separated thresholds: only the compiled VAR step at --batch, once per threshold "
+                        "and the first again (alone_sweep)")
 
 
 def main() -> None:
@@ -306,7 +351,8 @@ def main() -> None:
         import generator.var
         generator.var.ALONE_TOKENS, tag = args.var_alone_tokens, f" [alone>={args.var_alone_tokens}]"
     for part in args.part:
-        train_model(part, args, RowSink(args.rows_out, f"train {part}", args.smoke, tag))
+        run = alone_sweep if args.var_alone_sweep else train_model
+        run(part, args, RowSink(args.rows_out, f"train {part}", args.smoke, tag))
         torch._dynamo.reset()   # compiled graphs hold the model: drop them before the next part
         free_memory()
         sync()

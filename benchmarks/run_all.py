@@ -88,7 +88,10 @@ JOBS = [
     Job("profile-train-var", "benchmarks.gen_train", ["--part", "var-d16", "--profile"], 310),   # 299 s (s. 26)
     # A53: VAR's teacher forcing as one masked SDPA call per layer, to pair with train-var-d16's rows
     Job("train-var-d16-one-call", "benchmarks.gen_train", ["--part", "var-d16", "--var-alone-tokens", "1024"], 290),
-    Job("train-var-d16-three-calls", "benchmarks.gen_train", ["--part", "var-d16", "--var-alone-tokens", "169"], 290),
+    # the compiled VAR step under three attention groupings (5 calls per layer, 3, 1) and the first again, one process
+    Job("train-var-d16-groupings", "benchmarks.gen_train",
+        ["--part", "var-d16", "--var-alone-sweep", "64,169,1024", "--batch", "128"], 300,
+        smoke_args=["--part", "var-d16", "--var-alone-sweep", "64,1024"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -114,7 +117,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
-                 "train-var-d16-three-calls"}
+                 "train-var-d16-groupings"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
            "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]

@@ -60,3 +60,29 @@ def test_one_batch_set_by_hand_runs_once_compiled(monkeypatch):
     gen_train.train_model("ar-L", SimpleNamespace(smoke=True, profile=False), sink)
     assert [r["name"] for r in sink.rows] == ["ar-L train eager", "ar-L train compiled", "ar-L train data wait"]
     assert all(r["batch"] == 2 and "error" not in r for r in sink.rows)
+
+
+def test_the_alone_sweep_traces_each_threshold_afresh(monkeypatch):
+    """``--var-alone-sweep``: one compiled step traced again for every threshold (dynamo guards on
+    generator.var.ALONE_TOKENS, read while tracing), each graph with the attention calls that threshold groups
+    into; the first threshold runs again last, on its first graph. Tiny VAR: scales 1, 2, 4 (blocks of 1, 4 and
+    16 tokens)."""
+    import generator.var
+    calls_per_graph = []
+
+    def counting(gm, example_inputs):
+        calls_per_graph.append(sum(n.target is torch.nn.functional.scaled_dot_product_attention
+                                   for n in gm.graph.nodes))
+        return gm.forward
+    monkeypatch.setattr(gen_train, "compiled", lambda fn, mode, smoke: torch.compile(fn, backend=counting))
+    monkeypatch.setattr(generator.var, "ALONE_TOKENS", generator.var.ALONE_TOKENS)   # restored after the sweep
+    sink = RowSink(None, "train var-d16", smoke=True)
+    gen_train.alone_sweep("var-d16", SimpleNamespace(smoke=True, var_alone_sweep=[4, 1024, 16]), sink)
+    depth = gen_train.load_config("var-d16", smoke=True)["model"].depth
+    # >= 4: the 1-token block alone, then the 4- and 16-token blocks (3 calls); >= 1024: one masked call over all
+    # 21 tokens; >= 16: the 1- and 4-token blocks masked, then the 16-token block (2 calls); the repeat: no new graph
+    assert [c for c in calls_per_graph if c] == [3 * depth, depth, 2 * depth]
+    assert [r["name"] for r in sink.rows] == [f"var-d16 train compiled [alone>={n}]" for n in (4, 1024, 16)] + [
+        "var-d16 train compiled [alone>=4] again"]
+    assert [r["alone_tokens"] for r in sink.rows] == [4, 1024, 16, 4]
+    assert all(r["batch"] == 4 and r["median_s"] > 0 and "error" not in r for r in sink.rows)
