@@ -4,9 +4,11 @@ each launch configuration vs the torch-ops reference compiled by inductor.
     python3 -m benchmarks.decode_attention
 
 bf16, 12 heads of 64 (AR-B), a cache of 257 slots read up to S in {32, 160, 256} (the last 20 masked),
-2 x 64 sequences (batch 64 with CFG) and 2 (batch 1); each op replayed 300 times from one CUDA graph,
-microseconds per call. Prints a table; results in benchmarks/NOTES.md A17 (H100, torch 2.11). Not in
-run_all: it chose ``launch_config``; the end-to-end effect is sample-ar's row.
+2 x 64 sequences (batch 64 with CFG) and 2 (batch 1); each op captured 20 times in one CUDA graph replayed
+100 times, microseconds per call (as a decoding step's graph runs it). Kernel columns: slots per iteration /
+warps, and at batch 1 also / splits (each sequence's slots over that many programs, combined by the last:
+NOTES A54). Prints a table with each row's best; results in benchmarks/NOTES.md A17, A54 (H100, torch 2.11).
+Not in run_all: it chose ``launch_config``; the end-to-end effect is sample-ar's row.
 """
 import time
 
@@ -15,7 +17,8 @@ import torch
 from generator import decode_attention as da
 
 HEADS, HEAD_DIM, CACHE_SLOTS = 12, 64, 257          # AR-B, 256 tokens + the spare slot
-CONFIGS = [(slots, warps) for slots in (32, 64, 128) for warps in (2, 4, 8)]
+CONFIGS = [(slots, warps, 1) for slots in (32, 64, 128) for warps in (2, 4, 8)]
+SPLIT_CONFIGS = [(slots, warps, splits) for splits in (2, 4, 8) for slots in (32, 64) for warps in (2, 4)]
 
 
 def graph_time_us(fn, replays: int = 300, calls: int = 1) -> float:
@@ -60,15 +63,19 @@ def main() -> None:
             mask[0, S - 20:] = False
             expected = da.attend_one_query_reference(q, k, v, mask).float()
             row = [f"sequences={B:3d} slots={S:3d} [{2 * B * HEADS * S * HEAD_DIM * 2 / 1e6:5.1f} MB]",
-                   f"torch-ops compiled {graph_time_us(lambda: reference(q, k, v, mask)):6.1f}"]
-            for slots, warps in CONFIGS:
-                da.launch_config = lambda programs, c=(slots, warps): c
+                   f"torch-ops compiled {graph_time_us(lambda: reference(q, k, v, mask), 100, 20):6.1f}"]
+            times = {}
+            for config in CONFIGS + (SPLIT_CONFIGS if B * HEADS < 256 else []):
+                da.launch_config = lambda programs, c=config: c
                 err = (kernel(q, k, v, mask).float() - expected).abs().max().item()
-                row.append(f"{slots}/{warps} {graph_time_us(lambda: kernel(q, k, v, mask)):5.1f}"
+                times[config] = graph_time_us(lambda: kernel(q, k, v, mask), 100, 20)
+                row.append("/".join(map(str, config[:2] if config[2] == 1 else config)) + f" {times[config]:5.1f}"
                            + ("" if err < 0.05 else f" (max error {err:.3f})"))
             da.launch_config = chosen
+            best = min(times, key=times.get)
+            row.append(f"best {'/'.join(map(str, best))} {times[best]:.1f} (in use {times.get(chosen(B * HEADS), 0):.1f})")
             print("  ".join(row), flush=True)
-    print("(us per call; kernel columns: slots per iteration / warps; launch_config picks "
+    print("(us per call among 20 in a graph; launch_config picks "
           f"{chosen(128 * HEADS)} at batch 64 and {chosen(2 * HEADS)} at batch 1)")
 
 

@@ -22,7 +22,9 @@ sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), 
 split on the host clock: the time before each graph's replay), sample-ar, sample-ar-autotune / sample-ar-pdl (the
 bf16-weight rows with the decode step compiled in max-autotune-no-cudagraphs mode / with its inductor kernels
 launched with programmatic dependent launch, NOTES A48), sample-ar-cublas (the same with the step's block
-Linear layers through cuBLAS, generator/matvec.py's fused mat-vecs off, NOTES A49, A52), sample-var,
+Linear layers through cuBLAS, generator/matvec.py's fused mat-vecs off, NOTES A49, A52), sample-ar-split (the same
+with batch 1's attention split over several programs per sequence and head, the fastest launch of a sweep, A54),
+sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -61,7 +63,7 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
-         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-var", "profile-masked",
+         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split", "sample-var", "profile-masked",
          "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -406,6 +408,33 @@ def sample_ar_cublas(args, sink: RowSink) -> None:
     from generator import matvec
     with kernel_off(matvec):
         sample_ar(args, sink, decode_options={}, what="cuBLAS")
+
+
+def sample_ar_split(args, sink: RowSink) -> None:
+    """``sample-ar``'s bf16-weight rows with the cached step's attention split at batch 1-4 (NOTES A54): first each
+    split launch of ``benchmarks.decode_attention.SPLIT_CONFIGS`` and the one in use timed in a CUDA graph at batch
+    1's shape (2 x 12 sequences, 160 and 256 cache slots: the average and the longest step), then the step's rows
+    with the fastest (``decode_attention.FEW``), named ``[split attention]``, to pair with ``sample-ar``'s rows and
+    ids digest of the same run (batch 64 takes the unsplit launch either way)."""
+    from benchmarks.decode_attention import HEAD_DIM, HEADS, SPLIT_CONFIGS, graph_time_us
+    from generator import decode_attention as da
+    best = da.FEW
+    if torch.cuda.is_available() and not args.smoke:
+        cache_k, cache_v = (torch.randn(2, HEADS, 257, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        q = torch.randn(2, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        times = {}
+        for config in [da.FEW, *SPLIT_CONFIGS]:
+            with mock.patch.object(da, "FEW", config):
+                times[config] = [graph_time_us(lambda S=S: torch.ops.tessera.attend_one_query(
+                    q, cache_k[:, :, :S], cache_v[:, :, :S], torch.ones(1, S, dtype=torch.bool, device="cuda")),
+                    100, 20) for S in (160, 256)]
+        best = min(times, key=lambda c: sum(times[c]))
+        sink.add(name="ar-B decode attention launches b1", bench="kernel", model="ar-B", batch=1,
+                 launches={"/".join(map(str, c)): [round(t, 2) for t in ts] for c, ts in times.items()},
+                 chosen="/".join(map(str, best)), in_use="/".join(map(str, da.FEW)),
+                 note="us per call among 20 in a CUDA graph at 160 and 256 slots; slots per iteration/warps/splits")
+    with mock.patch.object(da, "FEW", best):
+        sample_ar(args, sink, decode_options={}, what="split attention " + "/".join(map(str, best)))
 
 
 # ---- next-scale (VAR) ----------------------------------------------------------------------------
@@ -798,6 +827,7 @@ def main() -> None:
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
             "sample-ar-cublas": sample_ar_cublas,
+            "sample-ar-split": sample_ar_split,
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
                for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}

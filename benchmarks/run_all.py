@@ -51,6 +51,7 @@ JOBS = [
     Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-ar-pdl", "benchmarks.generators", ["--part", "sample-ar-pdl"], 120),  # A48: sample-ar's bf16 rows
+    Job("sample-ar-split", "benchmarks.generators", ["--part", "sample-ar-split"], 125),    # A54: batch 1's attention
     Job("sample-ar-cublas", "benchmarks.generators", ["--part", "sample-ar-cublas"], 120),  # A52 off: the same
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # 145-201 s (s. 20)
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
@@ -114,7 +115,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-autocast-weights", "sample-masked-unshared", "sample-masked-no-call-graphs",
                  "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
                  "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-host",
-                 "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas",
+                 "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
                  "train-var-d16-groupings"}
