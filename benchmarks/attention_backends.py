@@ -110,7 +110,7 @@ def var_rows(flex) -> None:
         block_mask = create_block_mask(lambda b, h, qi, ki: level[ki] <= level[qi], None, None, L, L, device="cuda")
         cands["flex BlockMask"] = lambda: flex(q, k, v, block_mask=block_mask)
     # the thresholds of generator.var.ALONE_TOKENS: 64 (the default: 5 calls), 100 (4), 169 (3: the 91 + 64 + 100
-    # tokens of the small scales in one masked call), 256 (2), past L (one masked call over all 680 tokens, NOTES A53)
+    # tokens of the small scales in one masked call), 256 (2), past L (one masked call over all 680 tokens, NOTES A55)
     for alone in sorted({ALONE_TOKENS, 100, 169, 256, 1024}):
         groups = BlockCausal.from_bounds(bounds, mask, alone)
         attend = torch.compile(groups.attend, dynamic=False)     # the training step runs it compiled

@@ -117,7 +117,7 @@ def time_step(step: Step, sink: RowSink, facts: dict, label: str, batch: int, it
 
 
 def alone_sweep(name: str, args, sink: RowSink) -> None:
-    """VAR's teacher-forcing attention groupings side by side in one process (NOTES A53): the step compiled once
+    """VAR's teacher-forcing attention groupings side by side in one process (NOTES A53, A55): the step compiled once
     and timed at ``--batch`` under each threshold of ``--var-alone-sweep`` (generator.var.ALONE_TOKENS), in the
     order given and then the first again (drift); rows ``<name> train compiled [alone>=N]``. Dynamo guards on
     the threshold, a global read while tracing: a new one traces its own graph, the repeat reuses the first's.
