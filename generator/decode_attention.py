@@ -56,12 +56,13 @@ def use_kernel(q, k, v, mask) -> bool:
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
-# (cache slots per loop iteration, warps per program, programs per (sequence, head)) from a sweep on the H100
-# (benchmarks/NOTES.md A17, head size 64): with thousands of programs small ones keep the most loads in flight
-# (32 slots, 2 warps: 27 us at 2x64x12 sequences of 160 slots, vs 34 for 64/4); at batch 1 (24 programs on 132
-# SMs) each program streams its sequence with 8 warps (6.2-6.8 us, 5.9 us per call in A28's profile: latency,
-# not bandwidth; ``benchmarks/decode_attention`` times the splits, NOTES A54)
-MANY, FEW = (32, 2, 1), (128, 8, 1)
+# (cache slots per loop iteration, warps per program, programs per (sequence, head)) from sweeps
+# (``benchmarks/decode_attention``, head size 64): with thousands of programs small ones keep the most loads in
+# flight (H100, NOTES A17: 32 slots, 2 warps: 27 us at 2x64x12 sequences of 160 slots, vs 34 for 64/4); at batch 1
+# (24 sequence-heads on 132 SMs) one program per sequence-head is latency-bound, so each one's slots split over 8
+# programs (H200, A54: 3.9 us per call at 160 and 256 slots, vs 5.3 and 5.7 with one program of 8 warps; AR-B
+# batch 1 108 vs 112 ms, the same ids)
+MANY, FEW = (32, 2, 1), (32, 2, 8)
 
 
 def launch_config(programs: int) -> tuple[int, int, int]:

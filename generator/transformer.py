@@ -122,9 +122,10 @@ class BlockCausal(NamedTuple):
     mask over the whole sequence: the queries of each group of rows [start, end) attend to keys [0, end)
     in one unmasked SDPA call (flash / cuDNN, forward and backward); only the first group, the small
     blocks merged, takes the bool mask. The query-key pairs computed are the mask's nonzero blocks plus
-    the first group's masked part (VAR-d16: 289k, the mask has 286k of 462k), where one SDPA call with
-    the mask runs the memory-efficient kernel over all pairs, and a FlexAttention BlockMask computes
-    the pairs of every partly masked 128 x 128 tile (NOTES A25)."""
+    the first group's masked part (VAR-d16, the mask has 286k of 462k: 289k with the scales of >= 64
+    tokens alone, 5 calls; 311k with those of >= 169, 3 calls, the faster step: NOTES A25, A55), where one
+    SDPA call with the mask computes all 462k pairs (A55: a slower step), and a FlexAttention BlockMask
+    computes the pairs of every partly masked 128 x 128 tile."""
     first_mask: torch.Tensor | None     # bool (P, P) mask of the first group's rows [0, P); None: one block
     ends: tuple[int, ...]               # each group's end row, the first group's (P) included
 

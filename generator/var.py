@@ -36,8 +36,11 @@ from generator.transformer import BlockCausal, rope_tables
 
 log = logging.getLogger(__name__)
 # teacher forcing: a scale of at least this many tokens attends in its own SDPA call (flash / cuDNN tiles of
-# 64-128 rows), the smaller ones before it in one call with the block-causal mask (transformer.BlockCausal)
-ALONE_TOKENS = 64
+# 64-128 rows), the smaller ones before it in one call with the block-causal mask (transformer.BlockCausal).
+# VAR-d16: 169 gives 3 calls per layer (the 91 + 64 + 100 tokens of the small scales masked, then 13x13 and
+# 16x16), the compiled step's fastest of 5 / 3 / 1 calls (H200, batch 128: 52.2% MFU vs 51.7 and 51.2% with 5
+# calls, 48.3% with one masked call: benchmarks/NOTES.md A55)
+ALONE_TOKENS = 169
 
 
 @runtime_checkable

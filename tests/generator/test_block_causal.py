@@ -23,14 +23,18 @@ def bounds_of(sizes):
 
 
 def test_groups_of_var_d16():
-    """Scales under 64 tokens (1..6 x 6: 91 rows) merge into the masked first group; 8x8 and up alone."""
+    """At 64: scales under 64 tokens (1..6 x 6: 91 rows) merge into the masked first group, 8x8 and up alone; at
+    169 (the default): 255 rows masked, then 13x13 and 16x16."""
     sizes = [s * s for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
     mask = block_causal_mask(sizes)
-    groups = BlockCausal.from_bounds(bounds_of(sizes), mask, ALONE_TOKENS)
+    groups = BlockCausal.from_bounds(bounds_of(sizes), mask, 64)
     assert groups.ends == (91, 155, 255, 424, 680)
     assert torch.equal(groups.first_mask, mask[:91, :91])
     pairs = 91 * 91 + sum((e - s) * e for s, e in zip(groups.ends, groups.ends[1:]))
     assert pairs == 289_437 and int(mask.sum()) == 286_434          # the docstring's numbers
+    assert ALONE_TOKENS == 169
+    groups = BlockCausal.from_bounds(bounds_of(sizes), mask, ALONE_TOKENS)
+    assert groups.ends == (255, 424, 680) and torch.equal(groups.first_mask, mask[:255, :255])
     # a first block already large enough is a group of its own, with no mask
     assert BlockCausal.from_bounds([0, 64, 128], mask, 64) == (None, (64, 128))
 

@@ -23,7 +23,7 @@ IMPLEMENTATIONS = [pytest.param(da.attend_one_query_reference, id="reference"),
 @pytest.mark.parametrize("B", [3, 128])      # the kernel's two launch configurations (B x H < or >= 256)
 def test_attend_one_query_is_masked_softmax_attention(attend, B):
     """Equals SDPA with the same mask and the formula; invisible slots get no weight, whatever they
-    hold. Several blocks of the kernel's loop, the first (32 or 128 slots) all invisible."""
+    hold. Several blocks of the kernel's loop, the first all invisible (at B = 3, split over 8 programs)."""
     device = KERNEL_DEVICE if attend is kernel else "cpu"
     H, K = 2, 16
     block = da.launch_config(B * H)[0]
