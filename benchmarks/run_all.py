@@ -48,10 +48,10 @@ JOBS = [
     Job("peers", "benchmarks.peers", ["--batch", "64"], 75, ["--batch", "2"]),   # smoke: our smoke batch
     Job("sample-masked", "benchmarks.generators", ["--part", "sample-masked"], 240),
     Job("sample-ar", "benchmarks.generators", ["--part", "sample-ar"], 120),
-    Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 310),
+    Job("sample-var", "benchmarks.generators", ["--part", "sample-var"], 430),   # > 370 s on an H200 (session 27)
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-ar-pdl", "benchmarks.generators", ["--part", "sample-ar-pdl"], 120),  # A48: sample-ar's bf16 rows
-    Job("sample-ar-split", "benchmarks.generators", ["--part", "sample-ar-split"], 125),    # A54: batch 1's attention
+    Job("sample-ar-split", "benchmarks.generators", ["--part", "sample-ar-split"], 90),    # A54: batch 1's attention
     Job("sample-ar-cublas", "benchmarks.generators", ["--part", "sample-ar-cublas"], 120),  # A52 off: the same
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # 145-201 s (s. 20)
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
@@ -91,7 +91,7 @@ JOBS = [
     Job("train-var-d16-one-call", "benchmarks.gen_train", ["--part", "var-d16", "--var-alone-tokens", "1024"], 290),
     # the compiled VAR step under three attention groupings (5 calls per layer, 3, 1) and the first again, one process
     Job("train-var-d16-groupings", "benchmarks.gen_train",
-        ["--part", "var-d16", "--var-alone-sweep", "64,169,1024", "--batch", "128"], 300,
+        ["--part", "var-d16", "--var-alone-sweep", "64,169,1024", "--batch", "128"], 280,
         smoke_args=["--part", "var-d16", "--var-alone-sweep", "64,1024"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
