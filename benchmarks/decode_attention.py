@@ -73,7 +73,8 @@ def main() -> None:
                            + ("" if err < 0.05 else f" (max error {err:.3f})"))
             da.launch_config = chosen
             best = min(times, key=times.get)
-            row.append(f"best {'/'.join(map(str, best))} {times[best]:.1f} (in use {times.get(chosen(B * HEADS), 0):.1f})")
+            in_use = times.get(chosen(B * HEADS), float("nan"))
+            row.append(f"best {'/'.join(map(str, best))} {times[best]:.1f} (in use {in_use:.1f})")
             print("  ".join(row), flush=True)
     print("(us per call among 20 in a graph; launch_config picks "
           f"{chosen(128 * HEADS)} at batch 64 and {chosen(2 * HEADS)} at batch 1)")

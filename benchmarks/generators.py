@@ -63,8 +63,8 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
-         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split", "sample-var", "profile-masked",
-         "profile-ar", "profile-var", "maxbatch"]
+         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split", "sample-var",
+         "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
             "var-d16": dict(cfg_scale=1.5, top_k=900, top_p=0.96)}
@@ -414,8 +414,8 @@ def sample_ar_split(args, sink: RowSink) -> None:
     """``sample-ar``'s bf16-weight rows with the cached step's attention split at batch 1-4 (NOTES A54): first each
     split launch of ``benchmarks.decode_attention.SPLIT_CONFIGS`` and the one in use timed in a CUDA graph at batch
     1's shape (2 x 12 sequences, 160 and 256 cache slots: the average and the longest step), then the step's rows
-    with the fastest (``decode_attention.FEW``), named ``[split attention]``, to pair with ``sample-ar``'s rows and
-    ids digest of the same run (batch 64 takes the unsplit launch either way)."""
+    with the fastest (``decode_attention.FEW``), named ``[split attention S/W/N]``, to pair with ``sample-ar``'s
+    rows and ids digest of the same run (batch 64 takes the unsplit launch either way)."""
     from benchmarks.decode_attention import HEAD_DIM, HEADS, SPLIT_CONFIGS, graph_time_us
     from generator import decode_attention as da
     best = da.FEW

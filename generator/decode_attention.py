@@ -147,7 +147,8 @@ if triton is not None:
         out = torch.empty(B, H, 1, D, dtype=v.dtype, device=v.device)
         block, warps, splits = launch_config(B * H)
         if splits > 1:          # each program's part: D weighted values, its max and its sum, in float32
-            part, ticket = torch.empty(B * H * splits * (D + 2), device=v.device), tickets(v.device, splits, B * H)
+            part = torch.empty(B * H * splits * (D + 2), dtype=torch.float32, device=v.device)
+            ticket = tickets(v.device, splits, B * H)
         else:
             part = ticket = out
         with on_device(q):
