@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.common import profile_ops
 from generator.transformer import BlockCausal
 from generator.var import ALONE_TOKENS
 
@@ -115,23 +116,15 @@ def var_rows(flex) -> None:
         groups = BlockCausal.from_bounds(bounds, mask, alone)
         attend = torch.compile(groups.attend, dynamic=False)     # the training step runs it compiled
         cands[f"compiled groups (alone >= {alone}: {len(groups.ends)} calls)"] = lambda attend=attend: attend(q, k, v)
-    cands["groups eager (default)"] = lambda: BlockCausal.from_bounds(bounds, mask, ALONE_TOKENS).attend(q, k, v)
+    default_groups = BlockCausal.from_bounds(bounds, mask, ALONE_TOKENS)
+    cands["groups eager (default)"] = lambda: default_groups.attend(q, k, v)
     measure(f"{'VAR-d16 train':16s} L={L}", cands, int(mask.sum()), 128, 16, True, one_per_line=True)
     for name, fn in cands.items():        # what each grouping runs: its kernels' GPU time in one forward + backward
         if name.startswith("compiled"):
-            out = fn()
-            print(f"  {name}: {kernel_times(lambda: fn().backward(torch.ones_like(out)))}", flush=True)
-
-
-def kernel_times(fn, top: int = 6) -> str:
-    """The ``top`` kernels by GPU time of one call of ``fn`` (after a warm-up call), as 'name ms' items."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:top]
-    return "; ".join(f"{e.key[:60]} x{e.count} {e.self_device_time_total / 1e3:.3f} ms" for e in events)
+            grad = torch.ones_like(fn())
+            run = lambda fn=fn: fn().backward(grad)     # noqa: E731
+            run()                                       # warm, as profile_ops asks
+            print(f"  {name}: {profile_ops(run, True, top=6)['top_ops']}", flush=True)
 
 
 def compiled_kernels(flex=None) -> None:
