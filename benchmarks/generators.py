@@ -235,8 +235,12 @@ def sample_masked(args, sink: RowSink) -> None:
             fn = ((lambda s=steps: b.decode(b.sample(B, num_steps=s))) if decode
                   else (lambda s=steps: b.sample(B, num_steps=s)))
             b.guarded(f"@{steps} compiled", fn, batch=B, decode=decode, steps=steps, **status)
+    # static shapes compile one graph per (batch, masked count): batch 64's @16 and @8 leave too few of
+    # cache_size_limit's graphs for batch 1's, whose forwards then ran eagerly (225 ms, session 28): start over
+    uncompile_forward(b)
+    status = compile_forward(b, args.compile_mode, lambda: b.sample(1, num_steps=16))
     b.guarded("@16 compiled b1", lambda: b.sample(1, num_steps=16), batch=1, decode=False, slow=True,
-              compile=status["compile"])   # its warm-up call compiles the batch-1 shapes
+              compile=status["compile"])
     uncompile_forward(b)
     sample_masked_fused(b)
 
