@@ -63,7 +63,8 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
-         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split", "sample-var",
+         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split",
+         "sample-ar-unfused-query", "sample-var",
          "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -412,6 +413,15 @@ def sample_ar_cublas(args, sink: RowSink) -> None:
     from generator import matvec
     with kernel_off(matvec):
         sample_ar(args, sink, decode_options={}, what="cuBLAS")
+
+
+def sample_ar_unfused_query(args, sink: RowSink) -> None:
+    """``sample-ar``'s bf16-weight rows with the cached step's qk-norm, RoPE and cache write outside the attention
+    kernel (``decode_attention.NEW_QUERY`` off, NOTES A56: inductor's kernel of their own, then ``attend_one_query``),
+    rows named ``[new query apart]``, to pair with ``sample-ar``'s rows and ids digest of the same run."""
+    from generator import decode_attention as da
+    with mock.patch.object(da, "NEW_QUERY", False):
+        sample_ar(args, sink, decode_options={}, what="new query apart")
 
 
 def sample_ar_split(args, sink: RowSink) -> None:
@@ -831,7 +841,7 @@ def main() -> None:
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
             "sample-ar-cublas": sample_ar_cublas,
-            "sample-ar-split": sample_ar_split,
+            "sample-ar-split": sample_ar_split, "sample-ar-unfused-query": sample_ar_unfused_query,
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
                for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}

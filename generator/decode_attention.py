@@ -47,6 +47,47 @@ def attend_one_query(q_BH1K: torch.Tensor, k_BHSK: torch.Tensor, v_BHSK: torch.T
     return attend_one_query_reference(q_BH1K, k_BHSK, v_BHSK, mask_1S)
 
 
+def attend_new_query(qkv_B3HK: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                     cos_1F: torch.Tensor, sin_1F: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pos_1: torch.Tensor, mask_1S: torch.Tensor) -> torch.Tensor:
+    """A cached step's attention from its qkv projection (B, 3, H, K), one kernel where ``use_new_query_kernel``
+    holds: q and the new key through RMSNorm (weights ``q_norm``, ``k_norm``; None: no qk-norm) and RoPE at the
+    ``cos_1F``/``sin_1F`` row, the new key and value written into the caches (B, H, max_len, K) at slot ``pos_1``
+    ((1,) long, unchecked past a bound check on the device), then q attending to the first S slots that
+    ``mask_1S`` (1, S) covers -> (B, H, 1, K). ``attend_new_query_reference`` is the same in torch ops."""
+    return torch.ops.tessera.attend_new_query(qkv_B3HK, q_norm, k_norm, eps, cos_1F, sin_1F, k_cache, v_cache,
+                                              pos_1, mask_1S)
+
+
+def attend_new_query_reference(qkv_B3HK, q_norm, k_norm, eps, cos_1F, sin_1F, k_cache, v_cache, pos_1, mask_1S):
+    """``attend_new_query`` as ``transformer.Attention`` runs a cached step in torch ops (the op's path past int32
+    offsets, and the tests' formula)."""
+    from generator.transformer import apply_rope, rms_norm     # transformer imports this module
+    q, k, v = qkv_B3HK.unbind(1)
+    q, k = (apply_rope(x if w is None else rms_norm(x, w, eps), cos_1F, sin_1F) for x, w in ((q, q_norm), (k, k_norm)))
+    k_cache.index_copy_(2, pos_1, k[:, :, None].to(k_cache.dtype))
+    v_cache.index_copy_(2, pos_1, v[:, :, None].to(v_cache.dtype))
+    S = mask_1S.shape[1]
+    return attend_one_query_reference(q[:, :, None], k_cache[:, :, :S].to(q.dtype), v_cache[:, :, :S].to(q.dtype),
+                                      mask_1S)
+
+
+def use_new_query_kernel(qkv_B3HK: torch.Tensor, k_cache: torch.Tensor, mask_1S: torch.Tensor,
+                         cos_1F: torch.Tensor) -> bool:
+    """``NEW_QUERY``, CUDA, Triton present, outside autograd, and ``new_query_shapes``."""
+    return (NEW_QUERY and triton is not None and qkv_B3HK.is_cuda and not torch.is_grad_enabled()
+            and new_query_shapes(qkv_B3HK, k_cache, mask_1S, cos_1F))
+
+
+def new_query_shapes(qkv_B3HK: torch.Tensor, k_cache: torch.Tensor, mask_1S: torch.Tensor,
+                     cos_1F: torch.Tensor) -> bool:
+    """What the kernel covers: ``use_kernel``'s head sizes and one shared (1, S) bool mask row, a step of one
+    position (one table row) whose caches hold the projection's dtype."""
+    K = qkv_B3HK.shape[-1]
+    return (mask_1S.dim() == 2 and mask_1S.shape[0] == 1 and mask_1S.dtype == torch.bool
+            and K & (K - 1) == 0 and K >= 16 and k_cache.dtype == qkv_B3HK.dtype and cos_1F.shape[0] == 1)
+
+
 def use_kernel(q, k, v, mask) -> bool:
     """The kernel covers: CUDA, Triton present, a power-of-two head size, one shared (1, S) mask row,
     unit-stride head dimension (past int32 offsets the op runs the reference)."""
@@ -55,6 +96,10 @@ def use_kernel(q, k, v, mask) -> bool:
             and mask.dtype == torch.bool and K & (K - 1) == 0 and K >= 16
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
+
+# a cached step's qk-norm, RoPE and cache write inside its attention kernel (``attend_new_query``, NOTES A56): one
+# launch less per layer and token; off, inductor fuses them into a kernel of their own
+NEW_QUERY = True
 
 # (cache slots per loop iteration, warps per program, programs per (sequence, head)) from sweeps
 # (``benchmarks/decode_attention``, head size 64): with thousands of programs small ones keep the most loads in
@@ -90,16 +135,50 @@ def tickets(device: torch.device, splits: int, programs: int) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
+    def _norm_rope(X, d, partner, W, eps, cos, sin, sign, D: tl.constexpr, NORM: tl.constexpr):
+        """One head's row of X (D values) through RMSNorm with weight W (NORM) and RoPE (GPT-NeoX halves; ``partner``
+        = (d + D/2) mod D, ``sign`` -1 on the first half), each rounded to X's dtype as the torch ops return it;
+        in float32."""
+        x = tl.load(X + d).to(tl.float32)
+        xp = tl.load(X + partner).to(tl.float32)
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            x = (x * rstd * tl.load(W + d).to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
+            xp = (xp * rstd * tl.load(W + partner).to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
+        return (x * cos + sign * (xp * sin)).to(X.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
     def _one_query_kernel(Q, K, V, M, O, PART, TICKET, S, chunk, scale,
                           sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_s, so_b, so_h,
-                          H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+                          QN, KN, COS, SIN, POS, eps, sq_3, max_len,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+                          NEW: tl.constexpr, QK_NORM: tl.constexpr):
         """Program (b h, split) streams slots [split chunk, (split + 1) chunk) in blocks with an online softmax in
         float32. One split: it writes the output. Several: it writes its (acc, max, sum) to PART, takes a ticket,
-        and the last of the SPLITS programs of (b, h) combines them."""
+        and the last of the SPLITS programs of (b, h) combines them.
+
+        NEW: Q is the step's qkv projection (q, k, v ``sq_3`` apart) and K, V the whole caches: every program
+        makes q (qk-norm with weight QN if QK_NORM, RoPE at the COS/SIN row), the program whose part holds slot
+        ``pos`` (the last one if none does) makes the new key (norm KN, RoPE) and writes it and the new value at
+        ``pos`` (< ``max_len``) of the caches, and reads them from its registers at that slot."""
         pid, split = tl.program_id(0), tl.program_id(1)
         b, h = pid // H, pid % H
         d = tl.arange(0, D)
-        q = tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * scale
+        if NEW:
+            pos = tl.load(POS)
+            partner = (d + D // 2) % D
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            cos = tl.load(COS + d % (D // 2)).to(tl.float32)
+            sin = tl.load(SIN + d % (D // 2)).to(tl.float32)
+            row = Q + b * sq_b + h * sq_h
+            q = _norm_rope(row, d, partner, QN, eps, cos, sin, sign, D, QK_NORM) * scale
+            k_new = _norm_rope(row + sq_3, d, partner, KN, eps, cos, sin, sign, D, QK_NORM)
+            v_new = tl.load(row + 2 * sq_3 + d).to(tl.float32)
+            writes = (split == tl.minimum(pos // chunk, SPLITS - 1)) & (pos < max_len) & (d < D)
+            tl.store(K + b * sk_b + h * sk_h + pos * sk_s + d, k_new.to(K.dtype.element_ty), mask=writes)
+            tl.store(V + b * sv_b + h * sv_h + pos * sv_s + d, v_new.to(V.dtype.element_ty), mask=writes)
+        else:
+            q = tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * scale
         m_i = tl.full([], float("-inf"), tl.float32)      # running max of the visible scores
         l_i = tl.zeros([], tl.float32)                    # running sum of exp(score - m_i)
         acc = tl.zeros([D], tl.float32)                   # running sum of exp(score - m_i) v
@@ -111,13 +190,17 @@ if triton is not None:
             visible = (tl.load(M + s * sm_s, mask=inside, other=0) != 0) & inside
             k = tl.load(K + b * sk_b + h * sk_h + s[:, None] * sk_s + d[None, :], mask=inside[:, None], other=0.0)
             v = tl.load(V + b * sv_b + h * sv_h + s[:, None] * sv_s + d[None, :], mask=inside[:, None], other=0.0)
-            score = tl.where(visible, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+            k, v = k.to(tl.float32), v.to(tl.float32)
+            if NEW:                                       # slot pos: the key and value this program wrote
+                k = tl.where((s == pos)[:, None], k_new[None, :], k)
+                v = tl.where((s == pos)[:, None], v_new[None, :], v)
+            score = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(score, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # nothing visible yet: exp(-inf) = 0, no NaN
             p = tl.exp(score - m_ref)
             alpha = tl.exp(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
         out = O + b * so_b + h * so_h + d
         if SPLITS == 1:
@@ -138,12 +221,10 @@ if triton is not None:
                 w = tl.exp(m_j - tl.where(m == float("-inf"), 0.0, m))     # an empty part: exp(-inf) = 0
                 tl.store(out, (tl.sum(w[:, None] * acc_j, axis=0) / tl.sum(w * l_j, axis=0)).to(O.dtype.element_ty))
 
-    @torch.library.custom_op("tessera::attend_one_query", mutates_args=())
-    def _attend_one_query_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))   # if a compiler re-laid them
-        if not int32_offsets(q, k, v):     # checked here, on the real shapes (the compiled step's are symbolic)
-            return attend_one_query_reference(q, k, v, mask)
-        B, H, S, D = k.shape
+    def launch(q, k, v, mask, S: int, new: tuple | None = None) -> torch.Tensor:
+        """The kernel over the first S slots of k, v (B, H, >= S, D) -> (B, H, 1, D) in v's dtype. ``new``: (q_norm,
+        k_norm, eps, cos, sin, pos) of a step whose q is the qkv projection (B, 3, H, D) (NEW)."""
+        B, H, _, D = k.shape
         out = torch.empty(B, H, 1, D, dtype=v.dtype, device=v.device)
         block, warps, splits = launch_config(B * H)
         if splits > 1:          # each program's part: D weighted values, its max and its sum, in float32
@@ -151,14 +232,39 @@ if triton is not None:
             ticket = tickets(v.device, splits, B * H)
         else:
             part = ticket = out
+        q_norm, k_norm, eps, cos, sin, pos = new or (None, None, 0.0, out, out, ticket)
         with on_device(q):
-            _one_query_kernel[(B * H, splits)](q, k, v, mask, out, part, ticket, S, triton.cdiv(S, splits), D ** -0.5,
-                                               q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                               v.stride(0), v.stride(1), v.stride(2), mask.stride(1),
-                                               out.stride(0), out.stride(1), H=H, D=D, BLOCK=block, SPLITS=splits,
-                                               num_warps=warps)
+            _one_query_kernel[(B * H, splits)](
+                q, k, v, mask, out, part, ticket, S, triton.cdiv(S, splits), D ** -0.5,
+                q.stride(0), q.stride(2 if new else 1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                v.stride(2), mask.stride(1), out.stride(0), out.stride(1),
+                out if q_norm is None else q_norm, out if k_norm is None else k_norm, cos, sin, pos, eps,
+                q.stride(1) if new else 0, k.shape[2],
+                H=H, D=D, BLOCK=block, SPLITS=splits, NEW=new is not None, QK_NORM=q_norm is not None,
+                num_warps=warps)
         return out
+
+    @torch.library.custom_op("tessera::attend_one_query", mutates_args=())
+    def _attend_one_query_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))   # if a compiler re-laid them
+        if not int32_offsets(q, k, v):     # checked here, on the real shapes (the compiled step's are symbolic)
+            return attend_one_query_reference(q, k, v, mask)
+        return launch(q, k, v, mask, k.shape[2])
 
     @_attend_one_query_op.register_fake
     def _(q, k, v, mask):
         return v.new_empty(k.shape[0], k.shape[1], 1, k.shape[3])
+
+    @torch.library.custom_op("tessera::attend_new_query", mutates_args=("k_cache", "v_cache"))
+    def _attend_new_query_op(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                             cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        if not (int32_offsets(qkv, k_cache, v_cache) and k_cache.stride(-1) == v_cache.stride(-1) == 1):
+            return attend_new_query_reference(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, mask)
+        return launch(qkv, k_cache, v_cache, mask, mask.shape[1],
+                      new=(q_norm, k_norm, eps, cos.contiguous(), sin.contiguous(), pos))
+
+    @_attend_new_query_op.register_fake
+    def _(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, mask):
+        return v_cache.new_empty(k_cache.shape[0], k_cache.shape[1], 1, k_cache.shape[3])

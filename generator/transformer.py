@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generator.config import GeneratorConfig
-from generator.decode_attention import attend_one_query
+from generator.decode_attention import attend_new_query, attend_one_query, use_new_query_kernel
 from generator.fused_attention import fused_attention
 from generator.fused_attention import use_kernel as use_fused_attention
 from generator.fused_swiglu import fused_swiglu
@@ -49,8 +49,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).type_as(x)
 
 
 def rope_tables(positions_LA: torch.Tensor, head_dim: int, base: float = 10000.0,
@@ -98,13 +102,16 @@ class KVCache(nn.Module):
         self.k.zero_()
         self.v.zero_()
 
+    def check_batch(self, batch: int) -> None:
+        if batch != self.k.shape[0]:
+            raise ValueError(f"KV cache was set up for batch {self.k.shape[0]}, got {batch}")
+
     def update(self, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor,
                pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write L new keys/values at ``pos`` (an int start, checked; or a LongTensor (L,) of slots,
         unchecked so it can be graph-captured: the sampler checks bounds before the loop)."""
         L = k_BHLK.shape[2]
-        if k_BHLK.shape[0] != self.k.shape[0]:
-            raise ValueError(f"KV cache was set up for batch {self.k.shape[0]}, got {k_BHLK.shape[0]}")
+        self.check_batch(k_BHLK.shape[0])
         if isinstance(pos, int):
             if pos < 0 or pos + L > self.max_len:
                 raise ValueError(f"KV cache overflow: writing positions {pos}..{pos + L - 1} "
@@ -160,6 +167,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.kv_cache: KVCache | None = None
 
+    def new_query_kernel(self, qkv_BL3HK, mask_LS, cos_LF, cache_pos) -> bool:
+        """Whether a step runs through ``attend_new_query``'s kernel: one new token per sequence written at a
+        device slot of the cache, a (1, S) bool mask, plain RMSNorm (or no) qk-norms."""
+        return (self.kv_cache is not None and isinstance(cache_pos, torch.Tensor) and qkv_BL3HK.shape[1] == 1
+                and isinstance(mask_LS, torch.Tensor) and type(self.q_norm) is type(self.k_norm)
+                and type(self.q_norm) in (RMSNorm, nn.Identity)
+                and use_new_query_kernel(qkv_BL3HK[:, 0], self.kv_cache.k, mask_LS, cos_LF))
+
     def forward(self, x_BLD, cos_LF, sin_LF, mask_LS=None, is_causal=False, cache_pos=None, rows_BM=None,
                 norm=None, residual=None, drop=None):
         """``mask_LS``: None, a bool (L, S) tensor (True = attend), or a ``BlockCausal`` (uncached forwards
@@ -176,6 +191,12 @@ class Attention(nn.Module):
         if full and use_fused_attention(qkv_BL3HK, self.q_norm, self.k_norm):   # no-grad CUDA forwards (NOTES A29)
             out_BLD = fused_attention(qkv_BL3HK, self.q_norm, self.k_norm, cos_LF, sin_LF)
             return linear(self.proj, gather_rows(out_BLD, rows_BM), residual=residual, drop=drop)
+        if self.new_query_kernel(qkv_BL3HK, mask_LS, cos_LF, cache_pos):   # a cached step on CUDA (NOTES A56)
+            self.kv_cache.check_batch(B)
+            out_BH1K = attend_new_query(qkv_BL3HK[:, 0], norm_weight(self.q_norm), norm_weight(self.k_norm),
+                                        getattr(self.q_norm, "eps", 0.0), cos_LF, sin_LF, self.kv_cache.k,
+                                        self.kv_cache.v, cache_pos, mask_LS)
+            return linear(self.proj, gather_rows(out_BH1K.view(B, 1, D), rows_BM), residual=residual, drop=drop)
         # qk-norm and RoPE in the projection's own (B, L, H, K) order (the tables broadcast over heads), then
         # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
         # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
@@ -198,6 +219,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
         return linear(self.proj, gather_rows(out.transpose(1, 2).reshape(B, L, D), rows_BM), residual=residual,
                       drop=drop)
+
+
+def norm_weight(norm: nn.Module) -> torch.Tensor | None:
+    """An RMSNorm's weight; None for no norm (nn.Identity)."""
+    return norm.weight if isinstance(norm, RMSNorm) else None
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, *, norm: nn.Module | None = None, glu: bool = False,

@@ -112,7 +112,169 @@ def test_the_kernel_compiles_for_hopper(block, warps, splits):
                  "TICKET": "*i32", "S": "i32", "chunk": "i32", "scale": "fp32",
                  **{name: "i32" for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_s",
                                              "so_b", "so_h")},
-                 "H": "constexpr", "D": "constexpr", "BLOCK": "constexpr", "SPLITS": "constexpr"}
-    kernel = compile_for_hopper(da._one_query_kernel, signature, dict(H=12, D=64, BLOCK=block, SPLITS=splits),
+                 "QN": "*fp32", "KN": "*fp32", "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "eps": "fp32",
+                 "sq_3": "i32", "max_len": "i32",
+                 "H": "constexpr", "D": "constexpr", "BLOCK": "constexpr", "SPLITS": "constexpr", "NEW": "constexpr",
+                 "QK_NORM": "constexpr"}
+    kernel = compile_for_hopper(da._one_query_kernel, signature,
+                                dict(H=12, D=64, BLOCK=block, SPLITS=splits, NEW=False, QK_NORM=False),
                                 num_warps=warps)
     assert kernel.asm["cubin"] and ("atom.global" in kernel.asm["ptx"]) == (splits > 1)
+
+
+# ---- a cached step's new query: qk-norm, RoPE and the cache write in the attention kernel (NOTES A56) ----------
+def new_query_case(B, H, K, max_len, S, pos, dtype, seed=0):
+    """A step's qkv projection (B, 3, H, K) as the step's view of (B, 1, 3, H, K), qk-norm weights, the RoPE row
+    of ``pos``, caches of ``max_len`` slots full of old entries, and a mask over S slots that sees ``pos``."""
+    from generator.transformer import rope_tables
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(B, 1, 3, H, K, generator=g) * 2).to(KERNEL_DEVICE, dtype)[:, 0]
+    q_norm, k_norm = (1 + 0.2 * torch.randn(K, generator=g)).to(KERNEL_DEVICE), torch.rand(K, generator=g) + 0.5
+    cos, sin = rope_tables(torch.arange(max_len), K)
+    caches = [torch.randn(B, H, max_len, K, generator=g).to(KERNEL_DEVICE, dtype) for _ in "kv"]
+    mask = torch.rand(1, S, generator=g) < 0.6
+    mask[0, :min(pos + 1, S)] |= torch.arange(min(pos + 1, S)) == min(pos, S - 1)
+    pos_1 = torch.tensor([pos], device=KERNEL_DEVICE)
+    return (qkv, q_norm, k_norm.to(KERNEL_DEVICE), cos[[pos]].to(KERNEL_DEVICE), sin[[pos]].to(KERNEL_DEVICE),
+            *caches, pos_1, mask.to(KERNEL_DEVICE))
+
+
+def new_key_formula(x, weight, cos, sin, eps=1e-6):
+    """RMSNorm (float32, rounded to x's dtype) then RoPE over the (first, second) halves, rounded again."""
+    if weight is not None:
+        xf = x.float()
+        x = (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, few, S, pos", [(2, (8, 2, 4), 30, 12), (2, (8, 2, 4), 30, 29), (2, (32, 2, 8), 30, 1),
+                                            (2, (8, 2, 4), 30, 35), (2, (8, 2, 1), 30, 7), (130, None, 9, 3)])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_new_query_writes_its_key_and_value_then_attends(monkeypatch, B, few, S, pos, qk_norm):
+    """The new key (qk-norm, RoPE) and value land at slot ``pos`` of the caches and nowhere else, and q (qk-norm,
+    RoPE) attends over the S slots the mask covers with them in: the formula, written out. The slot in the first,
+    the middle or the last of 4 or 8 parts, past the mask (the last part writes it), one part, and batch 130's
+    unsplit launch (2 x 130 programs)."""
+    if few is not None:
+        monkeypatch.setattr(da, "FEW", few)
+    max_len, H, K = 40, 2, 16
+    qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos_1, mask = new_query_case(B, H, K, max_len, S, pos,
+                                                                                  torch.float32)
+    norms = (q_norm, k_norm) if qk_norm else (None, None)
+    k_old, v_old = k_cache.clone(), v_cache.clone()
+    out = da.attend_new_query(qkv, *norms, 1e-6, cos, sin, k_cache, v_cache, pos_1, mask)
+    q, k, v = (new_key_formula(qkv[:, i], w, cos, sin) if i < 2 else qkv[:, i] for i, w in enumerate((*norms, None)))
+    k_old[:, :, pos], v_old[:, :, pos] = k, v
+    assert torch.equal(v_cache, v_old)
+    torch.testing.assert_close(k_cache, k_old, atol=1e-6, rtol=1e-6)
+    w = torch.softmax((q[:, :, None] @ k_old[:, :, :S][:, :, mask[0]].transpose(-1, -2)) / math.sqrt(K), dim=-1)
+    torch.testing.assert_close(out, w @ v_old[:, :, :S][:, :, mask[0]], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_new_query_in_half_precision_is_the_torch_ops_step():
+    """fp16 (the interpreter's half type; bf16 on CUDA): the kernel's step equals ``attend_new_query_reference``
+    (the unfused step's torch ops): the caches to the bit, the output to half rounding (the kernel's P stays
+    float32); a slot past the caches writes nothing."""
+    dtype = torch.bfloat16 if KERNEL_DEVICE == "cuda" else torch.float16
+    args = new_query_case(2, 3, 64, 20, 16, 9, dtype, seed=3)
+    ref_args = [a.clone() for a in args]
+    out = da.attend_new_query(*args[:3], 1e-6, *args[3:])
+    ref = da.attend_new_query_reference(*ref_args[:3], 1e-6, *ref_args[3:])
+    assert out.dtype == dtype and torch.equal(args[5], ref_args[5]) and torch.equal(args[6], ref_args[6])
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    past = list(args)
+    past[7] = torch.tensor([20], device=KERNEL_DEVICE)
+    caches = args[5].clone(), args[6].clone()
+    da.attend_new_query(*past[:3], 1e-6, *past[3:])
+    assert torch.equal(args[5], caches[0]) and torch.equal(args[6], caches[1])
+
+
+@needs_kernel
+def test_cached_ar_steps_through_the_new_query_kernel(monkeypatch):
+    """A tiny AR model's cached steps with every block's attention through ``attend_new_query`` (the dispatch's
+    shapes alone decide, so the interpreter's CPU tensors take it): the logits and the caches of the torch-ops
+    steps; the prefill (an int slot) keeps ``attend_one_query``."""
+    from generator import transformer
+    from generator.autoregressive import ARGenerator
+    from generator.config import GeneratorConfig
+    torch.manual_seed(0)
+    config = GeneratorConfig(kind="ar", codebook_size=32, grid_size=4, num_classes=3, dim=64, depth=2, heads=2)
+    model = ARGenerator(config).to(KERNEL_DEVICE).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.3)
+    ids, classes = torch.randint(0, 32, (3, 16), device=KERNEL_DEVICE), torch.tensor([0, 1, 2], device=KERNEL_DEVICE)
+
+    def decode():
+        model.backbone.setup_caches(3, 16, torch.float32, KERNEL_DEVICE)
+        steps = [model.prefill(classes)]
+        for p in range(1, 16):
+            steps.append(model.decode_one_token(ids[:, p - 1], torch.tensor([p], device=KERNEL_DEVICE), classes))
+        caches = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in model.backbone.blocks]
+        model.backbone.remove_caches()
+        return torch.stack(steps, 1), caches
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[8].item())
+        return da.attend_new_query(*args)
+    with torch.no_grad():
+        plain, plain_caches = decode()
+        monkeypatch.setattr(transformer, "use_new_query_kernel", lambda *a: da.new_query_shapes(*a))
+        monkeypatch.setattr(transformer, "attend_new_query", counted)
+        through, caches = decode()
+    assert calls == [p for p in range(1, 16) for _ in range(config.depth)]
+    torch.testing.assert_close(through, plain, atol=1e-5, rtol=1e-5)
+    for (k, v), (k0, v0) in zip(caches, plain_caches):
+        torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)   # the layers below round alike to float32
+        torch.testing.assert_close(v, v0, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_a_compiled_step_writes_the_caches_in_place():
+    """Under torch.compile (inductor) the op's cache arguments are the module's buffers themselves: no copy of a
+    cache per step (a functionalised mutation that inductor failed to re-inplace would clone both every layer)."""
+    from torch._inductor.utils import run_and_get_code
+    qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos_1, mask = new_query_case(2, 2, 16, 12, 8, 5, torch.float32)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k", k_cache.clone())
+            self.register_buffer("v", v_cache.clone())
+
+        def forward(self, qkv, pos_1):
+            return da.attend_new_query(qkv * 1, q_norm, k_norm, 1e-6, cos, sin, self.k, self.v, pos_1, mask)
+
+    step = Step()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            out, (code, *_) = run_and_get_code(torch.compile(step, fullgraph=True), qkv, pos_1)
+    finally:
+        torch._dynamo.reset()
+    eager_caches = k_cache.clone(), v_cache.clone()
+    torch.testing.assert_close(out, da.attend_new_query(qkv, q_norm, k_norm, 1e-6, cos, sin, *eager_caches, pos_1,
+                                                        mask), atol=1e-6, rtol=1e-6)
+    assert torch.equal(step.k, eager_caches[0]) and torch.equal(step.v, eager_caches[1])
+    assert "attend_new_query" in code and ".copy_(" not in code and "clone" not in code
+
+
+@needs_compiler
+@pytest.mark.parametrize("splits, qk_norm", [(1, True), (8, True), (8, False)])
+def test_the_new_query_kernel_compiles_for_hopper(splits, qk_norm):
+    """The kernel with the new query (NEW) at one and several parts, with and without qk-norm, to sm_90."""
+    signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "M": "*i1", "O": "*bf16", "PART": "*fp32",
+                 "TICKET": "*i32", "S": "i32", "chunk": "i32", "scale": "fp32",
+                 **{name: "i32" for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_s",
+                                             "so_b", "so_h")},
+                 "QN": "*fp32", "KN": "*fp32", "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "eps": "fp32",
+                 "sq_3": "i32", "max_len": "i32",
+                 "H": "constexpr", "D": "constexpr", "BLOCK": "constexpr", "SPLITS": "constexpr", "NEW": "constexpr",
+                 "QK_NORM": "constexpr"}
+    kernel = compile_for_hopper(da._one_query_kernel, signature,
+                                dict(H=12, D=64, BLOCK=32, SPLITS=splits, NEW=True, QK_NORM=qk_norm), num_warps=2)
+    assert kernel.asm["cubin"] and "st.global" in kernel.asm["ptx"]
