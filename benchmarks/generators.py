@@ -64,7 +64,7 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split",
-         "sample-ar-unfused-query", "sample-var",
+         "sample-ar-unfused-query", "sample-ar-fused-query", "sample-var",
          "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -415,13 +415,14 @@ def sample_ar_cublas(args, sink: RowSink) -> None:
         sample_ar(args, sink, decode_options={}, what="cuBLAS")
 
 
-def sample_ar_unfused_query(args, sink: RowSink) -> None:
-    """``sample-ar``'s bf16-weight rows with the cached step's qk-norm, RoPE and cache write outside the attention
-    kernel (``decode_attention.NEW_QUERY`` off, NOTES A56: inductor's kernel of their own, then ``attend_one_query``),
-    rows named ``[new query apart]``, to pair with ``sample-ar``'s rows and ids digest of the same run."""
+def sample_ar_new_query(args, sink: RowSink, fused: bool) -> None:
+    """``sample-ar``'s bf16-weight rows with the cached step's qk-norm, RoPE and cache write inside the attention
+    kernel (``fused``, the default: ``decode_attention.NEW_QUERY``, NOTES A56) or outside it (inductor's kernel of
+    their own, then ``attend_one_query``), rows named ``[new query fused]`` / ``[new query apart]``: the two jobs
+    pair with each other and with ``sample-ar``'s rows and ids digest of the same run."""
     from generator import decode_attention as da
-    with mock.patch.object(da, "NEW_QUERY", False):
-        sample_ar(args, sink, decode_options={}, what="new query apart")
+    with mock.patch.object(da, "NEW_QUERY", fused):
+        sample_ar(args, sink, decode_options={}, what="new query " + ("fused" if fused else "apart"))
 
 
 def sample_ar_split(args, sink: RowSink) -> None:
@@ -841,7 +842,8 @@ def main() -> None:
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
             "sample-ar-cublas": sample_ar_cublas,
-            "sample-ar-split": sample_ar_split, "sample-ar-unfused-query": sample_ar_unfused_query,
+            "sample-ar-split": sample_ar_split, "sample-ar-unfused-query": functools.partial(sample_ar_new_query, fused=False),
+            "sample-ar-fused-query": functools.partial(sample_ar_new_query, fused=True),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
                for k, n in (("masked", "masked-B"), ("ar", "ar-B"), ("var", "var-d16"))}}

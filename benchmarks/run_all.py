@@ -52,7 +52,8 @@ JOBS = [
     Job("sample-ar-autotune", "benchmarks.generators", ["--part", "sample-ar-autotune"], 165),  # A28: autotuned step
     Job("sample-ar-pdl", "benchmarks.generators", ["--part", "sample-ar-pdl"], 120),  # A48: sample-ar's bf16 rows
     Job("sample-ar-split", "benchmarks.generators", ["--part", "sample-ar-split"], 90),    # A54: batch 1's attention
-    Job("sample-ar-unfused-query", "benchmarks.generators", ["--part", "sample-ar-unfused-query"], 120),  # A56 off
+    Job("sample-ar-unfused-query", "benchmarks.generators", ["--part", "sample-ar-unfused-query"], 90),  # A56 off
+    Job("sample-ar-fused-query", "benchmarks.generators", ["--part", "sample-ar-fused-query"], 90),   # A56 on
     Job("sample-ar-cublas", "benchmarks.generators", ["--part", "sample-ar-cublas"], 120),  # A52 off: the same
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # 145-201 s (s. 20)
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
@@ -117,7 +118,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
                  "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-host",
                  "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split",
-                 "sample-ar-unfused-query",
+                 "sample-ar-unfused-query", "sample-ar-fused-query",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
                  "train-var-d16-groupings"}
