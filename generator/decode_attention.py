@@ -15,6 +15,8 @@ takes three kernels (q.k reduction, softmax, P V mat-vec: 29 us per layer, ~40% 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from generator.launch import int32_offsets, on_device
@@ -98,8 +100,9 @@ def use_kernel(q, k, v, mask) -> bool:
 
 
 # a cached step's qk-norm, RoPE and cache write inside its attention kernel (``attend_new_query``, NOTES A56): one
-# launch less per layer and token; off, inductor fuses them into a kernel of their own
-NEW_QUERY = True
+# launch less per layer and token; off, inductor fuses them into a kernel of their own. Opt-in (TESSERA_NEW_QUERY=1)
+# until a GPU run has measured it (jobs sample-ar-fused-query and sample-ar-unfused-query)
+NEW_QUERY = os.environ.get("TESSERA_NEW_QUERY", "0") == "1"
 
 # (cache slots per loop iteration, warps per program, programs per (sequence, head)) from sweeps
 # (``benchmarks/decode_attention``, head size 64): with thousands of programs small ones keep the most loads in

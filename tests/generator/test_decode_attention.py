@@ -148,6 +148,27 @@ def new_key_formula(x, weight, cos, sin, eps=1e-6):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def test_the_new_query_dispatch(monkeypatch):
+    """``new_query_shapes``: a power-of-two head size, one (1, S) bool mask row, one table row, caches in the
+    projection's dtype; ``use_new_query_kernel`` also wants ``NEW_QUERY``, CUDA and no autograd."""
+    qkv, k_cache = torch.randn(2, 3, 4, 16), torch.zeros(2, 4, 8, 16)
+    mask, cos = torch.ones(1, 8, dtype=torch.bool), torch.ones(1, 8)
+    assert da.new_query_shapes(qkv, k_cache, mask, cos)
+    assert not da.new_query_shapes(qkv[..., :12], k_cache[..., :12], mask, cos[:, :6])     # head size 12
+    assert not da.new_query_shapes(qkv, k_cache, mask.expand(2, 8), cos)                   # a mask per row
+    assert not da.new_query_shapes(qkv, k_cache, mask.float(), cos)
+    assert not da.new_query_shapes(qkv, k_cache.half(), mask, cos)                        # caches in fp16
+    assert not da.new_query_shapes(qkv, k_cache, mask, cos.expand(2, 8))                  # two positions
+    monkeypatch.setattr(da, "NEW_QUERY", True)
+    assert not da.use_new_query_kernel(qkv, k_cache, mask, cos)                           # CPU tensors
+    if torch.cuda.is_available() and da.triton is not None:
+        args = [t.cuda() for t in (qkv, k_cache, mask, cos)]
+        with torch.no_grad():
+            assert da.use_new_query_kernel(*args)
+            monkeypatch.setattr(da, "NEW_QUERY", False)
+            assert not da.use_new_query_kernel(*args)
+
+
 @needs_kernel
 @pytest.mark.parametrize("B, few, S, pos", [(2, (8, 2, 4), 30, 12), (2, (8, 2, 4), 30, 29), (2, (32, 2, 8), 30, 1),
                                             (2, (8, 2, 4), 30, 35), (2, (8, 2, 1), 30, 7), (130, None, 9, 3)])
