@@ -842,7 +842,8 @@ def main() -> None:
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
             "sample-ar-cublas": sample_ar_cublas,
-            "sample-ar-split": sample_ar_split, "sample-ar-unfused-query": functools.partial(sample_ar_new_query, fused=False),
+            "sample-ar-split": sample_ar_split,
+            "sample-ar-unfused-query": functools.partial(sample_ar_new_query, fused=False),
             "sample-ar-fused-query": functools.partial(sample_ar_new_query, fused=True),
             "sample-var": sample_var, "maxbatch": maxbatch,
             **{f"profile-{k}": functools.partial(profile_sampling, name=n)
