@@ -83,11 +83,12 @@ def use_new_query_kernel(qkv_B3HK: torch.Tensor, k_cache: torch.Tensor, mask_1S:
 
 def new_query_shapes(qkv_B3HK: torch.Tensor, k_cache: torch.Tensor, mask_1S: torch.Tensor,
                      cos_1F: torch.Tensor) -> bool:
-    """What the kernel covers: ``use_kernel``'s head sizes and one shared (1, S) bool mask row, a step of one
-    position (one table row) whose caches hold the projection's dtype."""
+    """What the kernel covers: ``use_kernel``'s head sizes and one shared (1, S) bool mask row over at most the
+    cache's slots, a step of one position (one table row) whose caches hold the projection's dtype."""
     K = qkv_B3HK.shape[-1]
     return (mask_1S.dim() == 2 and mask_1S.shape[0] == 1 and mask_1S.dtype == torch.bool
-            and K & (K - 1) == 0 and K >= 16 and k_cache.dtype == qkv_B3HK.dtype and cos_1F.shape[0] == 1)
+            and mask_1S.shape[1] <= k_cache.shape[2] and K & (K - 1) == 0 and K >= 16
+            and k_cache.dtype == qkv_B3HK.dtype and cos_1F.shape[0] == 1)
 
 
 def use_kernel(q, k, v, mask) -> bool:

@@ -157,6 +157,7 @@ def test_the_new_query_dispatch(monkeypatch):
     assert not da.new_query_shapes(qkv[..., :12], k_cache[..., :12], mask, cos[:, :6])     # head size 12
     assert not da.new_query_shapes(qkv, k_cache, mask.expand(2, 8), cos)                   # a mask per row
     assert not da.new_query_shapes(qkv, k_cache, mask.float(), cos)
+    assert not da.new_query_shapes(qkv, k_cache, torch.ones(1, 9, dtype=torch.bool), cos)   # past the 8 slots
     assert not da.new_query_shapes(qkv, k_cache.half(), mask, cos)                        # caches in fp16
     assert not da.new_query_shapes(qkv, k_cache, mask, cos.expand(2, 8))                  # two positions
     monkeypatch.setattr(da, "NEW_QUERY", True)
