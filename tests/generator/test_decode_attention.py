@@ -103,20 +103,22 @@ def test_split_counts_must_be_powers_of_two():
         da.tickets(torch.device("cpu"), 3, 4)
 
 
+# the one-query kernel's arguments as the ops launch it on a bf16 step (Triton's types for the sm_90 compile tests)
+KERNEL_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "M": "*i1", "O": "*bf16", "PART": "*fp32",
+                    "TICKET": "*i32", "S": "i32", "chunk": "i32", "scale": "fp32",
+                    **{name: "i32" for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s",
+                                                "sm_s", "so_b", "so_h")},
+                    "QN": "*fp32", "KN": "*fp32", "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "eps": "fp32",
+                    "sq_3": "i32", "max_len": "i32",
+                    **{name: "constexpr" for name in ("H", "D", "BLOCK", "SPLITS", "NEW", "QK_NORM")}}
+
+
 @needs_compiler
 @pytest.mark.parametrize("block, warps, splits", [da.MANY, da.FEW, (64, 4, 4), (32, 2, 8)])
 def test_the_kernel_compiles_for_hopper(block, warps, splits):
     """The one-query kernel at its launches and with split slots (the ticket's atomic, L2-only loads of the parts,
     the barrier) through Triton's real compiler to sm_90; the split one has the atomic in its PTX."""
-    signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "M": "*i1", "O": "*bf16", "PART": "*fp32",
-                 "TICKET": "*i32", "S": "i32", "chunk": "i32", "scale": "fp32",
-                 **{name: "i32" for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_s",
-                                             "so_b", "so_h")},
-                 "QN": "*fp32", "KN": "*fp32", "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "eps": "fp32",
-                 "sq_3": "i32", "max_len": "i32",
-                 "H": "constexpr", "D": "constexpr", "BLOCK": "constexpr", "SPLITS": "constexpr", "NEW": "constexpr",
-                 "QK_NORM": "constexpr"}
-    kernel = compile_for_hopper(da._one_query_kernel, signature,
+    kernel = compile_for_hopper(da._one_query_kernel, KERNEL_SIGNATURE,
                                 dict(H=12, D=64, BLOCK=block, SPLITS=splits, NEW=False, QK_NORM=False),
                                 num_warps=warps)
     assert kernel.asm["cubin"] and ("atom.global" in kernel.asm["ptx"]) == (splits > 1)
@@ -289,14 +291,6 @@ def test_a_compiled_step_writes_the_caches_in_place():
 @pytest.mark.parametrize("splits, qk_norm", [(1, True), (8, True), (8, False)])
 def test_the_new_query_kernel_compiles_for_hopper(splits, qk_norm):
     """The kernel with the new query (NEW) at one and several parts, with and without qk-norm, to sm_90."""
-    signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "M": "*i1", "O": "*bf16", "PART": "*fp32",
-                 "TICKET": "*i32", "S": "i32", "chunk": "i32", "scale": "fp32",
-                 **{name: "i32" for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "sm_s",
-                                             "so_b", "so_h")},
-                 "QN": "*fp32", "KN": "*fp32", "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "eps": "fp32",
-                 "sq_3": "i32", "max_len": "i32",
-                 "H": "constexpr", "D": "constexpr", "BLOCK": "constexpr", "SPLITS": "constexpr", "NEW": "constexpr",
-                 "QK_NORM": "constexpr"}
-    kernel = compile_for_hopper(da._one_query_kernel, signature,
+    kernel = compile_for_hopper(da._one_query_kernel, KERNEL_SIGNATURE,
                                 dict(H=12, D=64, BLOCK=32, SPLITS=splits, NEW=True, QK_NORM=qk_norm), num_warps=2)
     assert kernel.asm["cubin"] and "st.global" in kernel.asm["ptx"]
