@@ -102,6 +102,11 @@ def train_facts(name: str, step: Step) -> dict:
                 dropout=c.dropout)
 
 
+def step_iters(smoke: bool) -> dict:
+    """``time_fn``'s warm-up and timed calls of a training step (smoke runs: one each)."""
+    return {"warmup": 1, "iters": 1} if smoke else {"warmup": 2, "iters": 8}
+
+
 def time_step(step: Step, sink: RowSink, facts: dict, label: str, batch: int, iters: dict, **extra) -> dict:
     """The step at ``batch`` timed as one row (its floors, tokens/s, MFU and peak memory)."""
     c, pf = step.config, peak_flops()
@@ -128,7 +133,7 @@ def alone_sweep(name: str, args, sink: RowSink) -> None:
     if step.config.kind != "var":
         raise SystemExit(f"--var-alone-sweep is for the VAR part, not {name}")
     facts, B = train_facts(name, step), 4 if args.smoke else args.batch
-    iters = {"warmup": 1, "iters": 1} if args.smoke else {"warmup": 2, "iters": 8}
+    iters = step_iters(args.smoke)
     torch._dynamo.reset()       # graphs of earlier compiles of the loss's forward count towards its recompile limit
     step.fwd = compiled(step.wrapper, "default", args.smoke)
     thresholds = args.var_alone_sweep + args.var_alone_sweep[:1]
@@ -167,7 +172,7 @@ def train_model(name: str, args, sink: RowSink) -> None:
             sink.add(name=f"{name} train", batch=None, error=f"batch 32 does not fit: {res['attempts']}")
             return
     facts = train_facts(name, step)
-    iters = {"warmup": 1, "iters": 1} if args.smoke else {"warmup": 2, "iters": 8}
+    iters = step_iters(args.smoke)
 
     def timed(label: str, batch: int, **extra) -> dict:
         return time_step(step, sink, facts, label, batch, iters, **extra)
