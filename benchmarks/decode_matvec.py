@@ -15,11 +15,17 @@ to choose a replacement before changing the sampler.
    ``torch.kthvalue``, a full sort, and ``generator.kth_largest``'s Triton kernel (what sampling runs on
    CUDA up to ``MAX_ROWS`` rows; called directly here at every row count, to place that limit).
 
-bf16 weights (as the pipelines store them on a GPU), microseconds per call among 20 calls replayed from one
+bf16 weights (as the pipelines store them on a GPU), microseconds per call among the calls replayed from one
 CUDA graph (``decode_attention.graph_time_us``: the time a call takes inside a captured decoding step),
-with the weight bytes each shape reads and the bandwidth reached. Prints a table; not in run_all.
+with the weight bytes each shape reads and the bandwidth reached. The weights are read cold, as in a step: each
+call of the graph reads its own copy of the weight, enough copies for ``COLD_MB`` (several times the L2 cache),
+where an AR-B step streams 170 MB of weights through a 50 MB L2 (session 29: the sweep of sessions 9-25 read
+one weight 20 times over, from L2, and chose launches for that). ``--warm`` times one weight as before.
+Prints a table; not in run_all.
 """
+import argparse
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +38,51 @@ from generator.launch import prefer_static_matmul_schedules
 D, HIDDEN, V = 768, 2048, 16384                      # AR-B
 SHAPES = {"qkv": (D, 3 * D), "proj": (D, D), "gate_up": (D, 2 * HIDDEN), "down": (HIDDEN, D), "head": (D, V)}
 TOP_K = 2000
-SWEEP = list(itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8)))     # BLOCK_N, BLOCK_K, warps
+SWEEP = list(itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)))     # BLOCK_N, BLOCK_K, warps
+COLD_MB = 400               # weights each graph replay reads: 8x an H100's L2 (50 MB), ~3x an H200's
 # what a pre-norm block fuses into each layer's mat-vec (transformer.linear)
 FUSED = {"qkv": dict(norm=True), "proj": dict(residual=True), "gate_up": dict(norm=True),
          "down": dict(glu=True, residual=True)}
 
 
-def time_us(fn) -> float:
-    return graph_time_us(fn, replays=100, calls=20)
+def time_us(fn, copies: list[torch.Tensor]) -> float:
+    """``fn(weight)`` per call among calls on each of ``copies`` in turn (at least 20), in one CUDA graph."""
+    turn = itertools.cycle(copies)
+    return graph_time_us(lambda: fn(next(turn)), replays=50, calls=max(20, len(copies)))
 
 
-def sweep(what: str, kernel, expected: torch.Tensor, shipped: tuple, mb: float) -> list[str]:
-    """``kernel(cfg)`` at every launch of ``SWEEP``: its time at the shipped launch and the best one's, checked
-    against ``expected`` first."""
-    row, best = [], None
-    for cfg in SWEEP:
-        err = (kernel(cfg).float() - expected).abs().max().item()
+def weight_copies(weight: torch.Tensor, cold: bool) -> list[torch.Tensor]:
+    """The weight once (``--warm``: every call reads it from L2 after the first), or enough copies for ``COLD_MB``."""
+    mb = weight.numel() * weight.element_size() / 1e6
+    return [weight] + [weight.clone() for _ in range(math.ceil(COLD_MB / mb) - 1 if cold else 0)]
+
+
+def fits(cfg: tuple, M: int, K: int) -> bool:
+    """A launch worth timing: BLOCK_K at most K's power of two (more is masked lanes), and the float32 partial
+    sums of (M, BLOCK_N, BLOCK_K) at most 128 registers a thread (more spills)."""
+    block_n, block_k, warps = cfg
+    return block_k <= max(256, triton_next_pow2(K)) and triton_next_pow2(M) * block_n * block_k <= 128 * 32 * warps
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def sweep(what: str, kernel, expected: torch.Tensor, shipped: tuple, mb: float, copies: list) -> list[str]:
+    """``kernel(cfg, weight)`` at every launch of ``SWEEP`` that ``fits``: its time at the shipped launch and the
+    best three, each checked against ``expected`` first."""
+    row, timed = [], []
+    M, K = expected.shape[0], copies[0].shape[1]
+    for cfg in [c for c in SWEEP if fits(c, M, K)]:
+        err = (kernel(cfg, copies[0]).float() - expected).abs().max().item()
         if err > 0.05:
             row.append(f"{what} {cfg} max error {err:.3f}")
             continue
-        us = time_us(lambda cfg=cfg: kernel(cfg))
-        best = min(best or (us, cfg), (us, cfg))
+        us = time_us(lambda w, cfg=cfg: kernel(cfg, w), copies)
+        timed.append((us, cfg))
         if cfg == shipped:
             row.append(f"{what} as shipped {us:6.1f} us")
-    if best:
-        us, cfg = best
-        row.append(f"{what} best {us:6.1f} us ({mb / us:4.2f} TB/s) BLOCK_N, BLOCK_K, warps = {cfg}")
+    row += [f"{what} {us:6.1f} us ({mb / us:4.2f} TB/s) {cfg}" for us, cfg in sorted(timed)[:3]]
     return row
 
 
@@ -69,29 +94,39 @@ def fused_case(x: torch.Tensor, weight: torch.Tensor, norm=False, glu=False, res
     norm_weight = 1 + 0.1 * torch.randn(K, device=x.device) if norm else None
     residual_MN = torch.randn(M, N, device=x.device) if residual else None
     expected = mv.few_rows_reference(x, weight.float(), norm_weight, glu=glu, residual=residual_MN)
-    return (lambda cfg: mv.launch(x, weight, *cfg, norm_weight=norm_weight, glu=glu, residual_MN=residual_MN)), expected
+    return (lambda cfg, w: mv.launch(x, w, *cfg, norm_weight=norm_weight, glu=glu, residual_MN=residual_MN)), expected
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--warm", action="store_true", help="every call reads one weight (from L2), as sessions 9-25 did")
+    ap.add_argument("--plain", action="store_true", help="also sweep the kernel without the block's fused work")
+    args = ap.parse_args()
     prefer_static_matmul_schedules()      # cuBLAS without a workspace, as the sampling commands run it (NOTES A45)
     torch.manual_seed(0)
     dev = "cuda"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, AR-B shapes; "
-          f"us per call among 20 in one CUDA graph; matvec's launches (BLOCK_N, BLOCK_K, warps) from launch_config")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, AR-B shapes, "
+          f"{'warm (one weight)' if args.warm else f'cold (~{COLD_MB} MB of weight copies per replay)'}; "
+          f"us per call in one CUDA graph; matvec's launches (BLOCK_N, BLOCK_K, warps), shipped from launch_config")
     for name, (K, N) in SHAPES.items():
         weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         mb = weight.numel() * 2 / 1e6
+        copies = weight_copies(weight, cold=not args.warm)
         for M in (2, 128):
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             expected = F.linear(x.float(), weight.float())
-            us = time_us(lambda: F.linear(x, weight))
+            us = time_us(lambda w: F.linear(x, w), copies)
             row = [f"{name:8s} {K:5d}->{N:5d} M={M:3d} [{mb:5.1f} MB]", f"F.linear {us:6.1f} us ({mb / us:4.2f} TB/s)"]
             if M <= mv.MAX_ROWS and mv.triton is not None:
-                row += sweep("matvec", lambda cfg: mv.launch(x, weight, *cfg), expected, mv.launch_config(N, K), mb)
+                if args.plain or name not in FUSED:
+                    row += sweep("matvec", lambda cfg, w: mv.launch(x, w, *cfg), expected, mv.launch_config(N, K),
+                                 mb, copies)
                 if name in FUSED:
                     kernel, expected = fused_case(x, weight, **FUSED[name])
-                    row += sweep(f"fused {'+'.join(FUSED[name])}", kernel, expected, mv.launch_config(N, K), mb)
+                    row += sweep(f"fused {'+'.join(FUSED[name])}", kernel, expected, mv.launch_config(N, K), mb,
+                                 copies)
             print("  ".join(row), flush=True)
+        del copies
     for rows in (1, 64, 1024, 16384):
         logits = torch.randn(rows, V, device=dev)
         kth = kl.kth_largest_reference(logits, TOP_K)[:, 0]
@@ -102,7 +137,8 @@ def main() -> None:
                    "sort": lambda: torch.sort(logits, dim=-1, descending=True).values[:, TOP_K - 1],
                    "kernel": lambda: torch.ops.tessera.kth_largest(logits, TOP_K)}
         print(f"top-{TOP_K} threshold of {V}, {rows:5d} rows: "
-              + "  ".join(f"{n} {time_us(fn):7.1f} us" for n, fn in timings.items()), flush=True)
+              + "  ".join(f"{n} {time_us(lambda _, fn=fn: fn(), [logits]):7.1f} us" for n, fn in timings.items()),
+              flush=True)
 
 
 if __name__ == "__main__":

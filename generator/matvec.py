@@ -114,21 +114,43 @@ def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: i
         _matvec_kernel[(triton.cdiv(N, block_n),)](
             x_MK, weight_NK, y, x_MK if norm_weight is None else norm_weight, y if residual_MN is None else residual_MN,
             M, N, K, eps, M_P2=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
-            NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual_MN is not None, num_warps=warps)
+            NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual_MN is not None, ONE_PASS=block_k >= K,
+            num_warps=warps)
     return y
 
 
 if triton is not None:
     @triton.jit
+    def _input_block(X, G, m, k, row, M, K, rstd, NORM: tl.constexpr, GLU: tl.constexpr, OUT: tl.constexpr):
+        """Columns k of f(X)'s rows m as the product takes them: float32, rounded to OUT (the weight's dtype)
+        where f computes (RMSNorm with weight G and the rows' ``rstd``; or silu(gate) * up)."""
+        x_mask = (m[:, None] < M) & (k[None, :] < K)
+        x = tl.load(X + m[:, None] * row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        if GLU:
+            up = tl.load(X + m[:, None] * row + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            x = (x * tl.sigmoid(x) * up).to(OUT).to(tl.float32)
+        if NORM:
+            g = tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)
+            x = (x * rstd[:, None] * g[None, :]).to(OUT).to(tl.float32)
+        return x
+
+    @triton.jit
     def _matvec_kernel(X, W, Y, G, R, M, N, K, eps, M_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr):
-        """Y (M, N) = R + f(X) W (N, K)^T: this program's BLOCK_N weight rows, read once in BLOCK_K columns,
-        against all M (<= M_P2) rows of f(X) (rounded to W's dtype), in float32; f = RMSNorm with weight G
-        (NORM), silu(gate) * up over X's halves (GLU: rows of 2K), or nothing. Each lane keeps its own column's
-        partial sums through the loop (no cross-lane reduction per step), reduced across lanes once."""
+                       BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       ONE_PASS: tl.constexpr):
+        """Y (M, N) = R + f(X) W (N, K)^T: this program's BLOCK_N weight rows against all M (<= M_P2) rows of f(X)
+        (rounded to W's dtype), in float32; f = RMSNorm with weight G (NORM), silu(gate) * up over X's halves
+        (GLU: rows of 2K), or nothing. ONE_PASS (BLOCK_K >= K): the program's whole weight slab is loaded first,
+        before x and its norm, so the step's read from HBM is in flight at once. Otherwise BLOCK_K columns at a
+        time, each lane keeping its own column's partial sums through the loop, reduced across lanes once."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_P2)
         row = 2 * K if GLU else K
+        out_dtype = W.dtype.element_ty
+        if ONE_PASS:
+            k = tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+        rstd = tl.zeros((M_P2,), tl.float32)
         if NORM:      # the rows' mean squares first, as RMSNorm does before it scales
             ss = tl.zeros((M_P2, BLOCK_K), tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -136,24 +158,22 @@ if triton is not None:
                 x = tl.load(X + m[:, None] * row + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
                 ss += x.to(tl.float32) * x.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
-        acc = tl.zeros((M_P2, BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x_mask = (m[:, None] < M) & (k[None, :] < K)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-            x = tl.load(X + m[:, None] * row + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            if GLU:
-                up = tl.load(X + m[:, None] * row + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                x = (x * tl.sigmoid(x) * up).to(W.dtype.element_ty).to(tl.float32)
-            if NORM:
-                g = tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)
-                x = (x * rstd[:, None] * g[None, :]).to(W.dtype.element_ty).to(tl.float32)
-            acc += x[:, None, :] * w[None, :, :].to(tl.float32)
-        y = tl.sum(acc, axis=2)
+        if ONE_PASS:
+            k = tl.arange(0, BLOCK_K)
+            x = _input_block(X, G, m, k, row, M, K, rstd, NORM, GLU, out_dtype)
+            y = tl.sum(x[:, None, :] * w[None, :, :].to(tl.float32), axis=2)
+        else:
+            acc = tl.zeros((M_P2, BLOCK_N, BLOCK_K), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+                x = _input_block(X, G, m, k, row, M, K, rstd, NORM, GLU, out_dtype)
+                acc += x[:, None, :] * w[None, :, :].to(tl.float32)
+            y = tl.sum(acc, axis=2)
         out_mask = (m[:, None] < M) & (n[None, :] < N)
         if RESIDUAL:   # the product rounded to W's dtype (what F.linear returns), then the add in float32
             r = tl.load(R + m[:, None] * N + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
-            y = y.to(W.dtype.element_ty).to(tl.float32) + r
+            y = y.to(out_dtype).to(tl.float32) + r
         tl.store(Y + m[:, None] * N + n[None, :], y.to(Y.dtype.element_ty), mask=out_mask)
 
     @torch.library.custom_op("tessera::linear_few_rows", mutates_args=())

@@ -81,10 +81,11 @@ def test_the_kernel_is_the_linear_layer(M, N, K):
 
 
 @needs_kernel
-@pytest.mark.parametrize("cfg", [(4, 128, 2), (16, 512, 4)])
+@pytest.mark.parametrize("cfg", [(4, 128, 2), (16, 512, 4), (2, 512, 4)])
 def test_every_launch_the_benchmark_sweeps_is_the_linear(cfg):
     """Other (BLOCK_N, BLOCK_K, warps) than the shipped one (benchmarks/decode_matvec.py sweeps them), float32:
-    the same sums to float32 rounding, masked edges in N and K."""
+    the same sums to float32 rounding, masked edges in N and K; BLOCK_K 512 >= K = 300 is the one-pass path
+    (the whole weight slab loaded before x)."""
     g = torch.Generator().manual_seed(0)
     weight, x = torch.randn(100, 300, generator=g) * 0.02, torch.randn(2, 300, generator=g)
     y = matvec.launch(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), *cfg).cpu()
@@ -99,15 +100,16 @@ def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 @needs_kernel
 @pytest.mark.parametrize("x_dtype", [torch.float32, KERNEL_DTYPE])
 @pytest.mark.parametrize("M, N, K", [(2, 384, 128), (3, 100, 300)])
-def test_the_norm_in_front_is_rmsnorm_then_the_linear(M, N, K, x_dtype):
+@pytest.mark.parametrize("block_k", [64, 512])
+def test_the_norm_in_front_is_rmsnorm_then_the_linear(M, N, K, x_dtype, block_k):
     """With ``norm_weight``: RMSNorm's float32 formula over each row of x (a float32 or half residual stream), rounded
     to the weight's dtype (what autocast hands F.linear), then the product; several column blocks per row (the mean
-    square spans them), N wider than K, M not a power of two."""
+    square spans them) or one pass over a masked block wider than K, N wider than K, M not a power of two."""
     g = torch.Generator().manual_seed(K)
     x, w = (torch.randn(M, K, generator=g) * 3).to(x_dtype), torch.randn(N, K, generator=g) / K ** 0.5
     norm_weight = 1 + 0.1 * torch.randn(K, generator=g)
     x, w, norm_weight = x.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE, KERNEL_DTYPE), norm_weight.to(KERNEL_DEVICE)
-    y = matvec.launch(x, w, 4, 64, 2, norm_weight=norm_weight, eps=1e-5)
+    y = matvec.launch(x, w, 4, block_k, 2, norm_weight=norm_weight, eps=1e-5)
     assert y.shape == (M, N) and y.dtype == KERNEL_DTYPE
     h = _rmsnorm(x, norm_weight, 1e-5).to(KERNEL_DTYPE)
     torch.testing.assert_close(y.double(), h.double() @ w.double().T, atol=2e-3, rtol=1e-2)
@@ -118,16 +120,17 @@ def test_the_norm_in_front_is_rmsnorm_then_the_linear(M, N, K, x_dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("residual_dtype", [None, torch.float32, KERNEL_DTYPE])
-def test_the_gated_input_and_the_residual_add(residual_dtype):
+@pytest.mark.parametrize("block_k", [128, 512])
+def test_the_gated_input_and_the_residual_add(residual_dtype, block_k):
     """With ``glu``: x holds [gate | up] (2K per row) and the product is taken with silu(gate) * up, in float32 and
     rounded once to the weight's dtype; with a residual: the product rounded (what F.linear returns), plus the
-    residual in float32, stored in their promoted dtype."""
+    residual in float32, stored in their promoted dtype. In column blocks and in one pass (BLOCK_K >= K)."""
     M, N, K = 3, 96, 320
     g = torch.Generator().manual_seed(1)
     gate_up, w = torch.randn(M, 2 * K, generator=g) * 2, torch.randn(N, K, generator=g) / K ** 0.5
     gate_up, w = gate_up.to(KERNEL_DEVICE, KERNEL_DTYPE), w.to(KERNEL_DEVICE, KERNEL_DTYPE)
     residual = None if residual_dtype is None else torch.randn(M, N, generator=g).to(KERNEL_DEVICE, residual_dtype)
-    y = matvec.launch(gate_up, w, 4, 128, 2, glu=True, residual_MN=residual)
+    y = matvec.launch(gate_up, w, 4, block_k, 2, glu=True, residual_MN=residual)
     gate, up = gate_up.float().chunk(2, dim=-1)
     h = (gate * torch.sigmoid(gate) * up).to(KERNEL_DTYPE)
     product = (h.double() @ w.double().T).to(KERNEL_DTYPE)
@@ -217,18 +220,19 @@ def test_vars_one_token_first_scale_through_the_kernel(monkeypatch):
 @needs_compiler
 @pytest.mark.parametrize("norm, glu, residual", [(False, False, False), (True, False, False), (False, False, True),
                                                  (False, True, True)])
-def test_every_kernel_a_block_launches_compiles_for_hopper(norm, glu, residual):
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_every_kernel_a_block_launches_compiles_for_hopper(norm, glu, residual, one_pass):
     """The four variants a pre-norm block launches (qkv and gate_up: norm; proj: residual; down: glu and residual),
-    at each one's launch, through Triton's real compiler to sm_90."""
+    at each one's launch and in one pass over the row (BLOCK_K >= K), through Triton's real compiler to sm_90."""
     signature = {"X": "*bf16", "W": "*bf16", "Y": "*fp32" if residual else "*bf16", "G": "*fp32",
                  "R": "*fp32" if residual else "*bf16", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32",
                  "M_P2": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "NORM": "constexpr",
-                 "GLU": "constexpr", "RESIDUAL": "constexpr"}
+                 "GLU": "constexpr", "RESIDUAL": "constexpr", "ONE_PASS": "constexpr"}
     N, K = (D, HIDDEN) if glu else (3 * D, D) if norm else (D, D)
-    block_n, block_k, warps = matvec.launch_config(N, K)
+    block_n, block_k, warps = (4, 1 << (K - 1).bit_length(), 4) if one_pass else matvec.launch_config(N, K)
     kernel = compile_for_hopper(matvec._matvec_kernel, signature,
-                                dict(M_P2=2, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, GLU=glu, RESIDUAL=residual),
-                                num_warps=warps)
+                                dict(M_P2=2, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, GLU=glu, RESIDUAL=residual,
+                                     ONE_PASS=block_k >= K), num_warps=warps)
     assert kernel.asm["cubin"]
 
 
