@@ -417,8 +417,8 @@ def sample_ar_cublas(args, sink: RowSink) -> None:
 
 def sample_ar_new_query(args, sink: RowSink, fused: bool) -> None:
     """``sample-ar``'s bf16-weight rows with the cached step's qk-norm, RoPE and cache write inside the attention
-    kernel (``fused``: ``decode_attention.NEW_QUERY``, NOTES A56, opt-in until these jobs have measured it) or
-    outside it (inductor's kernel of their own, then ``attend_one_query``), rows named ``[new query fused]`` /
+    kernel (``fused``: ``decode_attention.NEW_QUERY``, NOTES A56, the default where the attention launch is split:
+    batch 1-4 under CFG; batch 64's rows are the same either way) or outside it (inductor's kernel of their own, then ``attend_one_query``), rows named ``[new query fused]`` /
     ``[new query apart]``: the two jobs pair with each other and with ``sample-ar``'s rows and ids digest of the
     same run."""
     from generator import decode_attention as da

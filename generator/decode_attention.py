@@ -76,9 +76,16 @@ def attend_new_query_reference(qkv_B3HK, q_norm, k_norm, eps, cos_1F, sin_1F, k_
 
 def use_new_query_kernel(qkv_B3HK: torch.Tensor, k_cache: torch.Tensor, mask_1S: torch.Tensor,
                          cos_1F: torch.Tensor) -> bool:
-    """``NEW_QUERY``, CUDA, Triton present, outside autograd, and ``new_query_shapes``."""
+    """``NEW_QUERY``, CUDA, Triton present, outside autograd, ``split_launch`` and ``new_query_shapes``."""
     return (NEW_QUERY and triton is not None and qkv_B3HK.is_cuda and not torch.is_grad_enabled()
-            and new_query_shapes(qkv_B3HK, k_cache, mask_1S, cos_1F))
+            and split_launch(qkv_B3HK) and new_query_shapes(qkv_B3HK, k_cache, mask_1S, cos_1F))
+
+
+def split_launch(qkv_B3HK: torch.Tensor) -> bool:
+    """A few sequences, whose one-query attention splits each one's slots over several programs (``launch_config``):
+    the latency-bound steps where the fused new query gained (AR-B batch 1 on the H100, NOTES A56: 107 vs 110 ms).
+    At batch 64 it was slower (303 vs 333 img/s): there the unsplit kernel keeps its own launch."""
+    return launch_config(qkv_B3HK.shape[0] * qkv_B3HK.shape[2])[2] > 1
 
 
 def new_query_shapes(qkv_B3HK: torch.Tensor, k_cache: torch.Tensor, mask_1S: torch.Tensor,
@@ -101,9 +108,9 @@ def use_kernel(q, k, v, mask) -> bool:
 
 
 # a cached step's qk-norm, RoPE and cache write inside its attention kernel (``attend_new_query``, NOTES A56): one
-# launch less per layer and token; off, inductor fuses them into a kernel of their own. Opt-in (TESSERA_NEW_QUERY=1)
-# until a GPU run has measured it (jobs sample-ar-fused-query and sample-ar-unfused-query)
-NEW_QUERY = os.environ.get("TESSERA_NEW_QUERY", "0") == "1"
+# launch less per layer and token; off, inductor fuses them into a kernel of their own. On for ``split_launch``
+# steps (measured: jobs sample-ar-fused-query and sample-ar-unfused-query); TESSERA_NEW_QUERY=0 turns it off
+NEW_QUERY = os.environ.get("TESSERA_NEW_QUERY", "1") != "0"
 
 # (cache slots per loop iteration, warps per program, programs per (sequence, head)) from sweeps
 # (``benchmarks/decode_attention``, head size 64): with thousands of programs small ones keep the most loads in

@@ -152,7 +152,8 @@ def new_key_formula(x, weight, cos, sin, eps=1e-6):
 
 def test_the_new_query_dispatch(monkeypatch):
     """``new_query_shapes``: a power-of-two head size, one (1, S) bool mask row, one table row, caches in the
-    projection's dtype; ``use_new_query_kernel`` also wants ``NEW_QUERY``, CUDA and no autograd."""
+    projection's dtype; ``use_new_query_kernel`` also wants ``NEW_QUERY``, CUDA, no autograd and a split launch:
+    a few sequences (batch 1-4 under CFG: 2-8 sequences x 12 heads), not batch 64's 128."""
     qkv, k_cache = torch.randn(2, 3, 4, 16), torch.zeros(2, 4, 8, 16)
     mask, cos = torch.ones(1, 8, dtype=torch.bool), torch.ones(1, 8)
     assert da.new_query_shapes(qkv, k_cache, mask, cos)
@@ -162,12 +163,15 @@ def test_the_new_query_dispatch(monkeypatch):
     assert not da.new_query_shapes(qkv, k_cache, torch.ones(1, 9, dtype=torch.bool), cos)   # past the 8 slots
     assert not da.new_query_shapes(qkv, k_cache.half(), mask, cos)                        # caches in fp16
     assert not da.new_query_shapes(qkv, k_cache, mask, cos.expand(2, 8))                  # two positions
+    assert da.split_launch(qkv) and da.split_launch(torch.empty(8, 3, 12, 64, device="meta"))
+    assert not da.split_launch(torch.empty(128, 3, 12, 64, device="meta"))
     monkeypatch.setattr(da, "NEW_QUERY", True)
     assert not da.use_new_query_kernel(qkv, k_cache, mask, cos)                           # CPU tensors
     if torch.cuda.is_available() and da.triton is not None:
         args = [t.cuda() for t in (qkv, k_cache, mask, cos)]
         with torch.no_grad():
             assert da.use_new_query_kernel(*args)
+            assert not da.use_new_query_kernel(args[0].expand(128, -1, -1, -1), *args[1:])   # 128 x 4: unsplit
             monkeypatch.setattr(da, "NEW_QUERY", False)
             assert not da.use_new_query_kernel(*args)
 
