@@ -1,7 +1,7 @@
 """Micro-benchmark (GPU): the per-token work of AR-B decoding at batch 1 that NOTES A26 found latency-bound,
 to choose a replacement before changing the sampler.
 
-    python3 -m benchmarks.decode_matvec
+    python3 -m benchmarks.decode_matvec [--warm] [--plain] [--chain]
 
 1. The five Linear shapes of an AR-B step (qkv, proj, gate_up, down, head) at M = 2 rows (batch 1 with CFG)
    and M = 128 (batch 64): ``F.linear`` (cuBLAS without a workspace, as the sampling commands run it) against
@@ -11,7 +11,10 @@ to choose a replacement before changing the sampler.
    in front; proj: the residual add; down: SwiGLU's activation and the residual add, NOTES A52), shipped and
    swept. Session 8's other candidate, split-K batched matmuls, was slower than cuBLAS at every shape and split
    on an H200 (NOTES A28) and is gone.
-2. The k-th largest logit of top-k 2000 over 16384 codes at 1, 64, 1024 and 16384 rows: ``torch.topk``,
+2. AR-B's blocks in a chain (``layer_chain``; ``--chain``: only this): a step's five kernels per block, 24 blocks
+   of cold weights and caches in one CUDA graph, under session 25's launches and ``launch_config``'s, each with
+   programmatic dependent launch off and on (NOTES A57).
+3. The k-th largest logit of top-k 2000 over 16384 codes at 1, 64, 1024 and 16384 rows: ``torch.topk``,
    ``torch.kthvalue``, a full sort, and ``generator.kth_largest``'s Triton kernel (what sampling runs on
    CUDA up to ``MAX_ROWS`` rows; called directly here at every row count, to place that limit).
 
@@ -97,10 +100,61 @@ def fused_case(x: torch.Tensor, weight: torch.Tensor, norm=False, glu=False, res
     return (lambda cfg, w: mv.launch(x, w, *cfg, norm_weight=norm_weight, glu=glu, residual_MN=residual_MN)), expected
 
 
+def session25_launch(N: int, K: int) -> tuple[int, int, int]:
+    """``matvec.launch_config`` as session 25's warm sweep set it (NOTES A49)."""
+    if N <= K:
+        return 4, 512, 2
+    return (4, 256, 2) if N <= 3 * K else (8, 256, 2)
+
+
+def layer_chain(layers: int = 24, slots: int = 256) -> list[str]:
+    """A cached step's blocks at batch 1 under CFG (2 rows), as the step launches them: the RMSNorm + qkv mat-vec,
+    the one-query attention over ``slots`` cache slots, proj + residual, RMSNorm + gate_up, SwiGLU + down +
+    residual; ``layers`` blocks, each with its own weights and cache (cold, ~16 MB a block), in one CUDA graph.
+    us per block under {session 25's launches, ``launch_config``} x {PDL off, on}."""
+    from unittest import mock
+
+    from generator import decode_attention as da
+    from generator import launch
+    H, hd = D // 64, 64
+    blocks = [dict(qkv=torch.randn(3 * D, D), proj=torch.randn(D, D), gate_up=torch.randn(2 * HIDDEN, D),
+                   down=torch.randn(D, HIDDEN), k=torch.randn(2, H, slots, hd), v=torch.randn(2, H, slots, hd))
+              for _ in range(layers)]
+    blocks = [{k: (t * 0.02).to("cuda", torch.bfloat16) for k, t in b.items()} for b in blocks]
+    g1, g2 = (1 + 0.1 * torch.randn(D, device="cuda") for _ in range(2))
+    mask = torch.ones(1, slots, dtype=torch.bool, device="cuda")
+    x0 = torch.randn(2, D, device="cuda")
+
+    def step():
+        x = x0
+        for b in blocks:
+            qkv = mv.linear_few_rows(x, b["qkv"], norm_weight=g1)
+            q = qkv[:, :D].reshape(2, H, 1, hd)
+            a = da.attend_one_query(q, b["k"], b["v"], mask).reshape(2, D)
+            x = mv.linear_few_rows(a, b["proj"], residual=x)
+            h = mv.linear_few_rows(x, b["gate_up"], norm_weight=g2)
+            x = mv.linear_few_rows(h, b["down"], glu=True, residual=x)
+        return x
+
+    rows, outs = [], {}
+    for name, config in (("session 25's launches", session25_launch), ("launch_config", mv.launch_config)):
+        for pdl in (False, True):
+            with mock.patch.object(mv, "launch_config", config), mock.patch.object(launch, "PDL", pdl):
+                with torch.no_grad():
+                    outs[name, pdl] = step()
+                    us = graph_time_us(step, replays=50) / layers
+            rows.append(f"{name}, PDL {'on' if pdl else 'off'}: {us:5.2f} us per block")
+    ref = outs["session 25's launches", False]
+    err = max((o - ref).abs().max().item() for o in outs.values())
+    rows.append(f"(outputs after {layers} blocks: max difference between the four {err:.2e})")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--warm", action="store_true", help="every call reads one weight (from L2), as sessions 9-25 did")
     ap.add_argument("--plain", action="store_true", help="also sweep the kernel without the block's fused work")
+    ap.add_argument("--chain", action="store_true", help="only the chain of blocks (no sweep, no top-k)")
     args = ap.parse_args()
     prefer_static_matmul_schedules()      # cuBLAS without a workspace, as the sampling commands run it (NOTES A45)
     torch.manual_seed(0)
@@ -108,7 +162,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, AR-B shapes, "
           f"{'warm (one weight)' if args.warm else f'cold (~{COLD_MB} MB of weight copies per replay)'}; "
           f"us per call in one CUDA graph; matvec's launches (BLOCK_N, BLOCK_K, warps), shipped from launch_config")
-    for name, (K, N) in SHAPES.items():
+    for name, (K, N) in ({} if args.chain else SHAPES).items():
         weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         mb = weight.numel() * 2 / 1e6
         copies = weight_copies(weight, cold=not args.warm)
@@ -127,7 +181,10 @@ def main() -> None:
                                  copies)
             print("  ".join(row), flush=True)
         del copies
-    for rows in (1, 64, 1024, 16384):
+    print(f"AR-B blocks at batch 1 (2 rows), cold weights and caches:", flush=True)
+    for row in layer_chain():
+        print("  " + row, flush=True)
+    for rows in () if args.chain else (1, 64, 1024, 16384):
         logits = torch.randn(rows, V, device=dev)
         kth = kl.kth_largest_reference(logits, TOP_K)[:, 0]
         assert torch.equal(torch.kthvalue(logits, V - TOP_K + 1, dim=-1).values, kth)

@@ -22,7 +22,8 @@ sequences, ``masked.SHARE_FIRST_UNCOND`` off, and how many ids a seed changes), 
 split on the host clock: the time before each graph's replay), sample-ar, sample-ar-autotune / sample-ar-pdl (the
 bf16-weight rows with the decode step compiled in max-autotune-no-cudagraphs mode / with its inductor kernels
 launched with programmatic dependent launch, NOTES A48), sample-ar-cublas (the same with the step's block
-Linear layers through cuBLAS, generator/matvec.py's fused mat-vecs off, NOTES A49, A52), sample-ar-split (the same
+Linear layers through cuBLAS, generator/matvec.py's fused mat-vecs off, NOTES A49, A52), sample-ar-no-pdl (the same
+with generator/'s decoding kernels launched without programmatic dependent launch, A57), sample-ar-split (the same
 with batch 1's attention split over several programs per sequence and head, the fastest launch of a sweep, A54),
 sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
@@ -63,7 +64,7 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-cd", "sample-masked-cublaslt", "sample-masked-autocast-weights", "sample-masked-no-call-graphs",
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
-         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-split",
+         "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-no-pdl", "sample-ar-split",
          "sample-ar-unfused-query", "sample-ar-fused-query", "sample-var",
          "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
@@ -415,12 +416,21 @@ def sample_ar_cublas(args, sink: RowSink) -> None:
         sample_ar(args, sink, decode_options={}, what="cuBLAS")
 
 
+def sample_ar_no_pdl(args, sink: RowSink) -> None:
+    """``sample-ar``'s bf16-weight rows with generator/'s decoding kernels (the mat-vecs, the one-query attention)
+    launched without programmatic dependent launch (``launch.PDL`` off, NOTES A57), rows named ``[no PDL]``, to
+    pair with ``sample-ar``'s rows and ids digest of the same run."""
+    from generator import launch
+    with mock.patch.object(launch, "PDL", False):
+        sample_ar(args, sink, decode_options={}, what="no PDL")
+
+
 def sample_ar_new_query(args, sink: RowSink, fused: bool) -> None:
     """``sample-ar``'s bf16-weight rows with the cached step's qk-norm, RoPE and cache write inside the attention
     kernel (``fused``: ``decode_attention.NEW_QUERY``, NOTES A56, the default where the attention launch is split:
-    batch 1-4 under CFG; batch 64's rows are the same either way) or outside it (inductor's kernel of their own, then ``attend_one_query``), rows named ``[new query fused]`` /
-    ``[new query apart]``: the two jobs pair with each other and with ``sample-ar``'s rows and ids digest of the
-    same run."""
+    batch 1-4 under CFG; batch 64's rows are the same either way) or outside it (inductor's kernel of their own,
+    then ``attend_one_query``), rows named ``[new query fused]`` / ``[new query apart]``: the two jobs pair with
+    each other and with ``sample-ar``'s rows and ids digest of the same run."""
     from generator import decode_attention as da
     with mock.patch.object(da, "NEW_QUERY", fused):
         sample_ar(args, sink, decode_options={}, what="new query " + ("fused" if fused else "apart"))
@@ -842,7 +852,7 @@ def main() -> None:
                                                     what="max-autotune-no-cudagraphs"),
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
-            "sample-ar-cublas": sample_ar_cublas,
+            "sample-ar-cublas": sample_ar_cublas, "sample-ar-no-pdl": sample_ar_no_pdl,
             "sample-ar-split": sample_ar_split,
             "sample-ar-unfused-query": functools.partial(sample_ar_new_query, fused=False),
             "sample-ar-fused-query": functools.partial(sample_ar_new_query, fused=True),

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from generator.launch import int32_offsets, on_device
+from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, on_device, pdl_launch
 
 try:
     import triton
@@ -163,7 +163,7 @@ if triton is not None:
                           sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_s, so_b, so_h,
                           QN, KN, COS, SIN, POS, eps, sq_3, max_len,
                           H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-                          NEW: tl.constexpr, QK_NORM: tl.constexpr):
+                          NEW: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr):
         """Program (b h, split) streams slots [split chunk, (split + 1) chunk) in blocks with an online softmax in
         float32. One split: it writes the output. Several: it writes its (acc, max, sum) to PART, takes a ticket,
         and the last of the SPLITS programs of (b, h) combines them.
@@ -171,7 +171,13 @@ if triton is not None:
         NEW: Q is the step's qkv projection (q, k, v ``sq_3`` apart) and K, V the whole caches: every program
         makes q (qk-norm with weight QN if QK_NORM, RoPE at the COS/SIN row), the program whose part holds slot
         ``pos`` (the last one if none does) makes the new key (norm KN, RoPE) and writes it and the new value at
-        ``pos`` (< ``max_len``) of the caches, and reads them from its registers at that slot."""
+        ``pos`` (< ``max_len``) of the caches, and reads them from its registers at that slot.
+
+        PDL: launched while the kernel before it runs; it waits for that one's end before it reads anything, then
+        lets the next kernel start (whose weight loads then overlap this one)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         pid, split = tl.program_id(0), tl.program_id(1)
         b, h = pid // H, pid % H
         d = tl.arange(0, D)
@@ -244,6 +250,7 @@ if triton is not None:
         else:
             part = ticket = out
         q_norm, k_norm, eps, cos, sin, pos = new or (None, None, 0.0, out, out, ticket)
+        pdl = pdl_launch(q)
         with on_device(q):
             _one_query_kernel[(B * H, splits)](
                 q, k, v, mask, out, part, ticket, S, triton.cdiv(S, splits), D ** -0.5,
@@ -252,7 +259,7 @@ if triton is not None:
                 out if q_norm is None else q_norm, out if k_norm is None else k_norm, cos, sin, pos, eps,
                 q.stride(1) if new else 0, k.shape[2],
                 H=H, D=D, BLOCK=block, SPLITS=splits, NEW=new is not None, QK_NORM=q_norm is not None,
-                num_warps=warps)
+                PDL=pdl, num_warps=warps, launch_pdl=pdl)
         return out
 
     @torch.library.custom_op("tessera::attend_one_query", mutates_args=())

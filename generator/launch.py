@@ -2,15 +2,25 @@
 makes its tensors' device current first (a model on cuda:1 would otherwise launch on cuda:0 with pointers
 into cuda:1's memory); and the kernels compute element offsets in int32, so each op falls back to its torch
 path for tensors too large for that (``int32_offsets``); a kernel replacing a Linear runs where F.linear would
-compute in bf16/fp16 (``linear_in_half``). Also the process setting for cuBLAS's matmul launches that the
+compute in bf16/fp16 (``linear_in_half``); the decoding step's chain of small kernels launches each one while
+the one before it finishes (``pdl_launch``). Also the process setting for cuBLAS's matmul launches that the
 sampling commands make (``prefer_static_matmul_schedules``)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import MutableMapping
 
 import torch
+
+try:        # grid dependency control, for programmatic dependent launch (Triton >= 3.4 on CUDA)
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    PDL_SUPPORTED = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:                     # no Triton (CPU installs), or one without it
+    gdc_launch_dependents = gdc_wait = None
+    PDL_SUPPORTED = False
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, read by triton at import): the kernels' tests run there, on the
 # first config only, and launch options the interpreter has no use for (register caps) are left out
@@ -20,6 +30,24 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def on_device(t: torch.Tensor):
     """A context in which ``t``'s CUDA device is current (nothing for CPU tensors: the Triton interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# programmatic dependent launch of the cached decoding step's kernels (matvec, decode_attention; NOTES A57): a kernel
+# launched with it may start while the kernel before it runs; it loads what no kernel writes (its weights) first,
+# waits (``gdc_wait``) for the kernel before it to end before it reads or writes anything else, then lets the next
+# one start (``gdc_launch_dependents``). TESSERA_PDL=0 turns it off
+PDL = os.environ.get("TESSERA_PDL", "1") != "0"
+
+
+def pdl_launch(t: torch.Tensor) -> bool:
+    """Whether a kernel on ``t``'s device launches with programmatic dependent launch: ``PDL``, a Triton that has
+    it, and a CUDA device of compute capability 9 or more (Hopper)."""
+    return PDL and PDL_SUPPORTED and t.is_cuda and _major_capability(t.device.index) >= 9
+
+
+@functools.cache
+def _major_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 # the kernels' offsets (program id x stride + lane) are int32; a tile of slack past the last element

@@ -11,21 +11,24 @@ most ``MAX_ROWS`` rows, the product in the weight's dtype (its input cast to it,
   float32 and rounded once, as the compiled step's fused kernel does),
 
 and ``residual`` (optional) is added to the rounded product in float32, stored in their promoted dtype. Program p
-reads weight rows [p BLOCK_N, (p + 1) BLOCK_N) once, BLOCK_K columns at a time, against every row of x, each lane
-keeping its own partial sums in float32 through the loop, reduced across lanes once at the end. With a norm every
-program first sums the squares of x's rows (a few KB, from L2).
+reads weight rows [p BLOCK_N, (p + 1) BLOCK_N) once against every row of x, in float32: in one pass where BLOCK_K
+covers K (its whole weight slab loaded first; AR-B's shapes), else BLOCK_K columns at a time, each lane keeping its
+own partial sums through the loop, reduced across lanes once at the end. With a norm every program first sums the
+squares of x's rows (a few KB, from L2). On Hopper it launches with PDL (``launch.pdl_launch``, NOTES A57): the
+weight slab, which no kernel writes, is loaded while the kernel before it still runs; x and the residual after.
 
 Why (benchmarks/NOTES.md A49, A52): at batch 1 with CFG each Linear of an AR step runs on M = 2 rows, a read of
 its weight that takes a few microseconds, latency-bound, and an AR-B token is ~110 kernels, each paying its
-launch gap inside the step's CUDA graph. The mat-vec alone beat cuBLAS at AR-B's proj and down (3.3 -> 2.3 and
-5.0 -> 3.1 us, H100) and, with other launches, at qkv (3.2 -> 2.9) and gate_up (3.6 -> 3.3); the head (16384
+launch gap inside the step's CUDA graph. With cold weights, as a step reads them, the mat-vec beats cuBLAS at AR-B's
+proj and down (3.9 -> 2.7 and 5.7 -> 4.3 us, H100, NOTES A57) and is a little slower at qkv (4.2 -> 4.8) and
+gate_up (5.0 -> 5.9) with the RMSNorm inside it, which cuBLAS would need a kernel of its own for; the head (16384
 outputs) stays with cuBLAS (``MAX_WIDEN``). Fusing the norms, SwiGLU's activation and the residual adds into the
 four mat-vecs removes three of a block's nine kernels (A52).
 
 On by default (measured end to end, NOTES A52; job ``sample-ar-cublas`` runs the same rows without it);
 TESSERA_MATVEC=0 turns it off. A different sum order from cuBLAS's: equal to bf16 rounding, which can move a late
 token of a sampled sequence.
-``launch_config`` is set from ``python3 -m benchmarks.decode_matvec``, which sweeps this kernel.
+``launch_config`` is set from ``python3 -m benchmarks.decode_matvec``, which sweeps this kernel on cold weights.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from generator.launch import int32_offsets, linear_in_half, on_device
+from generator.launch import (gdc_launch_dependents, gdc_wait, int32_offsets, linear_in_half, on_device,
+                              pdl_launch)
 
 try:
     import triton
@@ -48,12 +52,14 @@ MAX_WIDEN = 6             # outputs per input: AR-B's gate_up (5.3x) takes the k
 
 
 def launch_config(N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N weight rows per program, BLOCK_K columns per step, warps) for a (N, K) weight: the best of
-    ``benchmarks/decode_matvec``'s sweep at AR-B's shapes on the H100 (NOTES A49: proj and down (4, 512, 2),
-    qkv (4, 256, 2), gate_up (8, 256, 2))."""
-    if N <= K:
-        return 4, 512, 2
-    return (4, 256, 2) if N <= 3 * K else (8, 256, 2)
+    """(BLOCK_N weight rows per program, BLOCK_K columns per step, warps) for a (N, K) weight: one pass over K's
+    power of two up to 2048 columns (then 2048 at a time), 2 rows a program where N <= K (else 4), 2 warps (4 past
+    1024 columns). From ``benchmarks/decode_matvec``'s sweep with cold weights (H100, session 29, NOTES A57: a
+    decoding step streams 170 MB of AR-B weights through a 50 MB L2), us per call vs session 25's launches: proj
+    (2, 1024, 2) 2.7 vs 3.4, down (2, 2048, 4) 4.3 vs 5.6, qkv (4, 1024, 2) 4.8 vs 5.3; gate_up's best there,
+    (4, 512, 2) at 5.9 us, is not one pass, so no weight load ahead of the wait under PDL."""
+    block_k = min(1 << (K - 1).bit_length(), 2048)
+    return (2 if N <= K else 4), block_k, (2 if block_k <= 1024 else 4)
 
 
 def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
@@ -110,12 +116,13 @@ def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: i
     M, N, K = x_MK.shape[0], weight_NK.shape[0], weight_NK.shape[1]
     out_dtype = weight_NK.dtype if residual_MN is None else torch.promote_types(residual_MN.dtype, weight_NK.dtype)
     y = torch.empty(M, N, dtype=out_dtype, device=x_MK.device)
+    pdl = pdl_launch(x_MK)
     with on_device(x_MK):
         _matvec_kernel[(triton.cdiv(N, block_n),)](
             x_MK, weight_NK, y, x_MK if norm_weight is None else norm_weight, y if residual_MN is None else residual_MN,
             M, N, K, eps, M_P2=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
             NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual_MN is not None, ONE_PASS=block_k >= K,
-            num_warps=warps)
+            PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return y
 
 
@@ -137,11 +144,12 @@ if triton is not None:
     @triton.jit
     def _matvec_kernel(X, W, Y, G, R, M, N, K, eps, M_P2: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       ONE_PASS: tl.constexpr):
+                       ONE_PASS: tl.constexpr, PDL: tl.constexpr):
         """Y (M, N) = R + f(X) W (N, K)^T: this program's BLOCK_N weight rows against all M (<= M_P2) rows of f(X)
         (rounded to W's dtype), in float32; f = RMSNorm with weight G (NORM), silu(gate) * up over X's halves
         (GLU: rows of 2K), or nothing. ONE_PASS (BLOCK_K >= K): the program's whole weight slab is loaded first,
-        before x and its norm, so the step's read from HBM is in flight at once. Otherwise BLOCK_K columns at a
+        before x and its norm, so the step's read from HBM is in flight at once; launched with PDL, while the
+        kernel before it runs (X, R come from it: they are read after ``gdc_wait``). Otherwise BLOCK_K columns at a
         time, each lane keeping its own column's partial sums through the loop, reduced across lanes once."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_P2)
@@ -150,6 +158,9 @@ if triton is not None:
         if ONE_PASS:
             k = tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+        if PDL:       # the kernel before has ended (its writes visible): read its output; the next one may start
+            gdc_wait()
+            gdc_launch_dependents()
         rstd = tl.zeros((M_P2,), tl.float32)
         if NORM:      # the rows' mean squares first, as RMSNorm does before it scales
             ss = tl.zeros((M_P2, BLOCK_K), tl.float32)
