@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from generator import launch as launch_options
 from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, on_device, pdl_launch
 
 try:
@@ -163,7 +164,8 @@ if triton is not None:
                           sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_s, so_b, so_h,
                           QN, KN, COS, SIN, POS, eps, sq_3, max_len,
                           H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-                          NEW: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr):
+                          NEW: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+                          TRIGGER_FIRST: tl.constexpr):
         """Program (b h, split) streams slots [split chunk, (split + 1) chunk) in blocks with an online softmax in
         float32. One split: it writes the output. Several: it writes its (acc, max, sum) to PART, takes a ticket,
         and the last of the SPLITS programs of (b, h) combines them.
@@ -173,11 +175,14 @@ if triton is not None:
         ``pos`` (the last one if none does) makes the new key (norm KN, RoPE) and writes it and the new value at
         ``pos`` (< ``max_len``) of the caches, and reads them from its registers at that slot.
 
-        PDL: launched while the kernel before it runs; it waits for that one's end before it reads anything, then
-        lets the next kernel start (whose weight loads then overlap this one)."""
+        PDL: launched while the kernel before it runs; it waits for that one's end before it reads anything, and
+        lets the next kernel start (whose weight loads then overlap this one) first or after its wait."""
         if PDL:
+            if TRIGGER_FIRST:
+                gdc_launch_dependents()
             gdc_wait()
-            gdc_launch_dependents()
+            if not TRIGGER_FIRST:
+                gdc_launch_dependents()
         pid, split = tl.program_id(0), tl.program_id(1)
         b, h = pid // H, pid % H
         d = tl.arange(0, D)
@@ -259,7 +264,7 @@ if triton is not None:
                 out if q_norm is None else q_norm, out if k_norm is None else k_norm, cos, sin, pos, eps,
                 q.stride(1) if new else 0, k.shape[2],
                 H=H, D=D, BLOCK=block, SPLITS=splits, NEW=new is not None, QK_NORM=q_norm is not None,
-                PDL=pdl, num_warps=warps, launch_pdl=pdl)
+                PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, launch_pdl=pdl)
         return out
 
     @torch.library.custom_op("tessera::attend_one_query", mutates_args=())

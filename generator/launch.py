@@ -33,10 +33,13 @@ def on_device(t: torch.Tensor):
 
 
 # programmatic dependent launch of the cached decoding step's kernels (matvec, decode_attention; NOTES A57): a kernel
-# launched with it may start while the kernel before it runs; it loads what no kernel writes (its weights) first,
-# waits (``gdc_wait``) for the kernel before it to end before it reads or writes anything else, then lets the next
-# one start (``gdc_launch_dependents``). TESSERA_PDL=0 turns it off
+# launched with it may start while the kernel before it runs; it loads what no kernel writes (its weights) first and
+# waits (``gdc_wait``) for the kernel before it to end before it reads or writes anything else. It lets the next
+# one start (``gdc_launch_dependents``) as it begins (``PDL_TRIGGER_FIRST``: a chain of kernels then starts as far
+# ahead as the SMs hold them, each one's weight read in flight) or after its wait (one kernel ahead).
+# TESSERA_PDL=0 turns it off
 PDL = os.environ.get("TESSERA_PDL", "1") != "0"
+PDL_TRIGGER_FIRST = True
 
 
 def pdl_launch(t: torch.Tensor) -> bool:

@@ -37,8 +37,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from generator.launch import (gdc_launch_dependents, gdc_wait, int32_offsets, linear_in_half, on_device,
-                              pdl_launch)
+from generator import launch as launch_options
+from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, linear_in_half, on_device, pdl_launch
 
 try:
     import triton
@@ -122,7 +122,7 @@ def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: i
             x_MK, weight_NK, y, x_MK if norm_weight is None else norm_weight, y if residual_MN is None else residual_MN,
             M, N, K, eps, M_P2=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
             NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual_MN is not None, ONE_PASS=block_k >= K,
-            PDL=pdl, num_warps=warps, launch_pdl=pdl)
+            PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, launch_pdl=pdl)
     return y
 
 
@@ -144,13 +144,16 @@ if triton is not None:
     @triton.jit
     def _matvec_kernel(X, W, Y, G, R, M, N, K, eps, M_P2: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                       ONE_PASS: tl.constexpr, PDL: tl.constexpr):
+                       ONE_PASS: tl.constexpr, PDL: tl.constexpr,
+                       TRIGGER_FIRST: tl.constexpr):
         """Y (M, N) = R + f(X) W (N, K)^T: this program's BLOCK_N weight rows against all M (<= M_P2) rows of f(X)
         (rounded to W's dtype), in float32; f = RMSNorm with weight G (NORM), silu(gate) * up over X's halves
         (GLU: rows of 2K), or nothing. ONE_PASS (BLOCK_K >= K): the program's whole weight slab is loaded first,
         before x and its norm, so the step's read from HBM is in flight at once; launched with PDL, while the
         kernel before it runs (X, R come from it: they are read after ``gdc_wait``). Otherwise BLOCK_K columns at a
         time, each lane keeping its own column's partial sums through the loop, reduced across lanes once."""
+        if PDL and TRIGGER_FIRST:       # the next kernel may start (it too waits before it reads what this writes)
+            gdc_launch_dependents()
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, M_P2)
         row = 2 * K if GLU else K
@@ -158,9 +161,10 @@ if triton is not None:
         if ONE_PASS:
             k = tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-        if PDL:       # the kernel before has ended (its writes visible): read its output; the next one may start
+        if PDL:       # the kernel before has ended (its writes visible): read its output
             gdc_wait()
-            gdc_launch_dependents()
+            if not TRIGGER_FIRST:
+                gdc_launch_dependents()
         rstd = tl.zeros((M_P2,), tl.float32)
         if NORM:      # the rows' mean squares first, as RMSNorm does before it scales
             ss = tl.zeros((M_P2, BLOCK_K), tl.float32)

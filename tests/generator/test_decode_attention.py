@@ -111,7 +111,8 @@ KERNEL_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "M": "*i1", "O": "
                                                 "sm_s", "so_b", "so_h")},
                     "QN": "*fp32", "KN": "*fp32", "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "eps": "fp32",
                     "sq_3": "i32", "max_len": "i32",
-                    **{name: "constexpr" for name in ("H", "D", "BLOCK", "SPLITS", "NEW", "QK_NORM", "PDL")}}
+                    **{name: "constexpr" for name in ("H", "D", "BLOCK", "SPLITS", "NEW", "QK_NORM", "PDL",
+                                                               "TRIGGER_FIRST")}}
 
 
 @needs_compiler
@@ -120,7 +121,8 @@ def test_the_kernel_compiles_for_hopper(block, warps, splits):
     """The one-query kernel at its launches and with split slots (the ticket's atomic, L2-only loads of the parts,
     the barrier) through Triton's real compiler to sm_90; the split one has the atomic in its PTX."""
     kernel = compile_for_hopper(da._one_query_kernel, KERNEL_SIGNATURE,
-                                dict(H=12, D=64, BLOCK=block, SPLITS=splits, NEW=False, QK_NORM=False, PDL=False),
+                                dict(H=12, D=64, BLOCK=block, SPLITS=splits, NEW=False, QK_NORM=False, PDL=False,
+                                     TRIGGER_FIRST=False),
                                 num_warps=warps)
     assert kernel.asm["cubin"] and ("atom.global" in kernel.asm["ptx"]) == (splits > 1)
     assert "griddepcontrol" not in kernel.asm["ptx"]
@@ -129,15 +131,18 @@ def test_the_kernel_compiles_for_hopper(block, warps, splits):
 @needs_compiler
 @pytest.mark.skipif(not PDL_SUPPORTED, reason="this Triton has no programmatic dependent launch")
 @pytest.mark.parametrize("new", [False, True])
-def test_launched_with_pdl_it_waits_for_the_kernel_before_it_first(new):
+@pytest.mark.parametrize("first", [False, True])
+def test_launched_with_pdl_it_waits_for_the_kernel_before_it_first(new, first):
     """With PDL (NOTES A57) every read of the program comes after ``griddepcontrol.wait`` (the kernel before it may
-    still be writing the qkv projection, the cache, the mask), and it then lets the next kernel start."""
+    still be writing the qkv projection, the cache, the mask); it lets the next kernel start as it begins
+    (``first``) or after its wait."""
     kernel = compile_for_hopper(da._one_query_kernel, KERNEL_SIGNATURE,
-                                dict(H=12, D=64, BLOCK=32, SPLITS=8, NEW=new, QK_NORM=new, PDL=True),
+                                dict(H=12, D=64, BLOCK=32, SPLITS=8, NEW=new, QK_NORM=new, PDL=True,
+                                     TRIGGER_FIRST=first),
                                 num_warps=2, launch_pdl=True)
     ptx = kernel.asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
-    assert wait < ptx.index("griddepcontrol.launch_dependents") and wait < ptx.index("ld.global")
+    assert wait < ptx.index("ld.global") and (ptx.index("griddepcontrol.launch_dependents") < wait) == first
 
 
 # ---- a cached step's new query: qk-norm, RoPE and the cache write in the attention kernel (NOTES A56) ----------
@@ -187,7 +192,7 @@ def test_the_new_query_dispatch(monkeypatch):
         args = [t.cuda() for t in (qkv, k_cache, mask, cos)]
         with torch.no_grad():
             assert da.use_new_query_kernel(*args)
-            assert not da.use_new_query_kernel(args[0].expand(128, -1, -1, -1), *args[1:])   # 128 x 4: unsplit
+            assert not da.use_new_query_kernel(torch.randn(128, 3, 4, 16, device="cuda"), *args[1:])   # unsplit
             monkeypatch.setattr(da, "NEW_QUERY", False)
             assert not da.use_new_query_kernel(*args)
 
@@ -312,6 +317,7 @@ def test_a_compiled_step_writes_the_caches_in_place():
 def test_the_new_query_kernel_compiles_for_hopper(splits, qk_norm):
     """The kernel with the new query (NEW) at one and several parts, with and without qk-norm, to sm_90."""
     kernel = compile_for_hopper(da._one_query_kernel, KERNEL_SIGNATURE,
-                                dict(H=12, D=64, BLOCK=32, SPLITS=splits, NEW=True, QK_NORM=qk_norm, PDL=False),
+                                dict(H=12, D=64, BLOCK=32, SPLITS=splits, NEW=True, QK_NORM=qk_norm, PDL=False,
+                                     TRIGGER_FIRST=False),
                                 num_warps=2)
     assert kernel.asm["cubin"] and "st.global" in kernel.asm["ptx"]

@@ -228,36 +228,40 @@ def test_every_kernel_a_block_launches_compiles_for_hopper(norm, glu, residual, 
     signature = {"X": "*bf16", "W": "*bf16", "Y": "*fp32" if residual else "*bf16", "G": "*fp32",
                  "R": "*fp32" if residual else "*bf16", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32",
                  "M_P2": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "NORM": "constexpr",
-                 "GLU": "constexpr", "RESIDUAL": "constexpr", "ONE_PASS": "constexpr", "PDL": "constexpr"}
+                 "GLU": "constexpr", "RESIDUAL": "constexpr", "ONE_PASS": "constexpr", "PDL": "constexpr",
+                 "TRIGGER_FIRST": "constexpr"}
     N, K = (D, HIDDEN) if glu else (3 * D, D) if norm else (D, D)
     block_n, block_k, warps = (4, 1 << (K - 1).bit_length(), 4) if one_pass else matvec.launch_config(N, K)
     kernel = compile_for_hopper(matvec._matvec_kernel, signature,
                                 dict(M_P2=2, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, GLU=glu, RESIDUAL=residual,
-                                     ONE_PASS=block_k >= K, PDL=False), num_warps=warps)
+                                     ONE_PASS=block_k >= K, PDL=False, TRIGGER_FIRST=False), num_warps=warps)
     assert kernel.asm["cubin"] and "griddepcontrol" not in kernel.asm["ptx"]
 
 
 @needs_compiler
 @pytest.mark.skipif(not PDL_SUPPORTED, reason="this Triton has no programmatic dependent launch")
 @pytest.mark.parametrize("norm, glu, residual", [(True, False, False), (False, True, True)])
-def test_launched_with_pdl_the_weight_is_read_before_the_wait(norm, glu, residual):
+@pytest.mark.parametrize("first", [False, True])
+def test_launched_with_pdl_the_weight_is_read_before_the_wait(norm, glu, residual, first):
     """With PDL (NOTES A57) the one-pass kernel's first global loads are its weight slab, before
     ``griddepcontrol.wait``: they overlap the kernel before it. x, the norm and the residual, which that kernel
-    may still be writing, are read after the wait; the output is stored after it."""
+    may still be writing, are read after the wait; the output is stored after it. The next kernel may start as
+    this one begins (``first``) or after its wait."""
     signature = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "G": "*fp32", "R": "*bf16", "M": "i32", "N": "i32",
                  "K": "i32", "eps": "fp32", **{name: "constexpr" for name in (
-                     "M_P2", "BLOCK_N", "BLOCK_K", "NORM", "GLU", "RESIDUAL", "ONE_PASS", "PDL")}}
+                     "M_P2", "BLOCK_N", "BLOCK_K", "NORM", "GLU", "RESIDUAL", "ONE_PASS", "PDL", "TRIGGER_FIRST")}}
     N, K = (D, HIDDEN) if glu else (3 * D, D)
     block_n, block_k, warps = matvec.launch_config(N, K)
     assert block_k >= K                    # AR-B's shapes launch in one pass
     kernel = compile_for_hopper(matvec._matvec_kernel, signature,
                                 dict(M_P2=2, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm, GLU=glu, RESIDUAL=residual,
-                                     ONE_PASS=True, PDL=True), num_warps=warps, launch_pdl=True)
+                                     ONE_PASS=True, PDL=True, TRIGGER_FIRST=first), num_warps=warps,
+                                launch_pdl=True)
     ptx = kernel.asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
     before, after = ptx[:wait], ptx[wait:]
     assert before.count("ld.global") >= 1 and "st.global" not in before
-    assert wait < ptx.index("griddepcontrol.launch_dependents")
+    assert (ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")) == first
     assert after.count("ld.global") >= 2 and "st.global" in after       # x (and up, or the norm's weight), R
 
 
