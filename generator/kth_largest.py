@@ -1,12 +1,10 @@
 """The k-th largest value of each row: the threshold of top-k sampling.
 
 ``kth_largest(x, k)`` = ``torch.topk(x, k).values.amin(-1, keepdim=True)``. On CUDA (with Triton) one
-program per row holds the whole row in registers and finds the value digit by digit: floats map to
-uint32 keys in the same order (negative floats get their magnitude bits flipped, then the sign bit is
-flipped), and from the top, each of 16 rounds picks the next two bits: the largest digit d whose
-candidate (prefix | d << shift) still has at least k keys >= it (the three counts of a round packed in
-one int64 sum over the row: one reduction, where bit by bit took two). The result is the exact
-k-th largest key, mapped back.
+program per row holds the whole row in registers and finds the value by bisection on its bits: floats
+map to int32 keys in the same order (negative floats get their magnitude bits flipped), and from the
+sign bit down, each of the 32 rounds keeps the next bit set when at least k keys are >= the candidate
+(one count over the row per round). The result is the exact k-th largest key, mapped back.
 
 Why a kernel: at batch 1 an AR-B decoding step's ``torch.topk`` of 2000 out of 16384 logits runs one
 thread block of radix passes, 79 us per token on an H200 against 18 us here (NOTES A26, A28: the
@@ -26,7 +24,7 @@ try:
 except ImportError:   # CPU-only installs: torch.topk
     triton = None
 
-MAX_COLUMNS = 32768     # the kernel holds a row in registers: up to 32k float32 per program (counts < 2^20)
+MAX_COLUMNS = 32768     # the kernel holds a row in registers: up to 32k float32 per program
 
 
 def kth_largest_reference(x_RV: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,26 +57,19 @@ def launch_config(columns: int) -> tuple[int, int]:
 if triton is not None:
     @triton.jit
     def _kth_largest_kernel(X, OUT, V, k, stride, BLOCK: tl.constexpr):
-        """One program per row: 16 rounds of 'the next two bits are the largest digit d in 0..3 with >= k keys
-        >= prefix | d << shift' (digit 0 always qualifies: >= k keys are >= the prefix)."""
+        """One program per row: 32 rounds of 'keep bit b when >= k keys are >= prefix | bit b'."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         x = tl.load(X + row * stride + cols, mask=cols < V, other=float("-inf"))   # padding never beats the k-th
         bits = x.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)           # signed int order == float order
-        key = (key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)   # unsigned int order == float order
-        prefix = tl.zeros([], tl.uint32)
-        for shift in tl.static_range(30, -1, -2):
-            c1 = prefix | (1 << shift)
-            c2 = prefix | (2 << shift)
-            c3 = prefix | (3 << shift)
-            # the three counts (each < 2^20) packed in one int64 sum: one reduction
-            packed = tl.sum((key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << 20)
-                            + ((key >= c3).to(tl.int64) << 40), axis=0)
-            n1, n2, n3 = packed & 0xFFFFF, (packed >> 20) & 0xFFFFF, packed >> 40
-            prefix = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, prefix)))
-        key = (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
-        bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # signed int order == float order
+        nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
+        prefix = tl.where(nonneg >= k, 0, -2147483647 - 1).to(tl.int32)   # the sign bit first
+        for b in tl.static_range(30, -1, -1):
+            cand = prefix | (1 << b)
+            count = tl.sum((key >= cand).to(tl.int32), axis=0)
+            prefix = tl.where(count >= k, cand, prefix)
+        bits = tl.where(prefix < 0, prefix ^ 0x7FFFFFFF, prefix)
         tl.store(OUT + row, bits.to(tl.float32, bitcast=True))
 
     @torch.library.custom_op("tessera::kth_largest", mutates_args=())
