@@ -5,7 +5,7 @@ import torch
 
 from generator import kth_largest as kl
 from generator.sampling import top_k_top_p_filter
-from tests.kernels import KERNEL_DEVICE, needs_kernel
+from tests.kernels import KERNEL_DEVICE, compile_for_hopper, needs_compiler, needs_kernel
 
 
 def rows_with_ties_and_signs(R: int, V: int, seed: int) -> torch.Tensor:
@@ -46,3 +46,13 @@ def test_cuda_dispatch_uses_the_kernel_within_its_limits():
     assert kl.use_kernel(x, 2000) and not kl.use_kernel(x.half(), 2000)
     assert not kl.use_kernel(torch.randn(3, kl.MAX_COLUMNS + 1, device="cuda"), 2)
     assert torch.equal(kl.kth_largest(x, 2000), kl.kth_largest_reference(x, 2000))
+
+
+@needs_compiler
+def test_the_kernel_compiles_for_hopper():
+    """AR-B's row (16384 logits) at its launch through Triton's real compiler to sm_90."""
+    block, warps = kl.launch_config(16384)
+    kernel = compile_for_hopper(kl._kth_largest_kernel, {"X": "*fp32", "OUT": "*fp32", "V": "i32", "k": "i32",
+                                                         "stride": "i32", "BLOCK": "constexpr"},
+                                dict(BLOCK=block), num_warps=warps)
+    assert kernel.asm["cubin"]
