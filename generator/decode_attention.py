@@ -20,7 +20,7 @@ import os
 import torch
 
 from generator import launch as launch_options
-from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, on_device, pdl_launch
+from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, on_device, pdl_launch, pdl_options
 
 try:
     import triton
@@ -264,7 +264,7 @@ if triton is not None:
                 out if q_norm is None else q_norm, out if k_norm is None else k_norm, cos, sin, pos, eps,
                 q.stride(1) if new else 0, k.shape[2],
                 H=H, D=D, BLOCK=block, SPLITS=splits, NEW=new is not None, QK_NORM=q_norm is not None,
-                PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, launch_pdl=pdl)
+                PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, **pdl_options(pdl))
         return out
 
     @torch.library.custom_op("tessera::attend_one_query", mutates_args=())

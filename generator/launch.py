@@ -48,6 +48,11 @@ def pdl_launch(t: torch.Tensor) -> bool:
     return PDL and PDL_SUPPORTED and t.is_cuda and _major_capability(t.device.index) >= 9
 
 
+def pdl_options(pdl: bool) -> dict:
+    """The Triton launch option for ``pdl`` (nothing without it: a Triton that lacks the option rejects the key)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 @functools.cache
 def _major_capability(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]

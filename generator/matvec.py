@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from generator import launch as launch_options
-from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, linear_in_half, on_device, pdl_launch
+from generator.launch import (gdc_launch_dependents, gdc_wait, int32_offsets, linear_in_half, on_device, pdl_launch,
+                              pdl_options)
 
 try:
     import triton
@@ -122,7 +123,7 @@ def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: i
             x_MK, weight_NK, y, x_MK if norm_weight is None else norm_weight, y if residual_MN is None else residual_MN,
             M, N, K, eps, M_P2=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
             NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual_MN is not None, ONE_PASS=block_k >= K,
-            PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, launch_pdl=pdl)
+            PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, **pdl_options(pdl))
     return y
 
 

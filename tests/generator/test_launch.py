@@ -80,3 +80,16 @@ def test_a_kernel_replacing_a_linear_matches_its_compute_dtype_outside_autocast(
     assert not linear_in_half(torch.empty(2, 8), w_bf16)                       # x float32: F.linear would refuse
     assert not linear_in_half(torch.empty(2, 8), w_fp32)                       # float32: no half kernel
     assert not linear_in_half(torch.empty(2, 8, dtype=torch.float16), w_bf16)
+
+
+def test_programmatic_dependent_launch_only_where_the_device_and_triton_have_it(monkeypatch):
+    """``pdl_launch``: ``PDL`` on, a Triton with the launch option, a CUDA device of capability >= 9; never for CPU
+    tensors (the interpreter). ``pdl_options`` passes the option only when on (older Tritons reject the key)."""
+    monkeypatch.setattr(launch, "PDL", True)
+    assert not launch.pdl_launch(torch.zeros(1))
+    assert launch.pdl_options(False) == {} and launch.pdl_options(True) == {"launch_pdl": True}
+    if torch.cuda.is_available():
+        x = torch.zeros(1, device="cuda")
+        assert launch.pdl_launch(x) == (launch.PDL_SUPPORTED and torch.cuda.get_device_capability()[0] >= 9)
+        monkeypatch.setattr(launch, "PDL", False)
+        assert not launch.pdl_launch(x)
