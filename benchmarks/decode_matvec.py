@@ -64,10 +64,10 @@ def fits(cfg: tuple, M: int, K: int) -> bool:
     """A launch worth timing: BLOCK_K at most K's power of two (more is masked lanes), and the float32 partial
     sums of (M, BLOCK_N, BLOCK_K) at most 128 registers a thread (more spills)."""
     block_n, block_k, warps = cfg
-    return block_k <= max(256, triton_next_pow2(K)) and triton_next_pow2(M) * block_n * block_k <= 128 * 32 * warps
+    return block_k <= max(256, next_pow2(K)) and next_pow2(M) * block_n * block_k <= 128 * 32 * warps
 
 
-def triton_next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
@@ -183,7 +183,7 @@ def main() -> None:
                                  copies)
             print("  ".join(row), flush=True)
         del copies
-    print(f"AR-B blocks at batch 1 (2 rows), cold weights and caches:", flush=True)
+    print("AR-B blocks at batch 1 (2 rows), cold weights and caches:", flush=True)
     for row in layer_chain():
         print("  " + row, flush=True)
     for rows in () if args.chain else (1, 64, 1024, 16384):

@@ -57,8 +57,9 @@ def launch_config(N: int, K: int) -> tuple[int, int, int]:
     power of two up to 2048 columns (then 2048 at a time), 2 rows a program where N <= K (else 4), 2 warps (4 past
     1024 columns). From ``benchmarks/decode_matvec``'s sweep with cold weights (H100, session 29, NOTES A57: a
     decoding step streams 170 MB of AR-B weights through a 50 MB L2), us per call vs session 25's launches: proj
-    (2, 1024, 2) 2.7 vs 3.4, down (2, 2048, 4) 4.3 vs 5.6, qkv (4, 1024, 2) 4.8 vs 5.3; gate_up's best there,
-    (4, 512, 2) at 5.9 us, is not one pass, so no weight load ahead of the wait under PDL."""
+    (2, 1024, 2) 2.7 vs 3.4, down (2, 2048, 4) 4.3 vs 5.6, qkv (4, 1024, 2) 4.8 vs 5.3. gate_up takes one pass
+    too, (4, 1024, 2), for its weight load ahead of the wait under PDL, where the sweep alone (no PDL) put
+    (4, 512, 2) first at 5.9 us and no one-pass launch in its best three (>= 6.3)."""
     block_k = min(1 << (K - 1).bit_length(), 2048)
     return (2 if N <= K else 4), block_k, (2 if block_k <= 1024 else 4)
 
