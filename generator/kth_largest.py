@@ -72,17 +72,20 @@ if triton is not None:
         bits = tl.where(prefix < 0, prefix ^ 0x7FFFFFFF, prefix)
         tl.store(OUT + row, bits.to(tl.float32, bitcast=True))
 
+    def launch(x: torch.Tensor, k: int, block: int, warps: int) -> torch.Tensor:
+        """The kernel on x (R, V) with unit-stride rows, one launch configuration (the benchmark times several)."""
+        R, V = x.shape
+        out = torch.empty(R, dtype=x.dtype, device=x.device)
+        with on_device(x):
+            _kth_largest_kernel[(R,)](x, out, V, k, x.stride(0), BLOCK=block, num_warps=warps)
+        return out
+
     @torch.library.custom_op("tessera::kth_largest", mutates_args=())
     def _kth_largest_op(x: torch.Tensor, k: int) -> torch.Tensor:
         x = x if x.stride(-1) == 1 else x.contiguous()
         if not int32_offsets(x):     # checked here, on the real shapes (a compiled caller's are symbolic)
             return kth_largest_reference(x, k)[:, 0]
-        R, V = x.shape
-        out = torch.empty(R, dtype=x.dtype, device=x.device)
-        block, warps = launch_config(V)
-        with on_device(x):
-            _kth_largest_kernel[(R,)](x, out, V, k, x.stride(0), BLOCK=block, num_warps=warps)
-        return out
+        return launch(x, k, *launch_config(x.shape[1]))
 
     @_kth_largest_op.register_fake
     def _(x, k):
