@@ -267,7 +267,10 @@ if triton is not None:
                 PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, **pdl_options(pdl))
         return out
 
-    @torch.library.custom_op("tessera::attend_one_query", mutates_args=())
+    # flexible_layout: inductor hands the op its inputs in whatever layout they have (the op reads strides), so a
+    # step's RoPE rows and mask row, gathered once, reach every layer's call as one buffer; under the default
+    # (exact strides) inductor copied them for each call: a kernel per layer and token (NOTES A58)
+    @torch.library.custom_op("tessera::attend_one_query", mutates_args=(), tags=(torch.Tag.flexible_layout,))
     def _attend_one_query_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))   # if a compiler re-laid them
         if not int32_offsets(q, k, v):     # checked here, on the real shapes (the compiled step's are symbolic)
@@ -278,13 +281,15 @@ if triton is not None:
     def _(q, k, v, mask):
         return v.new_empty(k.shape[0], k.shape[1], 1, k.shape[3])
 
-    @torch.library.custom_op("tessera::attend_new_query", mutates_args=("k_cache", "v_cache"))
+    @torch.library.custom_op("tessera::attend_new_query", mutates_args=("k_cache", "v_cache"),
+                             tags=(torch.Tag.flexible_layout,))          # as attend_one_query
     def _attend_new_query_op(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                              cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         if not (int32_offsets(qkv, k_cache, v_cache) and k_cache.stride(-1) == v_cache.stride(-1) == 1):
             return attend_new_query_reference(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pos, mask)
+        q_norm, k_norm = (None if w is None else w.contiguous() for w in (q_norm, k_norm))
         return launch(qkv, k_cache, v_cache, mask, mask.shape[1],
                       new=(q_norm, k_norm, eps, cos.contiguous(), sin.contiguous(), pos))
 

@@ -321,3 +321,57 @@ def test_the_new_query_kernel_compiles_for_hopper(splits, qk_norm):
                                      TRIGGER_FIRST=False),
                                 num_warps=2)
     assert kernel.asm["cubin"] and "st.global" in kernel.asm["ptx"]
+
+
+def op_arguments(code: str, op: str) -> list[list[str]]:
+    """The top-level arguments of each call of ``op`` in inductor's generated code."""
+    calls = []
+    for line in code.splitlines():
+        if f"{op}(" not in line:
+            continue
+        rest, depth, args, current = line.split(f"{op}(", 1)[1], 0, [], ""
+        for ch in rest:
+            if ch == "(" or ch == "[":
+                depth += 1
+            elif ch in ")]" and depth == 0:
+                break
+            elif ch in ")]":
+                depth -= 1
+            if ch == "," and depth == 0:
+                args.append(current.strip())
+                current = ""
+            else:
+                current += ch
+        calls.append(args + [current.strip()])
+    return calls
+
+
+@needs_kernel
+def test_a_compiled_step_gathers_its_rope_and_mask_rows_once(monkeypatch):
+    """A tiny AR model's cached step under torch.compile: every layer's ``attend_new_query`` takes the same RoPE
+    rows and mask row, gathered once for the step (the ops' flexible layout, NOTES A58); under the default exact
+    strides inductor copied the three rows for each layer's call, a kernel per layer and token."""
+    from torch._inductor.utils import run_and_get_code
+
+    from generator import transformer
+    from generator.autoregressive import ARGenerator
+    from generator.config import GeneratorConfig
+    monkeypatch.setattr(transformer, "use_new_query_kernel", lambda *a: da.new_query_shapes(*a))
+    torch.manual_seed(0)
+    config = GeneratorConfig(kind="ar", codebook_size=32, grid_size=4, num_classes=3, dim=64, depth=3, heads=2)
+    model = ARGenerator(config).to(KERNEL_DEVICE).eval()
+    ids, classes = torch.randint(0, 32, (3,), device=KERNEL_DEVICE), torch.tensor([0, 1, 2], device=KERNEL_DEVICE)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+            model.backbone.setup_caches(3, 16, torch.float32, KERNEL_DEVICE)
+            model.prefill(classes)
+            step = torch.compile(model.decode_one_token, fullgraph=True, dynamic=False)
+            _, (code, *_) = run_and_get_code(step, ids, torch.tensor([1], device=KERNEL_DEVICE), classes)
+    finally:
+        torch._dynamo.reset()
+        model.backbone.remove_caches()
+    calls = op_arguments(code, "torch.ops.tessera.attend_new_query.default")
+    assert len(calls) == config.depth
+    cos, sin, mask = ({call[i] for call in calls} for i in (4, 5, 9))     # (qkv, q_norm, k_norm, eps, cos, sin, ...)
+    assert len(cos) == len(sin) == len(mask) == 1, (cos, sin, mask)
