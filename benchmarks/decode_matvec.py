@@ -16,8 +16,9 @@ to choose a replacement before changing the sampler.
    programmatic dependent launch off and on (NOTES A57).
 3. The k-th largest logit of top-k 2000 over 16384 codes at 1, 64, 1024 and 16384 rows: ``torch.topk``,
    ``torch.kthvalue``, a full sort, and ``generator.kth_largest``'s Triton kernel (what sampling runs on
-   CUDA at every row count), at its launch
-   and with 4, 8 and 32 warps (the shipped 16 reduce across many warps in each of 32 rounds).
+   CUDA at every row count), at its launch; at 1 and 64 rows also with 4-32 warps and 1, 4 or 8 bits a round
+   (`kernel Ww/Bb`: the shipped 1 bit reduces across all warps in each of 32 rounds; 4 and 8 are radix select on
+   shared-memory histograms, 8 or 4 rounds).
 
 bf16 weights (as the pipelines store them on a GPU), microseconds per call among the calls replayed from one
 CUDA graph (``decode_attention.graph_time_us``: the time a call takes inside a captured decoding step),
@@ -195,9 +196,14 @@ def main() -> None:
         timings = {"topk": lambda: kl.kth_largest_reference(logits, TOP_K),
                    "kthvalue": lambda: torch.kthvalue(logits, V - TOP_K + 1, dim=-1).values,
                    "sort": lambda: torch.sort(logits, dim=-1, descending=True).values[:, TOP_K - 1],
-                   "kernel": lambda: torch.ops.tessera.kth_largest(logits, TOP_K),
-                   **{f"kernel {w} warps": lambda w=w: kl.launch(logits, TOP_K, kl.launch_config(V)[0], w)
-                      for w in (4, 8, 32) if w != kl.launch_config(V)[1]}}
+                   "kernel": lambda: torch.ops.tessera.kth_largest(logits, TOP_K)}
+        if rows <= 64:          # a decoding step's rows: the kernel's other launches
+            block, shipped = kl.launch_config(V)
+            timings.update({f"kernel {w}w/{b}b": lambda w=w, b=b: kl.launch(logits, TOP_K, block, w, b)
+                            for w in (4, 8, 16, 32) for b in (1, 4, 8) if (w, b) != (shipped, 1)})
+        for name, fn in timings.items():
+            if name.startswith("kernel "):
+                assert torch.equal(fn(), kth), name
         print(f"top-{TOP_K} threshold of {V}, {rows:5d} rows: "
               + "  ".join(f"{n} {time_us(lambda _, fn=fn: fn(), [logits]):7.1f} us" for n, fn in timings.items()),
               flush=True)
