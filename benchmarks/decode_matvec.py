@@ -13,7 +13,8 @@ to choose a replacement before changing the sampler.
    on an H200 (NOTES A28) and is gone.
 2. AR-B's blocks in a chain (``layer_chain``; ``--chain``: only this): a step's five kernels per block, 24 blocks
    of cold weights and caches in one CUDA graph, under session 25's launches and ``launch_config``'s, each with
-   programmatic dependent launch off and on (NOTES A57).
+   programmatic dependent launch off and on (NOTES A57); with PDL the output must equal PDL off's bit for bit
+   (a kernel reading what the one before writes too early would show here).
 3. The k-th largest logit of top-k 2000 over 16384 codes at 1, 64, 1024 and 16384 rows: ``torch.topk``,
    ``torch.kthvalue``, a full sort, and ``generator.kth_largest``'s Triton kernel (what sampling runs on
    CUDA at every row count), at its launch; at 1 and 64 rows also with 4-32 warps and 1, 4 or 8 bits a round
@@ -151,6 +152,11 @@ def layer_chain(layers: int = 24, slots: int = 256) -> list[str]:
     ref = outs["session 25's launches", False, False]
     err = max((o - ref).abs().max().item() for o in outs.values())
     rows.append(f"(outputs after {layers} blocks: max difference between the six {err:.2e})")
+    for name in ("session 25's launches", "launch_config"):      # PDL changes when kernels start, not a sum
+        for pdl_first in ((True, False), (True, True)):
+            same = torch.equal(outs[(name, *pdl_first)], outs[name, False, False])
+            rows.append(f"{name}: PDL {'first' if pdl_first[1] else 'after the wait'} output "
+                        f"{'equal to' if same else 'DIFFERS FROM'} PDL off (bit for bit)")
     return rows
 
 
