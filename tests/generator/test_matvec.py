@@ -318,3 +318,53 @@ def test_on_a_gpu_sampling_takes_the_kernel_and_replays_its_ids(monkeypatch):
         ids = [model.sample([0, 1], generator=torch.Generator("cuda").manual_seed(0), cfg_scale=2.0, compile=True)
                for _ in range(3)]
     assert torch.equal(ids[0], ids[1]) and torch.equal(ids[1], ids[2])
+
+
+def run_blocks(blocks: list[dict], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A cached step's blocks as the decoding step launches them at batch 1 (the norm + qkv mat-vec, the one-query
+    attention, proj + residual, the norm + gate_up, SwiGLU + down + residual)."""
+    from generator import decode_attention
+    B, D = x.shape
+    for b in blocks:
+        qkv = matvec.linear_few_rows(x, b["qkv"], norm_weight=b["g1"])
+        H, hd = b["k"].shape[1], b["k"].shape[3]
+        a = decode_attention.attend_one_query(qkv[:, :D].reshape(B, H, 1, hd), b["k"], b["v"], mask).reshape(B, D)
+        x = matvec.linear_few_rows(a, b["proj"], residual=x)
+        x = matvec.linear_few_rows(matvec.linear_few_rows(x, b["gate_up"], norm_weight=b["g2"]), b["down"], glu=True,
+                                   residual=x)
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not PDL_SUPPORTED, reason="needs CUDA and a Triton with PDL")
+@pytest.mark.parametrize("first", [False, True])
+def test_blocks_launched_with_pdl_equal_the_serial_launches_bit_for_bit(monkeypatch, first):
+    """Eight AR-like blocks (dim 256, 4 heads, a 64-slot cache) replayed from a CUDA graph with the kernels launched
+    with programmatic dependent launch (NOTES A57), letting the next kernel in after the wait or first: the same
+    output, bit for bit, as launched one after another (a kernel reading its predecessor's output early would
+    differ). On a GPU before Hopper both runs launch serially."""
+    from generator import launch
+    torch.manual_seed(0)
+    D, H, S = 256, 4, 64
+    blocks = [{"qkv": torch.randn(3 * D, D), "proj": torch.randn(D, D), "gate_up": torch.randn(4 * D, D),
+               "down": torch.randn(D, 2 * D), "k": torch.randn(2, H, S, D // H), "v": torch.randn(2, H, S, D // H)}
+              for _ in range(8)]
+    blocks = [{n: (t * 0.05).to("cuda", torch.bfloat16) for n, t in b.items()} for b in blocks]
+    for b in blocks:
+        b["g1"], b["g2"] = (1 + 0.1 * torch.randn(D, device="cuda") for _ in range(2))
+    mask, x0 = torch.ones(1, S, dtype=torch.bool, device="cuda"), torch.randn(2, D, device="cuda")
+    outs = []
+    for pdl in (False, True):
+        monkeypatch.setattr(launch, "PDL", pdl)
+        monkeypatch.setattr(launch, "PDL_TRIGGER_FIRST", first)
+        with torch.no_grad():
+            run_blocks(blocks, x0, mask)                    # compile the launches outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run_blocks(blocks, x0, mask)
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            outs.append(out.clone())
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], run_blocks(blocks, x0, mask), rtol=0, atol=0)
