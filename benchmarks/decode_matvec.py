@@ -67,11 +67,8 @@ def fits(cfg: tuple, M: int, K: int) -> bool:
     """A launch worth timing: BLOCK_K at most K's power of two (more is masked lanes), and the float32 partial
     sums of (M, BLOCK_N, BLOCK_K) at most 128 registers a thread (more spills)."""
     block_n, block_k, warps = cfg
-    return block_k <= max(256, next_pow2(K)) and next_pow2(M) * block_n * block_k <= 128 * 32 * warps
-
-
-def next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+    pow2 = mv.triton.next_power_of_2
+    return block_k <= max(256, pow2(K)) and pow2(M) * block_n * block_k <= 128 * 32 * warps
 
 
 def sweep(what: str, kernel, expected: torch.Tensor, shipped: tuple, mb: float, copies: list) -> list[str]:

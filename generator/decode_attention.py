@@ -19,8 +19,7 @@ import os
 
 import torch
 
-from generator import launch as launch_options
-from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, on_device, pdl_launch, pdl_options
+from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, on_device, pdl_kwargs
 
 try:
     import triton
@@ -255,7 +254,6 @@ if triton is not None:
         else:
             part = ticket = out
         q_norm, k_norm, eps, cos, sin, pos = new or (None, None, 0.0, out, out, ticket)
-        pdl = pdl_launch(q)
         with on_device(q):
             _one_query_kernel[(B * H, splits)](
                 q, k, v, mask, out, part, ticket, S, triton.cdiv(S, splits), D ** -0.5,
@@ -264,7 +262,7 @@ if triton is not None:
                 out if q_norm is None else q_norm, out if k_norm is None else k_norm, cos, sin, pos, eps,
                 q.stride(1) if new else 0, k.shape[2],
                 H=H, D=D, BLOCK=block, SPLITS=splits, NEW=new is not None, QK_NORM=q_norm is not None,
-                PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, **pdl_options(pdl))
+                num_warps=warps, **pdl_kwargs(q))
         return out
 
     # flexible_layout: inductor hands the op its inputs in whatever layout they have (the op reads strides), so a

@@ -5,9 +5,9 @@ program per row holds the whole row in registers and finds the value by bisectio
 map to int32 keys in the same order (negative floats get their magnitude bits flipped), and from the
 sign bit down, each of the 32 rounds keeps the next bit set when at least k keys are >= the candidate
 (one count over the row per round). The result is the exact k-th largest key, mapped back. ``launch``'s
-``digit_bits`` (4 or 8) decides that many bits a round instead, by radix select on a histogram of the next
-digit (8 or 4 rounds, shared-memory atomics): timed by ``benchmarks/decode_matvec``, not shipped until it wins
-(two bits a round by packed counts lost: 23.5 vs 18.1 us, H100, NOTES A57).
+``digit_bits`` (2, 4 or 8) decides that many bits a round instead, by radix select on a histogram of
+the next digit (16, 8 or 4 rounds, shared-memory atomics): timed by ``benchmarks/decode_matvec``, not
+shipped until it wins (two bits a round by packed counts lost: 23.5 vs 18.1 us, H100, NOTES A57).
 
 Why a kernel: at batch 1 an AR-B decoding step's ``torch.topk`` of 2000 out of 16384 logits runs one
 thread block of radix passes, 79 us per token on an H200 against 18 us here (NOTES A26, A28: the

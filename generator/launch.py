@@ -48,9 +48,11 @@ def pdl_launch(t: torch.Tensor) -> bool:
     return PDL and PDL_SUPPORTED and t.is_cuda and _major_capability(t.device.index) >= 9
 
 
-def pdl_options(pdl: bool) -> dict:
-    """The Triton launch option for ``pdl`` (nothing without it: a Triton that lacks the option rejects the key)."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_kwargs(t: torch.Tensor) -> dict:
+    """A decoding kernel's launch arguments for PDL on ``t``'s device: its ``PDL`` and ``TRIGGER_FIRST``
+    constexprs, and Triton's ``launch_pdl`` option only when on (a Triton without the option rejects the key)."""
+    pdl = pdl_launch(t)
+    return {"PDL": pdl, "TRIGGER_FIRST": PDL_TRIGGER_FIRST, **({"launch_pdl": True} if pdl else {})}
 
 
 @functools.cache

@@ -37,9 +37,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from generator import launch as launch_options
-from generator.launch import (gdc_launch_dependents, gdc_wait, int32_offsets, linear_in_half, on_device, pdl_launch,
-                              pdl_options)
+from generator.launch import gdc_launch_dependents, gdc_wait, int32_offsets, linear_in_half, on_device, pdl_kwargs
 
 try:
     import triton
@@ -118,13 +116,12 @@ def launch(x_MK: torch.Tensor, weight_NK: torch.Tensor, block_n: int, block_k: i
     M, N, K = x_MK.shape[0], weight_NK.shape[0], weight_NK.shape[1]
     out_dtype = weight_NK.dtype if residual_MN is None else torch.promote_types(residual_MN.dtype, weight_NK.dtype)
     y = torch.empty(M, N, dtype=out_dtype, device=x_MK.device)
-    pdl = pdl_launch(x_MK)
     with on_device(x_MK):
         _matvec_kernel[(triton.cdiv(N, block_n),)](
             x_MK, weight_NK, y, x_MK if norm_weight is None else norm_weight, y if residual_MN is None else residual_MN,
             M, N, K, eps, M_P2=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
             NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual_MN is not None, ONE_PASS=block_k >= K,
-            PDL=pdl, TRIGGER_FIRST=launch_options.PDL_TRIGGER_FIRST, num_warps=warps, **pdl_options(pdl))
+            num_warps=warps, **pdl_kwargs(x_MK))
     return y
 
 

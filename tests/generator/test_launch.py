@@ -84,12 +84,16 @@ def test_a_kernel_replacing_a_linear_matches_its_compute_dtype_outside_autocast(
 
 def test_programmatic_dependent_launch_only_where_the_device_and_triton_have_it(monkeypatch):
     """``pdl_launch``: ``PDL`` on, a Triton with the launch option, a CUDA device of capability >= 9; never for CPU
-    tensors (the interpreter). ``pdl_options`` passes the option only when on (older Tritons reject the key)."""
+    tensors (the interpreter). ``pdl_kwargs`` passes Triton's option only when on (older Tritons reject the key)."""
     monkeypatch.setattr(launch, "PDL", True)
     assert not launch.pdl_launch(torch.zeros(1))
-    assert launch.pdl_options(False) == {} and launch.pdl_options(True) == {"launch_pdl": True}
+    assert launch.pdl_kwargs(torch.zeros(1)) == {"PDL": False, "TRIGGER_FIRST": launch.PDL_TRIGGER_FIRST}
+    monkeypatch.setattr(launch, "PDL_TRIGGER_FIRST", True)
+    assert launch.pdl_kwargs(torch.zeros(1))["TRIGGER_FIRST"]
     if torch.cuda.is_available():
         x = torch.zeros(1, device="cuda")
-        assert launch.pdl_launch(x) == (launch.PDL_SUPPORTED and torch.cuda.get_device_capability()[0] >= 9)
+        on = launch.PDL_SUPPORTED and torch.cuda.get_device_capability()[0] >= 9
+        assert launch.pdl_launch(x) == on
+        assert launch.pdl_kwargs(x) == {"PDL": on, "TRIGGER_FIRST": True, **({"launch_pdl": True} if on else {})}
         monkeypatch.setattr(launch, "PDL", False)
-        assert not launch.pdl_launch(x)
+        assert not launch.pdl_launch(x) and "launch_pdl" not in launch.pdl_kwargs(x)
