@@ -25,7 +25,7 @@ launched with programmatic dependent launch, NOTES A48), sample-ar-cublas (the s
 Linear layers through cuBLAS, generator/matvec.py's fused mat-vecs off, NOTES A49, A52), sample-ar-no-pdl (the same
 with generator/'s decoding kernels launched without programmatic dependent launch, A57), sample-ar-split (the same
 with batch 1's attention split over several programs per sequence and head, the fastest launch of a sweep, A54),
-sample-ar-even-chunks (the same with the first chunk of tokens as long as the others, A59 off), sample-var,
+sample-var,
 profile-masked / profile-ar / profile-var (where the compiled sampler's GPU time goes), maxbatch.
 
 ImageNet-256 shapes (16x16 grid of a 16384-code f16 tokenizer; VAR: 10 scales of a 4096-code
@@ -65,7 +65,7 @@ PARTS = ["sample-masked", "sample-masked-fused", "sample-masked-torch-attn", "sa
          "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
          "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-unshared", "sample-masked-host",
          "sample-ar", "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-no-pdl", "sample-ar-split",
-         "sample-ar-unfused-query", "sample-ar-fused-query", "sample-ar-even-chunks", "sample-var",
+         "sample-ar-unfused-query", "sample-ar-fused-query", "sample-var",
          "profile-masked", "profile-ar", "profile-var", "maxbatch"]
 # the peers' settings (peers/bench_peers.py): LlamaGen cfg 2.0, top-k 2000; VAR cfg 1.5, top-k 900, top-p 0.96
 SAMPLING = {"masked-B": dict(cfg_scale=2.0), "ar-B": dict(cfg_scale=2.0, top_k=2000),
@@ -352,9 +352,8 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
     """AR-B eager, then ``sample(compile=True)`` with fp32 frozen and with bf16 Linear weights (batch B,
     B + decoding, and batch 1 on the pipelines' bf16 path). The compiled path: the decode step compiled
     (dynamic cache length), its first call per setup uncaptured, the second captures one CUDA graph per
-    chunk of tokens (8, then 32 each), later calls replay them (``timing``'s two warm-ups). ``decode_options``:
-    torch.compile arguments of the step added to ``ARGenerator.decode_compile_options`` (bf16 weights only, rows
-    named ``[what]``)."""
+    32 tokens, later calls replay them (``timing``'s two warm-ups). ``decode_options``: torch.compile arguments
+    of the step added to ``ARGenerator.decode_compile_options`` (bf16 weights only, rows named ``[what]``)."""
     b = Bench(args, sink, "ar-B")
     B, on_gpu = b.batch, b.dev.type == "cuda"
     variant = decode_options is not None
@@ -366,7 +365,7 @@ def sample_ar(args, sink: RowSink, decode_options: dict | None = None, what: str
         def status() -> str:
             if not on_gpu:
                 return "eager (the built-in compile is CUDA-only)"
-            return warn.status(f"built-in decode step ({what or 'default mode'}) + CUDA graph per chunk of tokens")
+            return warn.status(f"built-in decode step ({what or 'default mode'}) + CUDA graph per 32 tokens")
 
         if not variant:
             b.guarded("eager", lambda: b.sample(B, compile=False), batch=B, compile="eager", decode=False, slow=True)
@@ -424,15 +423,6 @@ def sample_ar_no_pdl(args, sink: RowSink) -> None:
     from generator import launch
     with mock.patch.object(launch, "PDL", False):
         sample_ar(args, sink, decode_options={}, what="no PDL")
-
-
-def sample_ar_even_chunks(args, sink: RowSink) -> None:
-    """``sample-ar``'s bf16-weight rows with every chunk of decoded tokens 32 long, the first one too (NOTES A59
-    off: ``autoregressive.FIRST_GRAPH_TOKENS`` = ``GRAPH_TOKENS``), rows named ``[even chunks]``, to pair with
-    ``sample-ar``'s rows and ids digest of the same run."""
-    from generator import autoregressive
-    with mock.patch.object(autoregressive, "FIRST_GRAPH_TOKENS", autoregressive.GRAPH_TOKENS):
-        sample_ar(args, sink, decode_options={}, what="even chunks")
 
 
 def sample_ar_new_query(args, sink: RowSink, fused: bool) -> None:
@@ -863,7 +853,7 @@ def main() -> None:
             "sample-ar-pdl": functools.partial(sample_ar, decode_options={"options": {"triton.enable_pdl": True}},
                                                what="PDL"),
             "sample-ar-cublas": sample_ar_cublas, "sample-ar-no-pdl": sample_ar_no_pdl,
-            "sample-ar-split": sample_ar_split, "sample-ar-even-chunks": sample_ar_even_chunks,
+            "sample-ar-split": sample_ar_split,
             "sample-ar-unfused-query": functools.partial(sample_ar_new_query, fused=False),
             "sample-ar-fused-query": functools.partial(sample_ar_new_query, fused=True),
             "sample-var": sample_var, "maxbatch": maxbatch,

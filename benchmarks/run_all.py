@@ -56,7 +56,6 @@ JOBS = [
     Job("sample-ar-fused-query", "benchmarks.generators", ["--part", "sample-ar-fused-query"], 90),   # A56 on
     Job("sample-ar-cublas", "benchmarks.generators", ["--part", "sample-ar-cublas"], 120),  # A52 off: the same
     Job("sample-ar-no-pdl", "benchmarks.generators", ["--part", "sample-ar-no-pdl"], 90),   # A57 off: the same
-    Job("sample-ar-even-chunks", "benchmarks.generators", ["--part", "sample-ar-even-chunks"], 90),  # A59 off
     Job("sample-masked-fused", "benchmarks.generators", ["--part", "sample-masked-fused"], 200),  # 145-201 s (s. 20)
     Job("sample-masked-torch-attn", "benchmarks.generators", ["--part", "sample-masked-torch-attn"], 90),  # A29 off
     Job("sample-masked-split-attn", "benchmarks.generators", ["--part", "sample-masked-split-attn"], 60),  # A36: 32 s
@@ -120,7 +119,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-masked-max-autotune", "sample-masked-inductor-default", "sample-masked-pdl",
                  "sample-masked-cublas-workspace", "sample-masked-stored-noise", "sample-masked-host",
                  "sample-ar-autotune", "sample-ar-pdl", "sample-ar-cublas", "sample-ar-no-pdl", "sample-ar-split",
-                 "sample-ar-unfused-query", "sample-ar-fused-query", "sample-ar-even-chunks",
+                 "sample-ar-unfused-query", "sample-ar-fused-query",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
                  "train-var-d16-groupings"}

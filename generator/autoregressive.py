@@ -38,18 +38,6 @@ logger = logging.getLogger(__name__)
 
 KV_BUCKET = 32      # cached decoding reads cache slots in multiples of this many
 GRAPH_TOKENS = 32   # tokens per chunk: one noise buffer and, on CUDA, one captured graph each
-FIRST_GRAPH_TOKENS = 8   # the first chunk's tokens (NOTES A59: a short first graph starts the GPU sooner)
-
-
-def token_chunks(num_tokens: int) -> list[tuple[int, int]]:
-    """[start, stop) of each chunk of decoded tokens: ``FIRST_GRAPH_TOKENS``, then ``GRAPH_TOKENS`` each. The GPU
-    waits while the host draws the first chunk's noise and launches its graph (~0.6 us a kernel); from then on
-    the host draws and launches each chunk while the GPU runs the one before, so only the first chunk's
-    launch is in the latency, and a short one costs less of it."""
-    bounds = [0, min(FIRST_GRAPH_TOKENS, num_tokens)]
-    while bounds[-1] < num_tokens:
-        bounds.append(min(bounds[-1] + GRAPH_TOKENS, num_tokens))
-    return list(zip(bounds, bounds[1:]))
 
 
 def kv_slots(pos: int, num_slots: int, bucket: int | None = None) -> int:
@@ -215,12 +203,12 @@ class ARGenerator(Generator):
 
         ``classes_B`` is doubled [cond; null] when ``guided``; ``scales[i]`` is the guidance scale of
         token i (1 = the conditional half as it is), a table the step indexes by position. The tokens go
-        in chunks (``token_chunks``: 8 tokens, then 32 each): per chunk the loop first draws E ~ Exp(1) (B, V) for each of its
+        in chunks of ``GRAPH_TOKENS``: per chunk the loop first draws E ~ Exp(1) (B, V) for each of its
         tokens from ``generator`` into the buffers (the draws ``sample_logits`` makes, in the same order:
         the generator is used for nothing else; none at temperature 0), then decodes the chunk
         (``run_tokens``): eagerly, through the compiled step, or on CUDA from the second call of the same
-        setup by replaying the chunk's CUDA graph, so the host launches one graph per chunk instead
-        of a compiled call per token (NOTES A28, A59). No host syncs in the loop.
+        setup by replaying the chunk's CUDA graph, so the host launches one graph per 32 tokens instead
+        of a compiled call per token (NOTES A28). No host syncs in the loop.
         """
         N = self.config.num_tokens
         if (known_BN is None) != (known_mask_BN is None):
@@ -229,7 +217,8 @@ class ARGenerator(Generator):
         buf = decoder.buffers_for(self, classes_B, guided, temperature, top_k, top_p, known_BN is not None)
         buf.load(self, classes_B, scales, known_BN, known_mask_BN)
         graphs = decoder.graphs(self, buf, temperature, top_k, top_p)
-        for j, (start, stop) in enumerate(token_chunks(N)):
+        for j, start in enumerate(range(0, N, GRAPH_TOKENS)):
+            stop = min(start + GRAPH_TOKENS, N)
             if buf.noise is not None:
                 for k in range(stop - start):
                     fill_exponential_(buf.noise[k], generator)
@@ -267,8 +256,8 @@ class ARGenerator(Generator):
         differently from eager ones, and with the CUDA-graph step last-bit run-to-run differences (H100,
         torch 2.11) changed a few late draws. Runs in the caller's autocast context. On CUDA the second
         call of the same setup (batch, guidance, filters, inpainting, autocast) captures the decoding in
-        CUDA graphs, one per chunk of up to 32 tokens, which later calls replay; the compiled decoder keeps that
-        setup's buffers and KV caches (AR-B at batch 64 with CFG: ~1.3 GB) until a new setup replaces them. The
+        CUDA graphs, one per 32 tokens, which later calls replay; the compiled decoder keeps that setup's
+        buffers and KV caches (AR-B at batch 64 with CFG: ~1.3 GB) until a new setup replaces them. The
         module itself is left without KV caches.
         """
         if ignored:
@@ -327,8 +316,8 @@ class DecodeBuffers:
         self.scales_N = torch.empty(N, dtype=torch.float32, device=device) if guided else None
         self.known_BN = torch.empty(B, N, dtype=torch.long, device=device) if inpainting else None
         self.mask_BN = torch.empty(B, N, dtype=torch.bool, device=device) if inpainting else None
-        chunk = max(stop - start for start, stop in token_chunks(N))
-        self.noise = [torch.empty(B, c.codebook_size, device=device) for _ in range(chunk)] if draws else None
+        self.noise = ([torch.empty(B, c.codebook_size, device=device) for _ in range(GRAPH_TOKENS)]
+                      if draws else None)
         self.pos = [torch.full((1,), i, dtype=torch.long, device=device) for i in range(N)]
         self.causal = {}
         for S in sorted({kv_slots(i, N) for i in range(1, N)}):
@@ -356,8 +345,8 @@ class DecodeBuffers:
 
 class ARDecoder:
     """The decode step (``ARGenerator.decode_step`` or its compiled version) and, for the compiled one,
-    the buffers of the last sampling setup and their CUDA graphs (one per chunk of ``token_chunks``,
-    captured at the setup's second call). A new setup (batch, guidance, filters, inpainting,
+    the buffers of the last sampling setup and their CUDA graphs (one per chunk of ``GRAPH_TOKENS``
+    tokens, captured at the setup's second call). A new setup (batch, guidance, filters, inpainting,
     autocast, or weights in new storage) replaces them; an eager decoder makes fresh buffers per call."""
 
     def __init__(self, step):
@@ -393,10 +382,11 @@ class ARDecoder:
         if self._graphs is None:
             N, pool, graphs = model.config.num_tokens, torch.cuda.graph_pool_handle(), []
             try:
-                for start, stop in token_chunks(N):
+                for start in range(0, N, GRAPH_TOKENS):
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        model.run_tokens(self.step, buf, start, stop, temperature, top_k, top_p)
+                        model.run_tokens(self.step, buf, start, min(start + GRAPH_TOKENS, N), temperature, top_k,
+                                         top_p)
                     graphs.append(graph)
                 self._graphs = graphs
             except Exception as e:       # noqa: BLE001 - e.g. an op that cannot be captured
