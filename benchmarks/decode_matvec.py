@@ -1,7 +1,7 @@
 """Micro-benchmark (GPU): the per-token work of AR-B decoding at batch 1 that NOTES A26 found latency-bound,
 to choose a replacement before changing the sampler.
 
-    python3 -m benchmarks.decode_matvec [--warm] [--plain] [--chain]
+    python3 -m benchmarks.decode_matvec [--warm] [--plain] [--chain | --topk]
 
 1. The five Linear shapes of an AR-B step (qkv, proj, gate_up, down, head) at M = 2 rows (batch 1 with CFG)
    and M = 128 (batch 64): ``F.linear`` (cuBLAS without a workspace, as the sampling commands run it) against
@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true", help="every call reads one weight (from L2), as sessions 9-25 did")
     ap.add_argument("--plain", action="store_true", help="also sweep the kernel without the block's fused work")
     ap.add_argument("--chain", action="store_true", help="only the chain of blocks (no sweep, no top-k)")
+    ap.add_argument("--topk", action="store_true", help="only the top-k thresholds (no sweep, no chain)")
     args = ap.parse_args()
     prefer_static_matmul_schedules()      # cuBLAS without a workspace, as the sampling commands run it (NOTES A45)
     torch.manual_seed(0)
@@ -169,7 +170,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, AR-B shapes, "
           f"{'warm (one weight)' if args.warm else f'cold (~{COLD_MB} MB of weight copies per replay)'}; "
           f"us per call in one CUDA graph; matvec's launches (BLOCK_N, BLOCK_K, warps), shipped from launch_config")
-    for name, (K, N) in ({} if args.chain else SHAPES).items():
+    for name, (K, N) in ({} if args.chain or args.topk else SHAPES).items():
         weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
         mb = weight.numel() * 2 / 1e6
         copies = weight_copies(weight, cold=not args.warm)
@@ -188,9 +189,10 @@ def main() -> None:
                                  copies)
             print("  ".join(row), flush=True)
         del copies
-    print("AR-B blocks at batch 1 (2 rows), cold weights and caches:", flush=True)
-    for row in layer_chain():
-        print("  " + row, flush=True)
+    if not args.topk:
+        print("AR-B blocks at batch 1 (2 rows), cold weights and caches:", flush=True)
+        for row in layer_chain():
+            print("  " + row, flush=True)
     for rows in () if args.chain else (1, 64, 1024, 16384):
         logits = torch.randn(rows, V, device=dev)
         kth = kl.kth_largest_reference(logits, TOP_K)[:, 0]
