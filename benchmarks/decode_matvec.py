@@ -17,9 +17,7 @@ to choose a replacement before changing the sampler.
    (a kernel reading what the one before writes too early would show here).
 3. The k-th largest logit of top-k 2000 over 16384 codes at 1, 64, 1024 and 16384 rows: ``torch.topk``,
    ``torch.kthvalue``, a full sort, and ``generator.kth_largest``'s Triton kernel (what sampling runs on
-   CUDA at every row count), at its launch; at 1 and 64 rows also with 4-32 warps and 1, 4 or 8 bits a round
-   (`kernel Ww/Bb`: the shipped 1 bit reduces across all warps in each of 32 rounds; 4 and 8 are radix select on
-   shared-memory histograms, 8 or 4 rounds).
+   CUDA at every row count), at its launch; at 1 and 64 rows also with 4-32 warps (`kernel Ww`).
 
 bf16 weights (as the pipelines store them on a GPU), microseconds per call among the calls replayed from one
 CUDA graph (``decode_attention.graph_time_us``: the time a call takes inside a captured decoding step),
@@ -204,8 +202,8 @@ def main() -> None:
                    "kernel": lambda: torch.ops.tessera.kth_largest(logits, TOP_K)}
         if rows <= 64:          # a decoding step's rows: the kernel's other launches
             block, shipped = kl.launch_config(V)
-            timings.update({f"kernel {w}w/{b}b": lambda w=w, b=b: kl.launch(logits, TOP_K, block, w, b)
-                            for w in (4, 8, 16, 32) for b in (1, 4, 8) if (w, b) != (shipped, 1)})
+            timings.update({f"kernel {w}w": lambda w=w: kl.launch(logits, TOP_K, block, w)
+                            for w in (4, 8, 16, 32) if w != shipped})
         for name, fn in timings.items():
             if name.startswith("kernel "):
                 assert torch.equal(fn(), kth), name

@@ -4,10 +4,9 @@
 program per row holds the whole row in registers and finds the value by bisection on its bits: floats
 map to int32 keys in the same order (negative floats get their magnitude bits flipped), and from the
 sign bit down, each of the 32 rounds keeps the next bit set when at least k keys are >= the candidate
-(one count over the row per round). The result is the exact k-th largest key, mapped back. ``launch``'s
-``digit_bits`` (2, 4 or 8) decides that many bits a round instead, by radix select on a histogram of
-the next digit (16, 8 or 4 rounds, shared-memory atomics): timed by ``benchmarks/decode_matvec``, not
-shipped until it wins (two bits a round by packed counts lost: 23.5 vs 18.1 us, H100, NOTES A57).
+(one count over the row per round). The result is the exact k-th largest key, mapped back. Tried and
+dropped (H100, NOTES A57, A60): two bits a round by packed counts (23.5 vs 18.1 us), radix select on
+shared-memory histograms of 2, 4 or 8 bits a round (best 25.5 vs 18.2 us at one row).
 
 Why a kernel: at batch 1 an AR-B decoding step's ``torch.topk`` of 2000 out of 16384 logits runs one
 thread block of radix passes, 79 us per token on an H200 against 18 us here (NOTES A26, A28: the
@@ -59,50 +58,28 @@ def launch_config(columns: int) -> tuple[int, int]:
 
 if triton is not None:
     @triton.jit
-    def _kth_largest_kernel(X, OUT, V, k, stride, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr):
-        """One program per row. DIGIT_BITS 1: 32 rounds of 'keep bit b when >= k keys are >= prefix | bit b'.
-        More: 32 / DIGIT_BITS rounds of radix select over unsigned keys, each a histogram of the next digit of the
-        keys that share the prefix so far; the digit is the largest d with >= k keys above the prefix's range or
-        in it with digit >= d (keys outside the range land in bin 0, which no choice reads)."""
+    def _kth_largest_kernel(X, OUT, V, k, stride, BLOCK: tl.constexpr):
+        """One program per row: 32 rounds of 'keep bit b when >= k keys are >= prefix | bit b'."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         x = tl.load(X + row * stride + cols, mask=cols < V, other=float("-inf"))   # padding never beats the k-th
         bits = x.to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # signed int order == float order
-        if DIGIT_BITS == 1:
-            nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
-            prefix = tl.where(nonneg >= k, 0, -2147483647 - 1).to(tl.int32)   # the sign bit first
-            for b in tl.static_range(30, -1, -1):
-                cand = prefix | (1 << b)
-                count = tl.sum((key >= cand).to(tl.int32), axis=0)
-                prefix = tl.where(count >= k, cand, prefix)
-        else:
-            ukey = (key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)   # unsigned int order == float order
-            bins = tl.arange(0, 1 << DIGIT_BITS)
-            uprefix = tl.zeros([], tl.uint32)
-            above = tl.zeros([], tl.int32)       # keys above the prefix's range
-            for r in tl.static_range(32 // DIGIT_BITS):
-                shift = 32 - DIGIT_BITS * (r + 1)
-                digit = ((ukey >> shift) & ((1 << DIGIT_BITS) - 1)).to(tl.int32)
-                if r > 0:
-                    digit = tl.where((ukey >> (shift + DIGIT_BITS)) == (uprefix >> (shift + DIGIT_BITS)), digit, 0)
-                hist = tl.histogram(digit, 1 << DIGIT_BITS)
-                at_least = above + tl.cumsum(hist, 0, reverse=True)       # keys >= prefix | d << shift
-                d = tl.sum((at_least >= k).to(tl.int32), axis=0) - 1
-                above += tl.sum(tl.where(bins > d, hist, 0), axis=0)
-                uprefix = uprefix | (d.to(tl.uint32) << shift)
-            prefix = (uprefix ^ 0x80000000).to(tl.int32, bitcast=True)
+        nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
+        prefix = tl.where(nonneg >= k, 0, -2147483647 - 1).to(tl.int32)   # the sign bit first
+        for b in tl.static_range(30, -1, -1):
+            cand = prefix | (1 << b)
+            count = tl.sum((key >= cand).to(tl.int32), axis=0)
+            prefix = tl.where(count >= k, cand, prefix)
         bits = tl.where(prefix < 0, prefix ^ 0x7FFFFFFF, prefix)
         tl.store(OUT + row, bits.to(tl.float32, bitcast=True))
 
-    def launch(x: torch.Tensor, k: int, block: int, warps: int, digit_bits: int = 1) -> torch.Tensor:
-        """The kernel on x (R, V) with unit-stride rows, one launch configuration (the benchmark times several;
-        ``digit_bits`` 1, 2, 4 or 8: bits decided per round)."""
+    def launch(x: torch.Tensor, k: int, block: int, warps: int) -> torch.Tensor:
+        """The kernel on x (R, V) with unit-stride rows, one launch configuration (the benchmark times several)."""
         R, V = x.shape
         out = torch.empty(R, dtype=x.dtype, device=x.device)
         with on_device(x):
-            _kth_largest_kernel[(R,)](x, out, V, k, x.stride(0), BLOCK=block, DIGIT_BITS=digit_bits,
-                                      num_warps=warps)
+            _kth_largest_kernel[(R,)](x, out, V, k, x.stride(0), BLOCK=block, num_warps=warps)
         return out
 
     @torch.library.custom_op("tessera::kth_largest", mutates_args=())
