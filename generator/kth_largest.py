@@ -51,9 +51,10 @@ def use_kernel(x: torch.Tensor, k: int) -> bool:
 
 
 def launch_config(columns: int) -> tuple[int, int]:
-    """(block: the row padded to a power of two, warps per program): 32 or fewer values per thread."""
+    """(block: the row padded to a power of two, warps per program): 32 values per thread up to 8 warps (8192
+    columns), then 8 warps (16384 columns: 17.7 vs 18.3 us at 16 warps, one row or 64, H100, NOTES A60)."""
     block = triton.next_power_of_2(columns)
-    return block, min(16, max(1, block // (32 * 32)))
+    return block, min(8, max(1, block // (32 * 32)))
 
 
 if triton is not None:
