@@ -27,6 +27,7 @@ test: $(STAMP)
 bench:
 	@if [ "$(BENCH_PY)" = "$(PY)" ]; then $(MAKE) install; fi
 	$(BENCH_PY) -m benchmarks.run_all
+	$(BENCH_PY) -m benchmarks.readme_table --this-device
 
 clean:
 	rm -rf $(VENV) outputs runs

@@ -1,0 +1,137 @@
+"""The README's performance table, made from a device's results file (``run_all`` accumulates every run there).
+
+    python3 -m benchmarks.readme_table [RESULTS.json | --this-device]   # prints the markdown
+
+Default: the H100 file the README quotes; ``--this-device``: this machine's (``make bench`` prints it after a run).
+
+One row per headline benchmark (``HEADLINES``): its latest measurement (the last row of that name and batch in
+the file) and that against the peer's number recorded in issue 11 (the anchor: another day's run, so a guide,
+not a measurement of the target), ours / peer from the latest run that timed the peer too (``peers.ratios``'
+same-run pairs), the issue's target, peak GPU memory, and device, torch, dtype, batch, config and compile mode
+of the latest row. Training rows give tokens/s and MFU (the target is MFU).
+The README holds the output between its ``perf-table`` markers; tests/benchmarks/test_readme_table.py checks
+that it matches the committed results file.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.common import device_slug, repo_root
+from benchmarks.peers import ratios
+
+DEFAULT_RESULTS = "benchmarks/results/nvidia-h100-80gb-hbm3.json"
+MFU_TARGET = 0.5
+HEADLINES = [   # (row name, batch, what the table calls it)
+    ("masked-B @16 fused-compiled", 64, "masked-B (111M), 16 steps"),
+    ("masked-B @8 fused-compiled", 64, "masked-B, 8 steps"),
+    ("masked-B @16 fused-compiled b1", 1, "masked-B, 16 steps, one image"),
+    ("ar-B compiled autocast-weights", 64, "AR-B (111M), bf16 Linear weights"),
+    ("ar-B compiled autocast-weights b1", 1, "AR-B, one image"),
+    ("var-d16 compiled +decode", 64, "VAR-d16 (310M), incl. decoding"),
+    ("var-d16 compiled b1 +decode", 1, "VAR-d16, one image, incl. decoding"),
+    ("f16 decode channels_last compiled", 64, "f16 VQ-GAN decode, 256 px"),
+    ("f16 encode channels_last compiled", 64, "f16 VQ-GAN encode, 256 px"),
+    ("f16 train step (GAN on)", 32, "f16 VQ-GAN training step (+ PatchGAN, LPIPS)"),
+    ("masked-L train compiled b256", 256, "masked-L (338M) training, 256 tokens"),
+    ("ar-L train compiled b256", 256, "AR-L (338M) training, 256 tokens"),
+    ("var-d16 train compiled [alone>=169]", 128, "VAR-d16 (310M) training, 680 tokens"),
+]
+COLUMNS = ["what", "ours (latest run)", "/ anchor", "ours / peer (latest same run)", "target", "peak memory",
+           "device", "torch", "dtype", "batch", "config", "compile"]
+
+
+def latest_rows(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """The last row of each (name, batch): runs are appended to the results file in the order they ran."""
+    out = {}
+    for r in rows:
+        if not r.get("error") and not r.get("smoke"):
+            out[(r["name"], r.get("batch"))] = r
+    return out
+
+
+def result(r: dict) -> str:
+    if r.get("tokens_per_s"):
+        return f"{r['tokens_per_s'] / 1e3:.1f}k tok/s, MFU {100 * r['mfu']:.1f}%"
+    if r.get("batch") == 1:
+        return f"{1e3 * r['median_s']:.1f} ms"
+    return f"{r['images_per_s']:.0f} img/s"
+
+
+def against_anchor(r: dict) -> str:
+    """The latest row against the issue's recorded peer number (``peers.ratios`` with no peer rows: the anchors)."""
+    q = next((q for q in ratios([r]) if q["ours"] == r["name"]), None)
+    if q is None:
+        return "-"
+    if "ours_latency_s" in q:
+        return f"{q['ours_latency_s'] / q['peer_latency_s']:.2f}x of {1e3 * q['peer_latency_s']:.0f} ms"
+    return f"{q['value']:.2f}x of {q['peer_images_per_s']:.0f} img/s"
+
+
+def paired(ratio: dict) -> str:
+    """A same-run ratio as ours / peer (latency too: ours / peer, lower is better)."""
+    if "ours_latency_s" in ratio:
+        ours, peer = ratio["ours_latency_s"], ratio["peer_latency_s"]
+        return f"{ours / peer:.2f}x: {1e3 * ours:.1f} vs {1e3 * peer:.0f} ms ({ratio['run_id']})"
+    return (f"{ratio['value']:.2f}x: {ratio['ours_images_per_s']:.0f} vs {ratio['peer_images_per_s']:.0f} img/s "
+            f"({ratio['run_id']})")
+
+
+def target(r: dict, ratio: dict | None) -> str:
+    if r.get("tokens_per_s"):
+        return f"MFU >= {100 * MFU_TARGET:.0f}%"
+    if ratio is None:
+        return "-"
+    if "ours_latency_s" in ratio:
+        return f"<= {1 / ratio['target']:.2g}x {peer_name(ratio)}"
+    return f">= {ratio['target']:.2g}x {peer_name(ratio)}"
+
+
+def peer_name(ratio: dict) -> str:
+    """The peer a ratio compares with, from its name ('AR-B / LlamaGen GPT-B compiled', '... vs VAR-d16 b1 ...')."""
+    name = ratio["ratio"].split(" vs ")[-1] if " vs " in ratio["ratio"] else ratio["ratio"].split(" / ")[-1]
+    return name.replace(" b1", "")
+
+
+def config(r: dict) -> str:
+    c = r.get("config")
+    if isinstance(c, dict):
+        return ", ".join(f"{k} {v}" for k, v in c.items()) + (f", {r['steps']} steps" if r.get("steps") else "")
+    return str(c or "-")
+
+
+def table(payload: dict) -> str:
+    latest = latest_rows(payload["rows"])
+    same_run = {}
+    for q in payload.get("ratios", []):
+        if q.get("same_run") and not q.get("smoke"):
+            same_run[(q["ours"], q["batch"])] = q          # the last same-run pairing of each row
+    any_ratio = {(q["ours"], q["batch"]): q for q in payload.get("ratios", [])}
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for name, batch, what in HEADLINES:
+        r = latest.get((name, batch))
+        if r is None:
+            continue
+        q = same_run.get((name, batch))
+        memory = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else "-"
+        cells = [what, f"{result(r)} ({r['run_id']})", against_anchor(r), paired(q) if q else "-",
+                 target(r, q or any_ratio.get((name, batch))), memory, r.get("device", "-").replace("NVIDIA ", ""),
+                 r.get("torch", "-"), r.get("dtype", "-"), str(batch), config(r), r.get("compile") or "-"]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    arg = sys.argv[1] if len(sys.argv) > 1 else None
+    if arg == "--this-device":
+        path = repo_root() / "benchmarks" / "results" / f"{device_slug()}.json"
+    else:
+        path = Path(arg) if arg else repo_root() / DEFAULT_RESULTS
+    if not path.is_file():
+        sys.exit(f"no results file {path}: run python3 -m benchmarks.run_all on this device first")
+    print(table(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main()
