@@ -23,7 +23,7 @@ from benchmarks.peers import ratios
 
 DEFAULT_RESULTS = "benchmarks/results/nvidia-h100-80gb-hbm3.json"
 MFU_TARGET = 0.5
-HEADLINES = [   # (row name, batch, what the table calls it)
+HEADLINES = [   # (row name, or names of the same measurement: the latest of them; batch; what the table calls it)
     ("masked-B @16 fused-compiled", 64, "masked-B (111M), 16 steps"),
     ("masked-B @8 fused-compiled", 64, "masked-B, 8 steps"),
     ("masked-B @16 fused-compiled b1", 1, "masked-B, 16 steps, one image"),
@@ -36,18 +36,19 @@ HEADLINES = [   # (row name, batch, what the table calls it)
     ("f16 train step (GAN on)", 32, "f16 VQ-GAN training step (+ PatchGAN, LPIPS)"),
     ("masked-L train compiled b256", 256, "masked-L (338M) training, 256 tokens"),
     ("ar-L train compiled b256", 256, "AR-L (338M) training, 256 tokens"),
-    ("var-d16 train compiled [alone>=169]", 128, "VAR-d16 (310M) training, 680 tokens"),
+    (("var-d16 train compiled b128", "var-d16 train compiled [alone>=169]"), 128,   # the grouping sweep's default
+     "VAR-d16 (310M) training, 680 tokens"),
 ]
 COLUMNS = ["what", "ours (latest run)", "/ anchor", "ours / peer (latest same run)", "target", "peak memory",
            "device", "torch", "dtype", "batch", "config", "compile"]
 
 
-def latest_rows(rows: list[dict]) -> dict[tuple[str, int], dict]:
-    """The last row of each (name, batch): runs are appended to the results file in the order they ran."""
+def latest_rows(rows: list[dict]) -> dict[tuple[str, int], tuple[int, dict]]:
+    """The last row of each (name, batch) and its place in the file: runs are appended in the order they ran."""
     out = {}
-    for r in rows:
+    for i, r in enumerate(rows):
         if not r.get("error") and not r.get("smoke"):
-            out[(r["name"], r.get("batch"))] = r
+            out[(r["name"], r.get("batch"))] = (i, r)
     return out
 
 
@@ -109,10 +110,12 @@ def table(payload: dict) -> str:
             same_run[(q["ours"], q["batch"])] = q          # the last same-run pairing of each row
     any_ratio = {(q["ours"], q["batch"]): q for q in payload.get("ratios", [])}
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for name, batch, what in HEADLINES:
-        r = latest.get((name, batch))
-        if r is None:
+    for names, batch, what in HEADLINES:
+        found = [latest[(n, batch)] for n in ((names,) if isinstance(names, str) else names) if (n, batch) in latest]
+        if not found:
             continue
+        r = max(found, key=lambda place_row: place_row[0])[1]
+        name = r["name"]
         q = same_run.get((name, batch))
         memory = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else "-"
         cells = [what, f"{result(r)} ({r['run_id']})", against_anchor(r), paired(q) if q else "-",

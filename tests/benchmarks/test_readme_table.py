@@ -19,7 +19,9 @@ def peer_row(run, ips, batch=64):
 
 
 def test_the_table_takes_each_rows_latest_run_and_its_latest_same_run_peer():
-    rows = [sample_row("a", 300.0), peer_row("a", 150.0),               # paired: 2.00x
+    older_var = {"name": "var-d16 train compiled b128", "bench": "train", "batch": 128, "run_id": "v",
+                 "tokens_per_s": 260000.0, "mfu": 0.45}       # the same measurement under its other name, older
+    rows = [older_var, sample_row("a", 300.0), peer_row("a", 150.0),    # paired: 2.00x
             sample_row("b", 320.0), peer_row("b", 200.0),               # paired: 1.60x, the latest pair
             sample_row("c", 330.0),                                     # the latest row: no peer in its run
             sample_row("b", 1 / 0.1, batch=1, name="ar-B compiled autocast-weights b1"), peer_row("b", 1 / 0.4, 1),
