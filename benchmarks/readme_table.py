@@ -8,7 +8,8 @@ One row per headline benchmark (``HEADLINES``): its latest measurement (the last
 the file) and that against the peer's number recorded in issue 11 (the anchor: another day's run, so a guide,
 not a measurement of the target), ours / peer from the latest run that timed the peer too (``peers.ratios``'
 same-run pairs), the issue's target, peak GPU memory, and device, torch, dtype, batch, config and compile mode
-of the latest row. Training rows give tokens/s and MFU (the target is MFU).
+of the latest row. Training rows give tokens/s, MFU (the target) and the step's data-wait fraction (the job's
+latest at that batch). "x floor" is the row's ``gap``: the time over the larger roofline floor (NOTES.md).
 The README holds the output between its ``perf-table`` markers; tests/benchmarks/test_readme_table.py checks
 that it matches the committed results file.
 """
@@ -39,8 +40,8 @@ HEADLINES = [   # (row name, or names of the same measurement: the latest of the
     (("var-d16 train compiled b128", "var-d16 train compiled [alone>=169]"), 128,   # the grouping sweep's default
      "VAR-d16 (310M) training, 680 tokens"),
 ]
-COLUMNS = ["what", "ours (latest run)", "/ anchor", "ours / peer (latest same run)", "target", "peak memory",
-           "device", "torch", "dtype", "batch", "config", "compile"]
+COLUMNS = ["what", "ours (latest run)", "/ anchor", "ours / peer (latest same run)", "target", "x floor",
+           "peak memory", "device", "torch", "dtype", "batch", "config", "compile"]
 
 
 def latest_rows(rows: list[dict]) -> dict[tuple[str, int], tuple[int, dict]]:
@@ -52,12 +53,17 @@ def latest_rows(rows: list[dict]) -> dict[tuple[str, int], tuple[int, dict]]:
     return out
 
 
-def result(r: dict) -> str:
+def result(r: dict, latest: dict) -> str:
+    """The row's number and run id; a training row's data-wait fraction too (the latest at its batch)."""
     if r.get("tokens_per_s"):
-        return f"{r['tokens_per_s'] / 1e3:.1f}k tok/s, MFU {100 * r['mfu']:.1f}%"
+        text = f"{r['tokens_per_s'] / 1e3:.1f}k tok/s, MFU {100 * r['mfu']:.1f}% ({r['run_id']})"
+        wait = latest.get((f"{r['model']} train data wait", r["batch"]))     # the data loader's share of a step
+        if wait is not None and wait[1].get("data_wait_fraction") is not None:
+            text += f"; data wait {100 * wait[1]['data_wait_fraction']:.1f}% ({wait[1]['run_id']})"
+        return text
     if r.get("batch") == 1:
-        return f"{1e3 * r['median_s']:.1f} ms"
-    return f"{r['images_per_s']:.0f} img/s"
+        return f"{1e3 * r['median_s']:.1f} ms ({r['run_id']})"
+    return f"{r['images_per_s']:.0f} img/s ({r['run_id']})"
 
 
 def against_anchor(r: dict) -> str:
@@ -118,8 +124,8 @@ def table(payload: dict) -> str:
         name = r["name"]
         q = same_run.get((name, batch))
         memory = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else "-"
-        cells = [what, f"{result(r)} ({r['run_id']})", against_anchor(r), paired(q) if q else "-",
-                 target(r, q or any_ratio.get((name, batch))), memory, r.get("device", "-").replace("NVIDIA ", ""),
+        cells = [what, result(r, latest), against_anchor(r), paired(q) if q else "-",
+                 target(r, q or any_ratio.get((name, batch))), f"{r['gap']:.1f}" if r.get("gap") else "-", memory, r.get("device", "-").replace("NVIDIA ", ""),
                  r.get("torch", "-"), r.get("dtype", "-"), str(batch), config(r), r.get("compile") or "-"]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)

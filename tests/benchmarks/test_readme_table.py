@@ -27,17 +27,20 @@ def test_the_table_takes_each_rows_latest_run_and_its_latest_same_run_peer():
             sample_row("b", 1 / 0.1, batch=1, name="ar-B compiled autocast-weights b1"), peer_row("b", 1 / 0.4, 1),
             {"name": "var-d16 train compiled [alone>=169]", "bench": "train", "batch": 128, "run_id": "d",
              "tokens_per_s": 279000.0, "mfu": 0.48, "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
-             "dtype": "bf16 autocast", "config": "configs/generator/var-d16.yaml", "compile": "wrapper"}]
+             "dtype": "bf16 autocast", "config": "configs/generator/var-d16.yaml", "compile": "wrapper",
+             "model": "var-d16", "gap": 2.08},
+            {"name": "var-d16 train data wait", "model": "var-d16", "batch": 128, "run_id": "w",
+             "data_wait_fraction": 0.005}]
     lines = readme_table.table({"rows": rows, "ratios": ratios(rows)}).splitlines()
     assert lines[0].split(" | ")[1:4] == ["ours (latest run)", "/ anchor", "ours / peer (latest same run)"]
     ar, ar_b1, var = (line.split(" | ") for line in lines[2:])
-    assert ar[:6] == ["| AR-B (111M), bf16 Linear weights", "330 img/s (c)", "1.95x of 169 img/s",
-                      "1.60x: 320 vs 200 img/s (b)", ">= 1.5x LlamaGen GPT-B compiled", "1.8 GB"]
-    assert ar[6:10] == ["H100 80GB HBM3", "2.11.0", "bf16 autocast", "64"]
+    assert ar[:7] == ["| AR-B (111M), bf16 Linear weights", "330 img/s (c)", "1.95x of 169 img/s",
+                      "1.60x: 320 vs 200 img/s (b)", ">= 1.5x LlamaGen GPT-B compiled", "-", "1.8 GB"]
+    assert ar[7:11] == ["H100 80GB HBM3", "2.11.0", "bf16 autocast", "64"]
     # latency: ours / peer, lower is better (100 vs 400 ms), the issue's <= 0.5x; the anchor is 272 ms
     assert ar_b1[1:5] == ["100.0 ms (b)", "0.37x of 272 ms", "0.25x: 100.0 vs 400 ms (b)",
                           "<= 0.5x LlamaGen GPT-B compiled"]
-    assert var[1:5] == ["279.0k tok/s, MFU 48.0% (d)", "-", "-", "MFU >= 50%"]
+    assert var[1:6] == ["279.0k tok/s, MFU 48.0% (d); data wait 0.5% (w)", "-", "-", "MFU >= 50%", "2.1"]
     assert len(lines) == 5                      # headline rows with no measurement are left out
 
 
