@@ -66,23 +66,27 @@ def result(r: dict, latest: dict) -> str:
     return f"{r['images_per_s']:.0f} img/s ({r['run_id']})"
 
 
+def ours_over_peer(ratio: dict) -> tuple[float, str, str]:
+    """A ``peers.ratios`` entry as (ours / peer, our number, the peer's): latency too as ours / peer (lower is
+    better), where the entry keeps peer / ours."""
+    if "ours_latency_s" in ratio:
+        ours, peer = ratio["ours_latency_s"], ratio["peer_latency_s"]
+        return ours / peer, f"{1e3 * ours:.1f}", f"{1e3 * peer:.0f} ms"
+    return ratio["value"], f"{ratio['ours_images_per_s']:.0f}", f"{ratio['peer_images_per_s']:.0f} img/s"
+
+
 def against_anchor(r: dict) -> str:
     """The latest row against the issue's recorded peer number (``peers.ratios`` with no peer rows: the anchors)."""
     q = next((q for q in ratios([r]) if q["ours"] == r["name"]), None)
     if q is None:
         return "-"
-    if "ours_latency_s" in q:
-        return f"{q['ours_latency_s'] / q['peer_latency_s']:.2f}x of {1e3 * q['peer_latency_s']:.0f} ms"
-    return f"{q['value']:.2f}x of {q['peer_images_per_s']:.0f} img/s"
+    value, _, peer = ours_over_peer(q)
+    return f"{value:.2f}x of {peer}"
 
 
 def paired(ratio: dict) -> str:
-    """A same-run ratio as ours / peer (latency too: ours / peer, lower is better)."""
-    if "ours_latency_s" in ratio:
-        ours, peer = ratio["ours_latency_s"], ratio["peer_latency_s"]
-        return f"{ours / peer:.2f}x: {1e3 * ours:.1f} vs {1e3 * peer:.0f} ms ({ratio['run_id']})"
-    return (f"{ratio['value']:.2f}x: {ratio['ours_images_per_s']:.0f} vs {ratio['peer_images_per_s']:.0f} img/s "
-            f"({ratio['run_id']})")
+    value, ours, peer = ours_over_peer(ratio)
+    return f"{value:.2f}x: {ours} vs {peer} ({ratio['run_id']})"
 
 
 def target(r: dict, ratio: dict | None) -> str:
