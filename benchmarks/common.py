@@ -389,6 +389,11 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def results_file(name: str) -> Path:
+    """A device's accumulated results: benchmarks/results/<name>.json (name: the device slug, or slug-quality)."""
+    return repo_root() / "benchmarks" / "results" / f"{name}.json"
+
+
 def default_emoji_cache(env=os.environ) -> None:
     """Set TESSERA_CACHE in ``env`` to the repository's cache/ when it is unset and holds an emoji render:
     the render carried to the GPU machine, which has no emoji packages to render it."""

@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import device_slug, repo_root
+from benchmarks.common import device_slug, results_file
 from benchmarks.peers import ratios
 
-DEFAULT_RESULTS = "benchmarks/results/nvidia-h100-80gb-hbm3.json"
+README_DEVICE = "nvidia-h100-80gb-hbm3"      # the results file the README quotes
 MFU_TARGET = 0.5
 HEADLINES = [   # (row name, or names of the same measurement: the latest of them; batch; what the table calls it)
     ("masked-B @16 fused-compiled", 64, "masked-B (111M), 16 steps"),
@@ -128,9 +128,11 @@ def table(payload: dict) -> str:
         name = r["name"]
         q = same_run.get((name, batch))
         memory = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else "-"
+        floor = f"{r['gap']:.1f}" if r.get("gap") else "-"
         cells = [what, result(r, latest), against_anchor(r), paired(q) if q else "-",
-                 target(r, q or any_ratio.get((name, batch))), f"{r['gap']:.1f}" if r.get("gap") else "-", memory, r.get("device", "-").replace("NVIDIA ", ""),
-                 r.get("torch", "-"), r.get("dtype", "-"), str(batch), config(r), r.get("compile") or "-"]
+                 target(r, q or any_ratio.get((name, batch))), floor, memory,
+                 r.get("device", "-").replace("NVIDIA ", ""), r.get("torch", "-"), r.get("dtype", "-"), str(batch),
+                 config(r), r.get("compile") or "-"]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -138,9 +140,9 @@ def table(payload: dict) -> str:
 def main() -> None:
     arg = sys.argv[1] if len(sys.argv) > 1 else None
     if arg == "--this-device":
-        path = repo_root() / "benchmarks" / "results" / f"{device_slug()}.json"
+        path = results_file(device_slug())
     else:
-        path = Path(arg) if arg else repo_root() / DEFAULT_RESULTS
+        path = Path(arg) if arg else results_file(README_DEVICE)
     if not path.is_file():
         sys.exit(f"no results file {path}: run python3 -m benchmarks.run_all on this device first")
     print(table(json.loads(path.read_text())))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import (default_emoji_cache, device_facts, device_slug, make_lpips_importable, print_table,
-                               repo_root, write_json)
+                               repo_root, results_file, write_json)
 from benchmarks.peers import ratios
 
 
@@ -274,8 +274,7 @@ def write_outputs(payload: dict, out: str | None, smoke: bool) -> list[str]:
     results = None
     if not smoke:     # a quality-only run gets its own file: it must not replace the speed results
         quality_only = payload["rows"] and all(r.get("bench") in QUALITY_TABLES for r in payload["rows"])
-        name = f"{payload['slug']}{'-quality' if quality_only else ''}.json"
-        results = repo_root() / "benchmarks" / "results" / name
+        results = results_file(f"{payload['slug']}{'-quality' if quality_only else ''}")
     elif not out:
         paths.append("/tmp/tessera-bench/smoke.json")      # smoke numbers are never results
     for p in dict.fromkeys(paths):
