@@ -303,13 +303,19 @@ def cudnn_benchmark(on: bool):
         torch.backends.cudnn.benchmark = saved
 
 
-def compiled(fn: Callable, mode: str, smoke: bool, dynamic: bool | None = False) -> Callable:
+def compiled(fn: Callable, mode: str, smoke: bool, dynamic: bool | None = False,
+             options: dict | None = None) -> Callable:
     """torch.compile(fn, mode), static shapes by default (a new batch size recompiles instead of
-    switching to a slower dynamic-shape kernel). Smoke runs use the 'eager' backend (dynamo traces,
-    no code generation), which exercises the compile path on the CPU in seconds. Errors surface at
-    the first call: make that call through ``first_call_or_eager``."""
+    switching to a slower dynamic-shape kernel); ``options``: inductor options for the default mode.
+    Smoke runs use the 'eager' backend (dynamo traces, no code generation), which exercises the compile
+    path on the CPU in seconds. Errors surface at the first call: make that call through
+    ``first_call_or_eager``."""
     if smoke:
         return torch.compile(fn, backend="eager", dynamic=dynamic)
+    if options:
+        if mode != "default":
+            raise ValueError(f"inductor options go with the default mode, not {mode!r}")
+        return torch.compile(fn, dynamic=dynamic, options=options)
     return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=dynamic)
 
 

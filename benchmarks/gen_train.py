@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -121,38 +122,74 @@ def time_step(step: Step, sink: RowSink, facts: dict, label: str, batch: int, it
                     mfu=model["flops"] / t["median_s"] / pf if pf else None, peak_mem_gb=peak_memory_gb(), **extra)
 
 
-def alone_sweep(name: str, args, sink: RowSink) -> None:
-    """VAR's teacher-forcing attention groupings side by side in one process (NOTES A53, A55): the step compiled once
-    and timed at ``--batch`` under each threshold of ``--var-alone-sweep`` (generator.var.ALONE_TOKENS), in the
-    order given and then the first again (drift); rows ``<name> train compiled [alone>=N]``. Dynamo guards on
-    the threshold, a global read while tracing: a new one traces its own graph, the repeat reuses the first's.
-    Skips the eager step, the batch search, the codec inputs and the data wait (``train_model`` runs those), so
-    three groupings cost about one full job."""
-    import generator.var
+def variant_sweep(name: str, args, sink: RowSink, variants: list[tuple[str, Callable[[Step], dict]]]) -> None:
+    """Variants of the compiled step side by side in one process, at ``--batch``, in the order given and then the
+    first again (drift); rows ``<name> train compiled <label>``. Each ``(label, apply)``: ``apply(step)`` sets
+    ``step.fwd`` and whatever the variant changes, and returns the row's extra fields. ``--profile``: the first
+    variant's two steps profiled too. Skips the eager step, the batch search, the codec inputs and the data
+    wait (``train_model`` runs those), so three variants cost about one full job."""
     step = Step(name, args.smoke, device(args.smoke))
-    if step.config.kind != "var":
-        raise SystemExit(f"--var-alone-sweep is for the VAR part, not {name}")
     facts, B = train_facts(name, step), 4 if args.smoke else args.batch
     iters = step_iters(args.smoke)
     torch._dynamo.reset()       # graphs of earlier compiles of the loss's forward count towards its recompile limit
-    step.fwd = compiled(step.wrapper, "default", args.smoke)
-    thresholds = args.var_alone_sweep + args.var_alone_sweep[:1]
-    for i, alone in enumerate(thresholds):
-        generator.var.ALONE_TOKENS = alone
+    for i, (label, apply) in enumerate(variants + variants[:1]):
+        extra = apply(step)
+        label = f"compiled {label}" + (" again" if i == len(variants) else "")
         status = {"compile": "wrapper: default"}
         ids, labels = step.batch(B)
-        label = f"compiled [alone>={alone}]" + (" again" if i == len(thresholds) - 1 else "")
         if first_call_or_eager(lambda: step(ids, labels), None, status) is None:
-            sink.add(name=f"{name} train {label}", **facts, batch=B, **status, error="the compiled step failed")
-            step.fwd = compiled(step.wrapper, "default", args.smoke)
+            sink.add(name=f"{name} train {label}", **facts, batch=B, **status, **extra,
+                     error="the compiled step failed")
             continue
+        if args.profile and i == 0:
+            sink.add(name=f"{name} train profile {label}", bench="profile", model=name, batch=B, **status, **extra,
+                     **profile_ops(lambda: [step(ids, labels) for _ in range(2)], step.dev.type == "cuda", top=60))
         del ids, labels
         try:
-            time_step(step, sink, facts, label, B, iters, **status, alone_tokens=alone)
+            time_step(step, sink, facts, label, B, iters, **status, **extra)
         except Exception as e:  # noqa: BLE001
             sink.error(f"{name} train {label}", e, batch=B, **status)
         step.opt.zero_grad(set_to_none=True)
         free_memory()
+
+
+def alone_variants(thresholds: list[int], smoke: bool) -> list[tuple[str, Callable[[Step], dict]]]:
+    """VAR's teacher-forcing attention groupings (NOTES A53, A55), each a threshold of generator.var.ALONE_TOKENS.
+    The step is compiled once: dynamo guards on the threshold, a global read while tracing, so a new one traces
+    its own graph and the repeat reuses the first's."""
+    import generator.var
+
+    def variant(alone: int):
+        def apply(step: Step) -> dict:
+            if step.config.kind != "var":
+                raise SystemExit(f"--var-alone-sweep is for the VAR part, not {step.config.kind}")
+            if step.fwd is step.wrapper:
+                step.fwd = compiled(step.wrapper, "default", smoke)
+            generator.var.ALONE_TOKENS = alone
+            return {"alone_tokens": alone}
+        return f"[alone>={alone}]", apply
+    return [variant(alone) for alone in thresholds]
+
+
+# inductor options a training compile may take (`--inductor-sweep`): coordinate-descent tuning of each generated
+# kernel's launch (block sizes, warps); autotuning the pointwise / reduction kernels over more configs; a pointwise
+# result stored once it feeds kernels reading more than 2 buffers, not 4 (the fp32 residual stream: NOTES A43)
+INDUCTOR_OPTIONS = {"default": {}, "cd": {"coordinate_descent_tuning": True},
+                    "pointwise": {"max_autotune_pointwise": True}, "reads2": {"realize_reads_threshold": 2}}
+
+
+def inductor_variants(names: list[str], smoke: bool) -> list[tuple[str, Callable[[Step], dict]]]:
+    """The step compiled afresh under each of INDUCTOR_OPTIONS' named option sets."""
+    if unknown := set(names) - set(INDUCTOR_OPTIONS):
+        raise SystemExit(f"unknown inductor option sets {sorted(unknown)}; choose from {list(INDUCTOR_OPTIONS)}")
+
+    def variant(key: str):
+        def apply(step: Step) -> dict:
+            torch._dynamo.reset()
+            step.fwd = compiled(step.wrapper, "default", smoke, options=INDUCTOR_OPTIONS[key])
+            return {"inductor_options": INDUCTOR_OPTIONS[key]}
+        return f"[inductor {key}]", apply
+    return [variant(key) for key in names]
 
 
 def train_model(name: str, args, sink: RowSink) -> None:
@@ -346,7 +383,10 @@ def flags(p) -> None:
                    "more than the sequence: one masked call per layer, NOTES A53); rows named [alone>=N]")
     p.add_argument("--var-alone-sweep", type=lambda v: [int(x) for x in v.split(",")],
                    help="comma-separated thresholds: only the compiled VAR step at --batch, once per threshold "
-                        "and the first again (alone_sweep)")
+                        "and the first again (variant_sweep)")
+    p.add_argument("--inductor-sweep", type=lambda v: v.split(","),
+                   help=f"comma-separated inductor option sets ({', '.join(INDUCTOR_OPTIONS)}): only the compiled "
+                        "step at --batch, compiled afresh under each and the first again (variant_sweep)")
 
 
 def main() -> None:
@@ -356,8 +396,13 @@ def main() -> None:
         import generator.var
         generator.var.ALONE_TOKENS, tag = args.var_alone_tokens, f" [alone>={args.var_alone_tokens}]"
     for part in args.part:
-        run = alone_sweep if args.var_alone_sweep else train_model
-        run(part, args, RowSink(args.rows_out, f"train {part}", args.smoke, tag))
+        sink = RowSink(args.rows_out, f"train {part}", args.smoke, tag)
+        if args.var_alone_sweep:
+            variant_sweep(part, args, sink, alone_variants(args.var_alone_sweep, args.smoke))
+        elif args.inductor_sweep:
+            variant_sweep(part, args, sink, inductor_variants(args.inductor_sweep, args.smoke))
+        else:
+            train_model(part, args, sink)
         torch._dynamo.reset()   # compiled graphs hold the model: drop them before the next part
         free_memory()
         sync()

@@ -77,7 +77,8 @@ def test_the_alone_sweep_traces_each_threshold_afresh(monkeypatch):
     monkeypatch.setattr(gen_train, "compiled", lambda fn, mode, smoke: torch.compile(fn, backend=counting))
     monkeypatch.setattr(generator.var, "ALONE_TOKENS", generator.var.ALONE_TOKENS)   # restored after the sweep
     sink = RowSink(None, "train var-d16", smoke=True)
-    gen_train.alone_sweep("var-d16", SimpleNamespace(smoke=True, var_alone_sweep=[4, 1024, 16]), sink)
+    gen_train.variant_sweep("var-d16", SimpleNamespace(smoke=True, profile=False), sink,
+                            gen_train.alone_variants([4, 1024, 16], smoke=True))
     depth = gen_train.load_config("var-d16", smoke=True)["model"].depth
     # >= 4: the 1-token block alone, then the 4- and 16-token blocks (3 calls); >= 1024: one masked call over all
     # 21 tokens; >= 16: the 1- and 4-token blocks masked, then the 16-token block (2 calls); the repeat: no new graph
@@ -86,3 +87,25 @@ def test_the_alone_sweep_traces_each_threshold_afresh(monkeypatch):
         "var-d16 train compiled [alone>=4] again"]
     assert [r["alone_tokens"] for r in sink.rows] == [4, 1024, 16, 4]
     assert all(r["batch"] == 4 and r["median_s"] > 0 and "error" not in r for r in sink.rows)
+
+
+def test_the_inductor_sweep_compiles_each_option_set_afresh(monkeypatch):
+    """``--inductor-sweep``: the step compiled anew under each named option set, in order, then the first again;
+    each row records its options, and ``--profile`` profiles the first variant only."""
+    compiles = []
+
+    def recording(fn, mode, smoke, options=None):
+        compiles.append(options)
+        return torch.compile(fn, backend="eager")
+    monkeypatch.setattr(gen_train, "compiled", recording)
+    sink = RowSink(None, "train ar-L", smoke=True)
+    gen_train.variant_sweep("ar-L", SimpleNamespace(smoke=True, profile=True), sink,
+                            gen_train.inductor_variants(["default", "reads2"], smoke=True))
+    assert compiles == [{}, {"realize_reads_threshold": 2}, {}]
+    assert [r["name"] for r in sink.rows] == [
+        "ar-L train profile compiled [inductor default]", "ar-L train compiled [inductor default]",
+        "ar-L train compiled [inductor reads2]", "ar-L train compiled [inductor default] again"]
+    assert [r["inductor_options"] for r in sink.rows] == [{}, {}, {"realize_reads_threshold": 2}, {}]
+    assert all(r["median_s"] > 0 and "error" not in r for r in sink.rows)
+    with pytest.raises(SystemExit, match="unknown inductor option sets"):
+        gen_train.inductor_variants(["default", "fast"], smoke=True)
