@@ -108,8 +108,17 @@ def var_rows(flex) -> None:
     _, (q, k, v) = qkv_views(128, L, 16, True)
     cands = {"bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
     if flex is not None:
-        block_mask = create_block_mask(lambda b, h, qi, ki: level[ki] <= level[qi], None, None, L, L, device="cuda")
+        def visible(b, h, qi, ki):
+            return level[ki] <= level[qi]
+        block_mask = create_block_mask(visible, None, None, L, L, device="cuda")
         cands["flex BlockMask"] = lambda: flex(q, k, v, block_mask=block_mask)
+        # 64 x 64 mask blocks: fewer partly masked pairs computed (VAR's scales are 64-256 tokens), 64-row tiles;
+        # then the same with inductor timing flex's tile configs (max-autotune)
+        mask64 = create_block_mask(visible, None, None, L, L, device="cuda", BLOCK_SIZE=64)
+        tiles64 = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}
+        cands["flex BlockMask 64"] = lambda: flex(q, k, v, block_mask=mask64, kernel_options=tiles64)
+        tuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+        cands["flex BlockMask 64 autotuned"] = lambda: tuned(q, k, v, block_mask=mask64)
     # the thresholds of generator.var.ALONE_TOKENS: 64 (the default: 5 calls), 100 (4), 169 (3: the 91 + 64 + 100
     # tokens of the small scales in one masked call), 256 (2), past L (one masked call over all 680 tokens, NOTES A55)
     for alone in sorted({ALONE_TOKENS, 100, 169, 256, 1024}):
@@ -118,9 +127,14 @@ def var_rows(flex) -> None:
         cands[f"compiled groups (alone >= {alone}: {len(groups.ends)} calls)"] = lambda attend=attend: attend(q, k, v)
     default_groups = BlockCausal.from_bounds(bounds, mask, ALONE_TOKENS)
     cands["groups eager (default)"] = lambda: default_groups.attend(q, k, v)
+
+    def flash_groups():      # the unmasked groups through flash attention, the masked first one memory-efficient
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return default_groups.attend(q, k, v)
+    cands["groups eager flash"] = flash_groups
     measure(f"{'VAR-d16 train':16s} L={L}", cands, int(mask.sum()), 128, 16, True, one_per_line=True)
     for name, fn in cands.items():        # what each grouping runs: its kernels' GPU time in one forward + backward
-        if name.startswith("compiled"):
+        if name.startswith(("compiled", "flex")):
             grad = torch.ones_like(fn())
             run = lambda fn=fn: fn().backward(grad)     # noqa: E731
             run()                                       # warm, as profile_ops asks
