@@ -171,24 +171,35 @@ def alone_variants(thresholds: list[int], smoke: bool) -> list[tuple[str, Callab
     return [variant(alone) for alone in thresholds]
 
 
-# inductor options a training compile may take (`--inductor-sweep`): coordinate-descent tuning of each generated
-# kernel's launch (block sizes, warps); autotuning the pointwise / reduction kernels over more configs; a pointwise
-# result stored once it feeds kernels reading more than 2 buffers, not 4 (the fp32 residual stream: NOTES A43)
-INDUCTOR_OPTIONS = {"default": {}, "cd": {"coordinate_descent_tuning": True},
-                    "pointwise": {"max_autotune_pointwise": True}, "reads2": {"realize_reads_threshold": 2}}
+# how a training step may compile (`--compile-sweep`): inductor options, and module switches (module, name): value
+# set while it compiles and runs. Coordinate-descent tuning of each generated kernel's launch (block sizes, warps);
+# autotuning the pointwise / reduction kernels over more configs; a pointwise result stored once it feeds kernels
+# reading more than 2 buffers, not 4 (the fp32 residual stream: NOTES A43); adaLN's residual add + modulated norm
+# as inductor's kernels instead of generator/fused_adaln.py's op (NOTES A61)
+COMPILE_VARIANTS = {"default": ({}, {}), "cd": ({"coordinate_descent_tuning": True}, {}),
+                    "pointwise": ({"max_autotune_pointwise": True}, {}), "reads2": ({"realize_reads_threshold": 2}, {}),
+                    "adaln-torch": ({}, {("generator.fused_adaln", "ENABLED"): False})}
 
 
-def inductor_variants(names: list[str], smoke: bool) -> list[tuple[str, Callable[[Step], dict]]]:
-    """The step compiled afresh under each of INDUCTOR_OPTIONS' named option sets."""
-    if unknown := set(names) - set(INDUCTOR_OPTIONS):
-        raise SystemExit(f"unknown inductor option sets {sorted(unknown)}; choose from {list(INDUCTOR_OPTIONS)}")
+def compile_variants(names: list[str], smoke: bool) -> list[tuple[str, Callable[[Step], dict]]]:
+    """The step compiled afresh under each of COMPILE_VARIANTS' named variants (each sets its switches and puts the
+    others' back to what they were)."""
+    import importlib
+    if unknown := set(names) - set(COMPILE_VARIANTS):
+        raise SystemExit(f"unknown compile variants {sorted(unknown)}; choose from {list(COMPILE_VARIANTS)}")
+    switches = {key for _, sw in COMPILE_VARIANTS.values() for key in sw}
+    initial = {(mod, attr): getattr(importlib.import_module(mod), attr) for mod, attr in switches}
 
     def variant(key: str):
         def apply(step: Step) -> dict:
+            options, sw = COMPILE_VARIANTS[key]
+            for (mod, attr), value in {**initial, **sw}.items():
+                setattr(importlib.import_module(mod), attr, value)
             torch._dynamo.reset()
-            step.fwd = compiled(step.wrapper, "default", smoke, options=INDUCTOR_OPTIONS[key])
-            return {"inductor_options": INDUCTOR_OPTIONS[key]}
-        return f"[inductor {key}]", apply
+            step.fwd = compiled(step.wrapper, "default", smoke, options=options)
+            return {"inductor_options": options, **({"switches": {f"{m}.{a}": v for (m, a), v in sw.items()}}
+                                                    if sw else {})}
+        return f"[{key}]", apply
     return [variant(key) for key in names]
 
 
@@ -384,9 +395,9 @@ def flags(p) -> None:
     p.add_argument("--var-alone-sweep", type=lambda v: [int(x) for x in v.split(",")],
                    help="comma-separated thresholds: only the compiled VAR step at --batch, once per threshold "
                         "and the first again (variant_sweep)")
-    p.add_argument("--inductor-sweep", type=lambda v: v.split(","),
-                   help=f"comma-separated inductor option sets ({', '.join(INDUCTOR_OPTIONS)}): only the compiled "
-                        "step at --batch, compiled afresh under each and the first again (variant_sweep)")
+    p.add_argument("--compile-sweep", type=lambda v: v.split(","),
+                   help=f"comma-separated compile variants ({', '.join(COMPILE_VARIANTS)}): only the compiled step at "
+                        "--batch, compiled afresh under each and the first again (variant_sweep)")
 
 
 def main() -> None:
@@ -399,8 +410,8 @@ def main() -> None:
         sink = RowSink(args.rows_out, f"train {part}", args.smoke, tag)
         if args.var_alone_sweep:
             variant_sweep(part, args, sink, alone_variants(args.var_alone_sweep, args.smoke))
-        elif args.inductor_sweep:
-            variant_sweep(part, args, sink, inductor_variants(args.inductor_sweep, args.smoke))
+        elif args.compile_sweep:
+            variant_sweep(part, args, sink, compile_variants(args.compile_sweep, args.smoke))
         else:
             train_model(part, args, sink)
         torch._dynamo.reset()   # compiled graphs hold the model: drop them before the next part

@@ -96,10 +96,10 @@ JOBS = [
     Job("train-var-d16-groupings", "benchmarks.gen_train",
         ["--part", "var-d16", "--var-alone-sweep", "64,169,1024", "--batch", "128"], 280,
         smoke_args=["--part", "var-d16", "--var-alone-sweep", "64,1024"]),
-    # the compiled VAR step under inductor option sets (coordinate descent, A43's reads threshold), profiled, one process
-    Job("train-var-d16-inductor", "benchmarks.gen_train",
-        ["--part", "var-d16", "--inductor-sweep", "default,reads2,cd", "--batch", "128", "--profile"], 480,
-        smoke_args=["--part", "var-d16", "--inductor-sweep", "default,reads2", "--profile"]),
+    # the compiled VAR step with fused_adaln's op and with inductor's kernels (A61), then coordinate descent; one process
+    Job("train-var-d16-compile", "benchmarks.gen_train",
+        ["--part", "var-d16", "--compile-sweep", "default,adaln-torch,cd", "--batch", "128", "--profile"], 480,
+        smoke_args=["--part", "var-d16", "--compile-sweep", "default,adaln-torch", "--profile"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -126,7 +126,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-ar-unfused-query", "sample-ar-fused-query",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
-                 "train-var-d16-groupings", "train-var-d16-inductor"}
+                 "train-var-d16-groupings", "train-var-d16-compile"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
            "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from generator.config import GeneratorConfig
 from generator.decode_attention import attend_new_query, attend_one_query, use_new_query_kernel
 from generator.fused_attention import fused_attention
+from generator.fused_adaln import adaln_norm
+from generator.fused_adaln import use_kernel as use_fused_adaln
 from generator.fused_attention import use_kernel as use_fused_attention
 from generator.fused_swiglu import fused_swiglu
 from generator.fused_swiglu import use_kernel as use_fused_swiglu
@@ -293,6 +295,16 @@ class Block(nn.Module):
                           residual=gather_rows(x_BLD, rows_BM), drop=self.drop)
         return self.mlp(x_BLD, norm=self.norm2, residual=x_BLD, drop=self.drop)
 
+    def forward_fused_adaln(self, x_BLD, cos_LF, sin_LF, cond_BD, pending, mask_LS=None, is_causal=False):
+        """The adaLN block with each residual add and the modulated norm after it as one op (generator/fused_adaln.py).
+        ``pending`` (y, gate): the previous block's MLP output and gate, not yet added to x ((None, None) at the
+        first block). Returns x with this block's attention added, and this block's pending (y, gate)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond_BD).chunk(6, dim=-1)
+        x_BLD, h = adaln_norm(x_BLD, self.norm1.weight, scale1, shift1, self.norm1.eps, *pending)
+        x_BLD, h = adaln_norm(x_BLD, self.norm2.weight, scale2, shift2, self.norm2.eps,
+                              self.drop(self.attn(h, cos_LF, sin_LF, mask_LS, is_causal)), gate1)
+        return x_BLD, (self.drop(self.mlp(h)), gate2)
+
 
 class Transformer(nn.Module):
     """Embeddings in, normalised hidden states out: (B, L, D) -> (B, L, D)."""
@@ -309,6 +321,8 @@ class Transformer(nn.Module):
         """``rows_BM`` (B, M) long: only these rows' outputs are wanted, (B, M, D). The last block still attends
         over every row, but runs its projection, MLP and norms only at them (a masked sampler's later steps
         need a third of the rows or fewer)."""
+        if self.final_ada is not None and rows_BM is None and cache_pos is None and use_fused_adaln(x_BLD):
+            return self.forward_fused_adaln(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x_BLD = block(x_BLD, cos_LF, sin_LF, cond_BD, mask_LS, is_causal, cache_pos, rows_BM if i == last else None)
@@ -317,6 +331,16 @@ class Transformer(nn.Module):
             shift, scale = self.final_ada(cond_BD)[:, None].chunk(2, dim=-1)
             h = h * (1 + scale) + shift
         return h
+
+    def forward_fused_adaln(self, x_BLD, cos_LF, sin_LF, cond_BD, mask_LS=None, is_causal=False):
+        """``forward`` of adaLN blocks in training (``fused_adaln.use_kernel``): each block leaves its gated MLP output
+        for the next block's first norm (or the final one) to add. The final h is in the compute dtype (the head's
+        input), not float32."""
+        pending = (None, None)
+        for block in self.blocks:
+            x_BLD, pending = block.forward_fused_adaln(x_BLD, cos_LF, sin_LF, cond_BD, pending, mask_LS, is_causal)
+        shift, scale = self.final_ada(cond_BD).chunk(2, dim=-1)
+        return adaln_norm(x_BLD, self.norm.weight, scale, shift, self.norm.eps, *pending)[1]
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype, device, reuse: bool = False) -> None:
         """Pre-allocate a KV cache in every attention module (replacing any previous one). ``reuse``: keep

@@ -89,23 +89,28 @@ def test_the_alone_sweep_traces_each_threshold_afresh(monkeypatch):
     assert all(r["batch"] == 4 and r["median_s"] > 0 and "error" not in r for r in sink.rows)
 
 
-def test_the_inductor_sweep_compiles_each_option_set_afresh(monkeypatch):
-    """``--inductor-sweep``: the step compiled anew under each named option set, in order, then the first again;
-    each row records its options, and ``--profile`` profiles the first variant only."""
+def test_the_compile_sweep_compiles_each_variant_afresh(monkeypatch):
+    """``--compile-sweep``: the step compiled anew under each named variant, in order, then the first again; each
+    row records its inductor options and switches; a variant's switch is put back for the next; ``--profile``
+    profiles the first variant only."""
+    from generator import fused_adaln
     compiles = []
 
     def recording(fn, mode, smoke, options=None):
-        compiles.append(options)
+        compiles.append((options, fused_adaln.ENABLED))
         return torch.compile(fn, backend="eager")
     monkeypatch.setattr(gen_train, "compiled", recording)
+    monkeypatch.setattr(fused_adaln, "ENABLED", True)
     sink = RowSink(None, "train ar-L", smoke=True)
     gen_train.variant_sweep("ar-L", SimpleNamespace(smoke=True, profile=True), sink,
-                            gen_train.inductor_variants(["default", "reads2"], smoke=True))
-    assert compiles == [{}, {"realize_reads_threshold": 2}, {}]
+                            gen_train.compile_variants(["reads2", "adaln-torch"], smoke=True))
+    assert compiles == [({"realize_reads_threshold": 2}, True), ({}, False), ({"realize_reads_threshold": 2}, True)]
     assert [r["name"] for r in sink.rows] == [
-        "ar-L train profile compiled [inductor default]", "ar-L train compiled [inductor default]",
-        "ar-L train compiled [inductor reads2]", "ar-L train compiled [inductor default] again"]
-    assert [r["inductor_options"] for r in sink.rows] == [{}, {}, {"realize_reads_threshold": 2}, {}]
+        "ar-L train profile compiled [reads2]", "ar-L train compiled [reads2]",
+        "ar-L train compiled [adaln-torch]", "ar-L train compiled [reads2] again"]
+    assert [r["inductor_options"] for r in sink.rows] == [{"realize_reads_threshold": 2}] * 2 + [{}, {
+        "realize_reads_threshold": 2}]
+    assert sink.rows[2]["switches"] == {"generator.fused_adaln.ENABLED": False} and "switches" not in sink.rows[1]
     assert all(r["median_s"] > 0 and "error" not in r for r in sink.rows)
-    with pytest.raises(SystemExit, match="unknown inductor option sets"):
-        gen_train.inductor_variants(["default", "fast"], smoke=True)
+    with pytest.raises(SystemExit, match="unknown compile variants"):
+        gen_train.compile_variants(["default", "fast"], smoke=True)
