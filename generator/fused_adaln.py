@@ -41,8 +41,21 @@ except ImportError:   # CPU-only installs: the torch-ops path
 # TESSERA_FUSED_ADALN=0 turns it off (the torch ops, compiled by inductor)
 ENABLED = os.environ.get("TESSERA_FUSED_ADALN", "1") != "0"
 MAX_WIDTH = 8192            # one row of x is one block of the kernels (BLOCK_D = D rounded up to a power of two)
-ROWS = 4                    # rows a program handles per step (forward: per program)
-PROGRAMS_PER_SM = 4         # the backward's programs: about this many per multiprocessor (B x G of them)
+ROWS = 4                    # the forward's rows per program
+
+
+def _backward_config() -> tuple[int, int, int]:
+    """The backward's launch: (rows a step, rows a program, warps); TESSERA_ADALN_BACKWARD="rows,rows,warps" sets it
+    (the tuning sweep of benchmarks/adaln_norm.py)."""
+    if value := os.environ.get("TESSERA_ADALN_BACKWARD"):
+        rows, per_program, warps = (int(v) for v in value.split(","))
+        if rows < 1 or rows & (rows - 1) or per_program < rows or warps < 1:
+            raise ValueError(f"TESSERA_ADALN_BACKWARD={value!r}: rows a step a power of two, rows a program >= it")
+        return rows, per_program, warps
+    return 2, 16, 4
+
+
+BACKWARD = _backward_config()
 
 
 def use_kernel(x: torch.Tensor) -> bool:
@@ -109,7 +122,9 @@ if triton is not None:
                          gate_stride, scale_stride, eps,
                          HAS_RES: tl.constexpr, HAS_DXO: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """Program (b, g): rows [g R, (g + 1) R) of image b (R = rows_per_group), ROWS at a time; its column sums
-        go to part_*[b, g]: sum dx y (dgate), sum dh n (dscale / w and, times 1 + scale, dw's share), sum dh."""
+        go to part_*[b, g]: sum dx y (dgate), sum dh n (dscale / w and, times 1 + scale, dw's share), sum dh. The
+        sums stay (ROWS, BLOCK_D) in registers until the end (one reduction across rows, not one a step), and a row's
+        two sums (x_out^2 and g x_out) are independent, so they run together."""
         b = tl.program_id(0)
         grp = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
@@ -119,9 +134,9 @@ if triton is not None:
         gw = (one_scale * w)[None, :]
         if HAS_RES:
             gate = tl.load(gate_ptr + b * gate_stride + cols, mask=cmask, other=0.0).to(tl.float32)
-        sum_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
-        sum_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
-        sum_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+        sum_gate = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        sum_norm = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        sum_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         start = grp * rows_per_group
         end = tl.minimum(start + rows_per_group, L)
         for r0 in range(start, end, ROWS):
@@ -130,28 +145,29 @@ if triton is not None:
             offs = (b * L + ls)[:, None] * D + cols[None, :]
             dh = tl.load(dh_ptr + offs, mask=m, other=0.0).to(tl.float32)
             xo = tl.load(xo_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(xo * xo, axis=1) / D + eps)
-            n = xo * rstd[:, None]
             g = dh * gw
-            dx = rstd[:, None] * (g - n * (tl.sum(g * n, axis=1) / D)[:, None])
+            rstd = 1.0 / tl.sqrt(tl.sum(xo * xo, axis=1) / D + eps)
+            g_n = tl.sum(g * xo, axis=1) * rstd / D                 # mean(g n)
+            n = xo * rstd[:, None]
+            dx = rstd[:, None] * (g - n * g_n[:, None])
             if HAS_DXO:
                 dx += tl.load(dxo_ptr + offs, mask=m, other=0.0).to(tl.float32)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
-            sum_norm += tl.sum(dh * n, axis=0)
-            sum_shift += tl.sum(dh, axis=0)
+            sum_norm += dh * n
+            sum_shift += dh
             if HAS_RES:
                 y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                sum_gate += tl.sum(dx * y, axis=0)
+                sum_gate += dx * y
                 tl.store(dy_ptr + offs, (gate[None, :] * dx).to(dy_ptr.dtype.element_ty), mask=m)
         part = (b * G + grp) * D + cols
-        tl.store(part_norm_ptr + part, sum_norm, mask=cmask)
-        tl.store(part_shift_ptr + part, sum_shift, mask=cmask)
+        tl.store(part_norm_ptr + part, tl.sum(sum_norm, axis=0), mask=cmask)
+        tl.store(part_shift_ptr + part, tl.sum(sum_shift, axis=0), mask=cmask)
         if HAS_RES:
-            tl.store(part_gate_ptr + part, sum_gate, mask=cmask)
+            tl.store(part_gate_ptr + part, tl.sum(sum_gate, axis=0), mask=cmask)
 
     def _width(D: int) -> tuple[int, int]:
-        """BLOCK_D and warps for rows of width D (ROWS x BLOCK_D elements a step: 16 float32 per thread a
-        tensor at 4 warps and D 1024)."""
+        """The forward's BLOCK_D and warps for rows of width D (ROWS x BLOCK_D elements a program: 16 float32 per
+        thread a tensor at 8 warps and D 1024)."""
         block = triton.next_power_of_2(D)
         return block, 1 if INTERPRETED else max(1, min(16, ROWS * block // 512))
 
@@ -171,16 +187,15 @@ if triton is not None:
                 scale.stride(0), shift.stride(0), eps, HAS_RES=has_res, ROWS=ROWS, BLOCK_D=block, num_warps=warps)
         return x_out, h
 
-    def _groups(x: torch.Tensor, B: int, L: int) -> tuple[int, int]:
-        """(G, rows per group): about PROGRAMS_PER_SM programs per multiprocessor over B images, groups whole
-        multiples of ROWS rows."""
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-        G = max(1, min(triton.cdiv(L, ROWS), triton.cdiv(PROGRAMS_PER_SM * sms, B)))
-        rows = triton.cdiv(triton.cdiv(L, G), ROWS) * ROWS
-        return triton.cdiv(L, rows), rows
+    def _groups(L: int, rows: int, per_program: int) -> tuple[int, int]:
+        """(G, rows per group) for an image of L rows: groups of ``per_program`` rows rounded up to whole steps of
+        ``rows``, the last one ragged."""
+        per_group = triton.cdiv(min(per_program, L), rows) * rows
+        return triton.cdiv(L, per_group), per_group
 
-    def _backward(dx_out, dh, x_out, y, gate, weight, scale, eps):
-        """-> dx, dy, dgate (B, D), dweight (D,), dscale (B, D), dshift (B, D); dy and dgate None without y."""
+    def _backward(dx_out, dh, x_out, y, gate, weight, scale, eps, config=None):
+        """-> dx, dy, dgate (B, D), dweight (D,), dscale (B, D), dshift (B, D); dy and dgate None without y.
+        ``config``: (rows a step, rows a program, warps), default ``BACKWARD``."""
         B, L, D = x_out.shape
         has_res, has_dxo = y is not None, dx_out is not None
         dh = dh.contiguous()
@@ -190,14 +205,14 @@ if triton is not None:
         gate, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, scale))
         dx = torch.empty_like(x_out)
         dy = torch.empty_like(y) if has_res else dx
-        G, rows = _groups(x_out, B, L)
+        step, per_program, warps = config or BACKWARD
+        G, per_group = _groups(L, step, per_program)
         parts = torch.empty(3, B, G, D, dtype=torch.float32, device=x_out.device)
-        block, warps = _width(D)
         with on_device(x_out):
             _backward_kernel[(B, G)](
                 dx_out, dh, x_out, y, gate, weight.contiguous(), scale, dx, dy, parts[0], parts[1], parts[2],
-                L, D, rows, G, gate.stride(0), scale.stride(0), eps, HAS_RES=has_res, HAS_DXO=has_dxo, ROWS=ROWS,
-                BLOCK_D=block, num_warps=warps)
+                L, D, per_group, G, gate.stride(0), scale.stride(0), eps, HAS_RES=has_res, HAS_DXO=has_dxo, ROWS=step,
+                BLOCK_D=triton.next_power_of_2(D), num_warps=1 if INTERPRETED else warps)
         sums = parts.sum(2)                                     # (3, B, D): dx y, dh n, dh
         dweight = (sums[1] * (1 + scale.float())).sum(0).to(weight.dtype)
         dscale = (sums[1] * weight.float()).to(scale.dtype)

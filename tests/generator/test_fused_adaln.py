@@ -83,11 +83,37 @@ def test_backward_equals_autograd_through_the_formula(B, L, D, residual, downstr
 
 @needs_kernel
 def test_the_groups_cover_every_row():
-    """The backward's (image, group) programs: G groups of whole ROWS-row steps that cover [0, L) exactly once."""
-    x = torch.empty(1, device=KERNEL_DEVICE)
-    for B, L in [(1, 1), (2, 7), (128, 680), (3, 4097)]:
-        G, rows = fa._groups(x, B, L)
-        assert rows % fa.ROWS == 0 and (G - 1) * rows < L <= G * rows
+    """The backward's (image, group) programs: G groups of whole steps that cover [0, L) exactly once."""
+    for L, rows, per_program in [(1, 1, 16), (7, 2, 16), (680, 2, 16), (680, 4, 136), (4097, 4, 30), (21, 8, 8)]:
+        G, per_group = fa._groups(L, rows, per_program)
+        assert per_group % rows == 0 and (G - 1) * per_group < L <= G * per_group
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", [(1, 1, 1), (4, 8, 4), (2, 6, 2)])
+def test_every_backward_launch_gives_the_same_gradients(config):
+    """Any (rows a step, rows a program, warps) computes the same dx and dy, and the column sums to float32's
+    rounding of their order."""
+    B, L, D = 2, 45, 96
+    x, w, scale, shift, y, gate = inputs(B, L, D, seed=5)
+    g = torch.Generator().manual_seed(6)
+    dh = torch.randn(B, L, D, generator=g).to(KERNEL_DEVICE, KERNEL_DTYPE)
+    dx_out = torch.randn(B, L, D, generator=g).to(KERNEL_DEVICE)
+    x_out = fa.reference(x, w, scale, shift, EPS, y, gate)[0]
+    args = (dx_out, dh, x_out, y, gate.reshape(B, D), w, scale.reshape(B, D), EPS)
+    for got, want in zip(fa._backward(*args, config=config), fa._backward(*args, config=fa.BACKWARD)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_backward_launch_can_be_set(monkeypatch):
+    """TESSERA_ADALN_BACKWARD="rows,rows,warps" (the tuning sweep's override); a bad value names the variable."""
+    monkeypatch.setenv("TESSERA_ADALN_BACKWARD", "4,32,8")
+    assert fa._backward_config() == (4, 32, 8)
+    monkeypatch.setenv("TESSERA_ADALN_BACKWARD", "3,32,8")
+    with pytest.raises(ValueError, match="TESSERA_ADALN_BACKWARD"):
+        fa._backward_config()
+    monkeypatch.delenv("TESSERA_ADALN_BACKWARD")
+    assert fa._backward_config() == fa.BACKWARD
 
 
 def tiny_adaln(seed=0):
@@ -178,6 +204,6 @@ def test_kernels_compile_for_hopper():
     for res in (True, False):
         k = compile_for_hopper(fa._forward_kernel, fwd, dict(HAS_RES=res, ROWS=fa.ROWS, BLOCK_D=1024), num_warps=8)
         assert k.asm["cubin"]
-        k = compile_for_hopper(fa._backward_kernel, bwd, dict(HAS_RES=res, HAS_DXO=res, ROWS=fa.ROWS, BLOCK_D=1024),
-                               num_warps=8)
+        k = compile_for_hopper(fa._backward_kernel, bwd, dict(HAS_RES=res, HAS_DXO=res, ROWS=fa.BACKWARD[0],
+                                                              BLOCK_D=1024), num_warps=fa.BACKWARD[2])
         assert k.asm["cubin"]
