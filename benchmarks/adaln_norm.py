@@ -5,9 +5,10 @@ shape, the op against the same formula compiled by inductor, and the op's backwa
 
 x (B, 680, 1024) float32, y / gate / scale / shift bf16, h bf16, as in the compiled training step. Rows: forward
 (no autograd) and forward + backward of one residual pair, the op vs ``torch.compile`` of ``fused_adaln.reference``
-(inductor's kernels, as the training step ran before NOTES A61); then the op's backward alone for every (rows a
-step, rows a program, warps), ms and GB/s of what it must move (dx_out, dh, x_out, y read; dx, dy written: 18 bytes
-per element). ``--best-out``: the fastest backward config as ``rows,rows,warps`` (for TESSERA_ADALN_BACKWARD).
+(inductor's kernels, as the training step ran before NOTES A61); then the op's forward alone for every (rows a
+program, warps) and its backward for every (rows a step, rows a program, warps), ms and GB/s of what each must move
+(forward 12 bytes an element, backward 18). ``--best-out``: the fastest launches as TESSERA_ADALN_FORWARD=... and
+TESSERA_ADALN_BACKWARD=... lines (the variables that set them).
 CUDA events, median of 20 after warm-up. Prints; not in run_all (it picks the op's launch; gen_train's
 train-var-d16-compile job measures the step).
 """
@@ -25,7 +26,7 @@ EPS = 1e-6
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--best-out", help="write the fastest backward config here")
+    p.add_argument("--best-out", help="write the fastest launches here, as environment variable lines")
     args = p.parse_args()
     B, L, D = args.batch, 680, 1024
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -56,28 +57,36 @@ def main() -> None:
         print(f"{name:9s} forward {fwd:6.3f} ms | forward + backward {both:6.3f} ms | backward ~{both - fwd:6.3f} ms",
               flush=True)
 
-    x_out = fa.reference(x, w, scale, shift, EPS, y, gate)[0]
-    bwd_args = (dx_out, dh, x_out, y, gate, w, scale, EPS)
-    moved = 18 * B * L * D
-    results = {}
-    for rows, per_program, warps in itertools.product((1, 2, 4), (8, 16, 32, 64, 170), (2, 4, 8)):
-        if per_program < rows:
-            continue
-        config = (rows, per_program, warps)
-        try:
-            ms = time_ms(lambda: fa._backward(*bwd_args, config=config))
-        except Exception as e:  # noqa: BLE001 - a launch that does not fit (registers, shared memory) is a row
-            print(f"backward {config}: failed ({str(e).splitlines()[0][:80]})", flush=True)
-            continue
-        results[config] = ms
-        print(f"backward rows {rows} per program {per_program:3d} warps {warps}: {ms:6.3f} ms "
-              f"{moved / ms / 1e6:5.0f} GB/s", flush=True)
-    best = min(results, key=results.get)
-    print(f"fastest backward: {best} {results[best]:.3f} ms; shipped {fa.BACKWARD}: "
-          f"{results.get(fa.BACKWARD, float('nan')):.3f} ms")
+    fwd_args = (x, y, gate, w, scale, shift, EPS, torch.bfloat16)
+    x_out, _, rstd = fa._forward(*fwd_args)
+    bwd_args = (dx_out, dh, x_out, rstd, y, gate, w, scale)
+    best = {}
+    # forward: reads x (4 bytes an element) and y (2), writes x_out (4) and h (2)
+    best["TESSERA_ADALN_FORWARD"] = sweep("forward", lambda c: fa._forward(*fwd_args, config=c), fa.FORWARD,
+                                          itertools.product((1, 2, 4, 8), (2, 4, 8, 16)), 12 * B * L * D)
+    # backward: reads dx_out (4), dh (2), x_out (4), y (2), writes dx (4) and dy (2)
+    best["TESSERA_ADALN_BACKWARD"] = sweep("backward", lambda c: fa._backward(*bwd_args, config=c), fa.BACKWARD,
+                                           itertools.product((1, 2), (16, 32, 64, 88), (4, 8, 16)), 18 * B * L * D)
     if args.best_out:
         with open(args.best_out, "w") as f:
-            f.write(",".join(map(str, best)))
+            f.write("".join(f"{k}={','.join(map(str, v))}\n" for k, v in best.items()))
+
+
+def sweep(name, run, shipped, configs, moved):
+    """Time ``run(config)`` for each config; print ms and GB/s of ``moved`` bytes; return the fastest."""
+    results = {}
+    for config in configs:
+        try:
+            ms = time_ms(lambda: run(config))
+        except Exception as e:  # noqa: BLE001 - a launch that does not fit (registers, shared memory) is a row
+            print(f"{name} {config}: failed ({str(e).splitlines()[0][:80]})", flush=True)
+            continue
+        results[config] = ms
+        print(f"{name} {config}: {ms:6.3f} ms {moved / ms / 1e6:5.0f} GB/s", flush=True)
+    best = min(results, key=results.get)
+    print(f"fastest {name}: {best} {results[best]:.3f} ms; shipped {shipped}: "
+          f"{results.get(tuple(shipped), float('nan')):.3f} ms", flush=True)
+    return best
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ JOBS = [
         smoke_args=["--part", "var-d16", "--var-alone-sweep", "64,1024"]),
     # the compiled VAR step with fused_adaln's op and with inductor's kernels (A61), one process
     Job("train-var-d16-compile", "benchmarks.gen_train",
-        ["--part", "var-d16", "--compile-sweep", "default,adaln-torch", "--batch", "128", "--profile"], 330,
+        ["--part", "var-d16", "--compile-sweep", "default,adaln-torch", "--batch", "128", "--profile"], 200,
         smoke_args=["--part", "var-d16", "--compile-sweep", "default,adaln-torch", "--profile"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),

@@ -41,21 +41,26 @@ except ImportError:   # CPU-only installs: the torch-ops path
 # TESSERA_FUSED_ADALN=0 turns it off (the torch ops, compiled by inductor)
 ENABLED = os.environ.get("TESSERA_FUSED_ADALN", "1") != "0"
 MAX_WIDTH = 8192            # one row of x is one block of the kernels (BLOCK_D = D rounded up to a power of two)
-ROWS = 4                    # the forward's rows per program
 
 
-def _backward_config() -> tuple[int, int, int]:
-    """The backward's launch: (rows a step, rows a program, warps); TESSERA_ADALN_BACKWARD="rows,rows,warps" sets it
-    (the tuning sweep of benchmarks/adaln_norm.py)."""
-    if value := os.environ.get("TESSERA_ADALN_BACKWARD"):
-        rows, per_program, warps = (int(v) for v in value.split(","))
-        if rows < 1 or rows & (rows - 1) or per_program < rows or warps < 1:
-            raise ValueError(f"TESSERA_ADALN_BACKWARD={value!r}: rows a step a power of two, rows a program >= it")
-        return rows, per_program, warps
-    return 2, 16, 4
+def _launch_config(variable: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A kernel's launch from the environment variable ``variable`` (comma-separated ints, as many as ``default``:
+    the tuning sweep of benchmarks/adaln_norm.py), else ``default``. The first (rows a step) a power of two."""
+    value = os.environ.get(variable)
+    if not value:
+        return default
+    try:
+        config = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        config = ()
+    if len(config) != len(default) or min(config) < 1 or config[0] & (config[0] - 1):
+        raise ValueError(f"{variable}={value!r}: {len(default)} positive integers, the first a power of two")
+    return config
 
 
-BACKWARD = _backward_config()
+# the forward's (rows a program, warps) and the backward's (rows a step, rows a program, warps)
+FORWARD = _launch_config("TESSERA_ADALN_FORWARD", (4, 8))
+BACKWARD = _launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8))
 
 
 def use_kernel(x: torch.Tensor) -> bool:
@@ -76,9 +81,9 @@ def adaln_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift
     B, L, D = x.shape
     scale, shift = scale.reshape(B, D), shift.reshape(B, D)
     if y is None:
-        return x, torch.ops.tessera.adaln_norm(x, weight, scale, shift, eps, out_dtype)
-    return tuple(torch.ops.tessera.adaln_residual_norm(x, y, gate.reshape(B, D), weight, scale, shift, eps,
-                                                       out_dtype))
+        return x, torch.ops.tessera.adaln_norm(x, weight, scale, shift, eps, out_dtype)[0]
+    x_out, h, _ = torch.ops.tessera.adaln_residual_norm(x, y, gate.reshape(B, D), weight, scale, shift, eps, out_dtype)
+    return x_out, h
 
 
 def reference(x, weight, scale, shift, eps, y=None, gate=None, out_dtype=None):
@@ -94,7 +99,7 @@ def reference(x, weight, scale, shift, eps, y=None, gate=None, out_dtype=None):
 
 if triton is not None:
     @triton.jit
-    def _forward_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, xo_ptr, h_ptr, n_rows, L, D,
+    def _forward_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, xo_ptr, h_ptr, rstd_ptr, n_rows, L, D,
                         gate_stride, scale_stride, shift_stride, eps,
                         HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -110,6 +115,7 @@ if triton is not None:
             x = x + gate * y
             tl.store(xo_ptr + offs, x.to(xo_ptr.dtype.element_ty), mask=m)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + b[:, None] * scale_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + b[:, None] * shift_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -117,14 +123,14 @@ if triton is not None:
         tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _backward_kernel(dxo_ptr, dh_ptr, xo_ptr, y_ptr, gate_ptr, w_ptr, scale_ptr, dx_ptr, dy_ptr,
+    def _backward_kernel(dxo_ptr, dh_ptr, xo_ptr, rstd_ptr, y_ptr, gate_ptr, w_ptr, scale_ptr, dx_ptr, dy_ptr,
                          part_gate_ptr, part_norm_ptr, part_shift_ptr, L, D, rows_per_group, G,
-                         gate_stride, scale_stride, eps,
+                         gate_stride, scale_stride,
                          HAS_RES: tl.constexpr, HAS_DXO: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
         """Program (b, g): rows [g R, (g + 1) R) of image b (R = rows_per_group), ROWS at a time; its column sums
         go to part_*[b, g]: sum dx y (dgate), sum dh n (dscale / w and, times 1 + scale, dw's share), sum dh. The
-        sums stay (ROWS, BLOCK_D) in registers until the end (one reduction across rows, not one a step), and a row's
-        two sums (x_out^2 and g x_out) are independent, so they run together."""
+        sums stay (ROWS, BLOCK_D) in registers until the end (one reduction across rows, not one a step); rstd comes
+        from the forward, so a row takes one sum across its columns (g x_out)."""
         b = tl.program_id(0)
         grp = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
@@ -146,7 +152,7 @@ if triton is not None:
             dh = tl.load(dh_ptr + offs, mask=m, other=0.0).to(tl.float32)
             xo = tl.load(xo_ptr + offs, mask=m, other=0.0).to(tl.float32)
             g = dh * gw
-            rstd = 1.0 / tl.sqrt(tl.sum(xo * xo, axis=1) / D + eps)
+            rstd = tl.load(rstd_ptr + b * L + ls, mask=ls < end, other=0.0)
             g_n = tl.sum(g * xo, axis=1) * rstd / D                 # mean(g n)
             n = xo * rstd[:, None]
             dx = rstd[:, None] * (g - n * g_n[:, None])
@@ -165,13 +171,9 @@ if triton is not None:
         if HAS_RES:
             tl.store(part_gate_ptr + part, tl.sum(sum_gate, axis=0), mask=cmask)
 
-    def _width(D: int) -> tuple[int, int]:
-        """The forward's BLOCK_D and warps for rows of width D (ROWS x BLOCK_D elements a program: 16 float32 per
-        thread a tensor at 8 warps and D 1024)."""
-        block = triton.next_power_of_2(D)
-        return block, 1 if INTERPRETED else max(1, min(16, ROWS * block // 512))
-
-    def _forward(x, y, gate, weight, scale, shift, eps, out_dtype):
+    def _forward(x, y, gate, weight, scale, shift, eps, out_dtype, config=None):
+        """-> x_out (x itself without y), h, rstd (B L,) float32. ``config``: (rows a program, warps), default
+        ``FORWARD``."""
         B, L, D = x.shape
         x = x.contiguous()
         has_res = y is not None
@@ -180,12 +182,14 @@ if triton is not None:
         gate, scale, shift = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, scale, shift))
         x_out = torch.empty_like(x) if has_res else x
         h = torch.empty(B, L, D, dtype=out_dtype, device=x.device)
-        block, warps = _width(D)
+        rstd = torch.empty(B * L, dtype=torch.float32, device=x.device)
+        rows, warps = config or FORWARD
         with on_device(x):
-            _forward_kernel[(triton.cdiv(B * L, ROWS),)](
-                x, y, gate, weight.contiguous(), scale, shift, x_out, h, B * L, L, D, gate.stride(0),
-                scale.stride(0), shift.stride(0), eps, HAS_RES=has_res, ROWS=ROWS, BLOCK_D=block, num_warps=warps)
-        return x_out, h
+            _forward_kernel[(triton.cdiv(B * L, rows),)](
+                x, y, gate, weight.contiguous(), scale, shift, x_out, h, rstd, B * L, L, D, gate.stride(0),
+                scale.stride(0), shift.stride(0), eps, HAS_RES=has_res, ROWS=rows, BLOCK_D=triton.next_power_of_2(D),
+                num_warps=1 if INTERPRETED else warps)
+        return x_out, h, rstd
 
     def _groups(L: int, rows: int, per_program: int) -> tuple[int, int]:
         """(G, rows per group) for an image of L rows: groups of ``per_program`` rows rounded up to whole steps of
@@ -193,7 +197,7 @@ if triton is not None:
         per_group = triton.cdiv(min(per_program, L), rows) * rows
         return triton.cdiv(L, per_group), per_group
 
-    def _backward(dx_out, dh, x_out, y, gate, weight, scale, eps, config=None):
+    def _backward(dx_out, dh, x_out, rstd, y, gate, weight, scale, config=None):
         """-> dx, dy, dgate (B, D), dweight (D,), dscale (B, D), dshift (B, D); dy and dgate None without y.
         ``config``: (rows a step, rows a program, warps), default ``BACKWARD``."""
         B, L, D = x_out.shape
@@ -210,8 +214,8 @@ if triton is not None:
         parts = torch.empty(3, B, G, D, dtype=torch.float32, device=x_out.device)
         with on_device(x_out):
             _backward_kernel[(B, G)](
-                dx_out, dh, x_out, y, gate, weight.contiguous(), scale, dx, dy, parts[0], parts[1], parts[2],
-                L, D, per_group, G, gate.stride(0), scale.stride(0), eps, HAS_RES=has_res, HAS_DXO=has_dxo, ROWS=step,
+                dx_out, dh, x_out, rstd, y, gate, weight.contiguous(), scale, dx, dy, parts[0], parts[1], parts[2],
+                L, D, per_group, G, gate.stride(0), scale.stride(0), HAS_RES=has_res, HAS_DXO=has_dxo, ROWS=step,
                 BLOCK_D=triton.next_power_of_2(D), num_warps=1 if INTERPRETED else warps)
         sums = parts.sum(2)                                     # (3, B, D): dx y, dh n, dh
         dweight = (sums[1] * (1 + scale.float())).sum(0).to(weight.dtype)
@@ -223,34 +227,35 @@ if triton is not None:
     # ---- the ops: forward, backward, autograd --------------------------------------------------------------------
     @torch.library.custom_op("tessera::adaln_norm", mutates_args=())
     def _norm_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-        return _forward(x, None, None, weight, scale, shift, eps, out_dtype)[1]
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(x, None, None, weight, scale, shift, eps, out_dtype)[1:]
 
     @_norm_op.register_fake
     def _(x, weight, scale, shift, eps, out_dtype):
-        return x.new_empty(x.shape, dtype=out_dtype)
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
 
     @torch.library.custom_op("tessera::adaln_residual_norm", mutates_args=())
     def _residual_norm_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                           scale: torch.Tensor, shift: torch.Tensor, eps: float,
-                          out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                          out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _forward(x, y, gate, weight, scale, shift, eps, out_dtype)
 
     @_residual_norm_op.register_fake
     def _(x, y, gate, weight, scale, shift, eps, out_dtype):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=out_dtype)
+        return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=out_dtype),
+                x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32))
 
     @torch.library.custom_op("tessera::adaln_norm_backward", mutates_args=())
-    def _backward_op(dx_out: torch.Tensor | None, dh: torch.Tensor, x_out: torch.Tensor, y: torch.Tensor | None,
-                     gate: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor,
-                     eps: float) -> list[torch.Tensor]:
-        dx, dy, dgate, dweight, dscale, dshift = _backward(dx_out, dh, x_out, y, gate, weight, scale, eps)
+    def _backward_op(dx_out: torch.Tensor | None, dh: torch.Tensor, x_out: torch.Tensor, rstd: torch.Tensor,
+                     y: torch.Tensor | None, gate: torch.Tensor | None, weight: torch.Tensor,
+                     scale: torch.Tensor) -> list[torch.Tensor]:
+        dx, dy, dgate, dweight, dscale, dshift = _backward(dx_out, dh, x_out, rstd, y, gate, weight, scale)
         if y is None:      # custom ops return tensors: empty stand-ins where there is no residual branch
             dy, dgate = dx.new_empty(0), dx.new_empty(0)
         return [dx, dy, dgate, dweight, dscale, dshift]
 
     @_backward_op.register_fake
-    def _(dx_out, dh, x_out, y, gate, weight, scale, eps):
+    def _(dx_out, dh, x_out, rstd, y, gate, weight, scale):
         B, L, D = x_out.shape
         res = y is not None
         return [torch.empty_like(x_out, memory_format=torch.contiguous_format),
@@ -260,24 +265,22 @@ if triton is not None:
 
     def _save_norm(ctx, inputs, output):
         x, weight, scale, shift, eps, out_dtype = inputs
-        ctx.save_for_backward(x, weight, scale)
-        ctx.eps = eps
+        ctx.save_for_backward(x, output[1], weight, scale)
 
-    def _norm_grad(ctx, dh):
-        x, weight, scale = ctx.saved_tensors
-        dx, _, _, dweight, dscale, dshift = torch.ops.tessera.adaln_norm_backward(None, dh, x, None, None, weight,
-                                                                                 scale, ctx.eps)
+    def _norm_grad(ctx, dh, _drstd):
+        x, rstd, weight, scale = ctx.saved_tensors
+        dx, _, _, dweight, dscale, dshift = torch.ops.tessera.adaln_norm_backward(None, dh, x, rstd, None, None,
+                                                                                 weight, scale)
         return dx, dweight, dscale, dshift, None, None
 
     def _save_residual_norm(ctx, inputs, output):
         x, y, gate, weight, scale, shift, eps, out_dtype = inputs
-        ctx.save_for_backward(output[0], y, gate, weight, scale)
-        ctx.eps = eps
+        ctx.save_for_backward(output[0], output[2], y, gate, weight, scale)
 
-    def _residual_norm_grad(ctx, dx_out, dh):
-        x_out, y, gate, weight, scale = ctx.saved_tensors
+    def _residual_norm_grad(ctx, dx_out, dh, _drstd):
+        x_out, rstd, y, gate, weight, scale = ctx.saved_tensors
         dx, dy, dgate, dweight, dscale, dshift = torch.ops.tessera.adaln_norm_backward(
-            dx_out, dh, x_out, y, gate, weight, scale, ctx.eps)
+            dx_out, dh, x_out, rstd, y, gate, weight, scale)
         return dx, dy, dgate, dweight, dscale, dshift, None, None
 
     torch.library.register_autograd("tessera::adaln_norm", _norm_grad, setup_context=_save_norm)

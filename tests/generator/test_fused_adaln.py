@@ -93,27 +93,32 @@ def test_the_groups_cover_every_row():
 @pytest.mark.parametrize("config", [(1, 1, 1), (4, 8, 4), (2, 6, 2)])
 def test_every_backward_launch_gives_the_same_gradients(config):
     """Any (rows a step, rows a program, warps) computes the same dx and dy, and the column sums to float32's
-    rounding of their order."""
+    rounding of their order; any forward launch (rows a program, warps) the same x_out, h and rstd."""
     B, L, D = 2, 45, 96
     x, w, scale, shift, y, gate = inputs(B, L, D, seed=5)
     g = torch.Generator().manual_seed(6)
     dh = torch.randn(B, L, D, generator=g).to(KERNEL_DEVICE, KERNEL_DTYPE)
     dx_out = torch.randn(B, L, D, generator=g).to(KERNEL_DEVICE)
-    x_out = fa.reference(x, w, scale, shift, EPS, y, gate)[0]
-    args = (dx_out, dh, x_out, y, gate.reshape(B, D), w, scale.reshape(B, D), EPS)
+    x_out, _, rstd = fa._forward(x, y, gate.reshape(B, D), w, scale.reshape(B, D), shift.reshape(B, D), EPS,
+                                 KERNEL_DTYPE)
+    args = (dx_out, dh, x_out, rstd, y, gate.reshape(B, D), w, scale.reshape(B, D))
     for got, want in zip(fa._backward(*args, config=config), fa._backward(*args, config=fa.BACKWARD)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fwd = (x, y, gate.reshape(B, D), w, scale.reshape(B, D), shift.reshape(B, D), EPS, KERNEL_DTYPE)
+    for got, want in zip(fa._forward(*fwd, config=config[::2]), fa._forward(*fwd, config=fa.FORWARD)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_the_backward_launch_can_be_set(monkeypatch):
+def test_the_launch_can_be_set(monkeypatch):
     """TESSERA_ADALN_BACKWARD="rows,rows,warps" (the tuning sweep's override); a bad value names the variable."""
     monkeypatch.setenv("TESSERA_ADALN_BACKWARD", "4,32,8")
-    assert fa._backward_config() == (4, 32, 8)
-    monkeypatch.setenv("TESSERA_ADALN_BACKWARD", "3,32,8")
-    with pytest.raises(ValueError, match="TESSERA_ADALN_BACKWARD"):
-        fa._backward_config()
+    assert fa._launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8)) == (4, 32, 8)
+    for bad in ("3,32,8", "4,32", "4,x,8", "4,0,8"):
+        monkeypatch.setenv("TESSERA_ADALN_BACKWARD", bad)
+        with pytest.raises(ValueError, match="TESSERA_ADALN_BACKWARD"):
+            fa._launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8))
     monkeypatch.delenv("TESSERA_ADALN_BACKWARD")
-    assert fa._backward_config() == fa.BACKWARD
+    assert fa._launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8)) == (1, 64, 8)
 
 
 def tiny_adaln(seed=0):
@@ -193,16 +198,18 @@ def test_no_kernel_without_autograd_or_when_off(monkeypatch):
 def test_kernels_compile_for_hopper():
     """Triton's real front end and sm_90 back end accept both kernels, with and without the residual branch."""
     fwd = {"x_ptr": "*fp32", "y_ptr": "*bf16", "gate_ptr": "*bf16", "w_ptr": "*fp32", "scale_ptr": "*bf16",
-           "shift_ptr": "*bf16", "xo_ptr": "*fp32", "h_ptr": "*bf16", "n_rows": "i32", "L": "i32", "D": "i32",
+           "shift_ptr": "*bf16", "xo_ptr": "*fp32", "h_ptr": "*bf16", "rstd_ptr": "*fp32", "n_rows": "i32",
+           "L": "i32", "D": "i32",
            "gate_stride": "i32", "scale_stride": "i32", "shift_stride": "i32", "eps": "fp32",
            "HAS_RES": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
-    bwd = {"dxo_ptr": "*fp32", "dh_ptr": "*bf16", "xo_ptr": "*fp32", "y_ptr": "*bf16", "gate_ptr": "*bf16",
+    bwd = {"dxo_ptr": "*fp32", "dh_ptr": "*bf16", "xo_ptr": "*fp32", "rstd_ptr": "*fp32", "y_ptr": "*bf16", "gate_ptr": "*bf16",
            "w_ptr": "*fp32", "scale_ptr": "*bf16", "dx_ptr": "*fp32", "dy_ptr": "*bf16", "part_gate_ptr": "*fp32",
            "part_norm_ptr": "*fp32", "part_shift_ptr": "*fp32", "L": "i32", "D": "i32", "rows_per_group": "i32",
-           "G": "i32", "gate_stride": "i32", "scale_stride": "i32", "eps": "fp32",
+           "G": "i32", "gate_stride": "i32", "scale_stride": "i32",
            "HAS_RES": "constexpr", "HAS_DXO": "constexpr", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
     for res in (True, False):
-        k = compile_for_hopper(fa._forward_kernel, fwd, dict(HAS_RES=res, ROWS=fa.ROWS, BLOCK_D=1024), num_warps=8)
+        k = compile_for_hopper(fa._forward_kernel, fwd, dict(HAS_RES=res, ROWS=fa.FORWARD[0], BLOCK_D=1024),
+                               num_warps=fa.FORWARD[1])
         assert k.asm["cubin"]
         k = compile_for_hopper(fa._backward_kernel, bwd, dict(HAS_RES=res, HAS_DXO=res, ROWS=fa.BACKWARD[0],
                                                               BLOCK_D=1024), num_warps=fa.BACKWARD[2])
