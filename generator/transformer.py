@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from generator.config import GeneratorConfig
 from generator.decode_attention import attend_new_query, attend_one_query, use_new_query_kernel
-from generator.fused_attention import fused_attention
 from generator.fused_adaln import adaln_norm
 from generator.fused_adaln import use_kernel as use_fused_adaln
+from generator.fused_attention import fused_attention
 from generator.fused_attention import use_kernel as use_fused_attention
 from generator.fused_swiglu import fused_swiglu
 from generator.fused_swiglu import use_kernel as use_fused_swiglu
