@@ -140,6 +140,7 @@ def variant_sweep(name: str, args, sink: RowSink, variants: list[tuple[str, Call
         if first_call_or_eager(lambda: step(ids, labels), None, status) is None:
             sink.add(name=f"{name} train {label}", **facts, batch=B, **status, **extra,
                      error="the compiled step failed")
+            step.fwd = step.wrapper         # the next variant compiles afresh
             continue
         if args.profile and i == 0:
             sink.add(name=f"{name} train profile {label}", bench="profile", model=name, batch=B, **status, **extra,
