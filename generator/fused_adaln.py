@@ -205,7 +205,7 @@ if triton is not None:
         ``config``: (rows a step, rows a program, warps), default ``BACKWARD``."""
         B, L, D = x_out.shape
         has_res, has_dxo = y is not None, dx_out is not None
-        dh = dh.contiguous()
+        x_out, dh = x_out.contiguous(), dh.contiguous()        # the first norm's saved x is the caller's tensor
         dx_out = dx_out.contiguous() if has_dxo else dh
         y = y.contiguous() if has_res else dh
         gate = gate if has_res else scale

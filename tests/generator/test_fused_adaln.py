@@ -82,6 +82,26 @@ def test_backward_equals_autograd_through_the_formula(B, L, D, residual, downstr
 
 
 @needs_kernel
+def test_a_strided_input_gives_the_same_values():
+    """x as a transposed view (not contiguous): the first norm's op saves the caller's x for its backward, which
+    reads it as contiguous rows; the values and gradients equal those from a contiguous copy."""
+    B, L, D = 2, 9, 32
+    x, w, scale, shift, _, _ = inputs(B, L, D, residual=False, seed=7)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous() and torch.equal(strided, x)
+    dh = torch.randn(B, L, D, generator=torch.Generator().manual_seed(8)).to(KERNEL_DEVICE, KERNEL_DTYPE)
+    runs = []
+    for t in (x, strided):
+        leaf = t.detach().clone() if t.is_contiguous() else t.detach()
+        leaf.requires_grad_()
+        with torch.enable_grad():
+            h = fa.adaln_norm(leaf, w, scale, shift, EPS, out_dtype=KERNEL_DTYPE)[1]
+            h.backward(dh)
+        runs.append((h.detach(), leaf.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@needs_kernel
 def test_the_groups_cover_every_row():
     """The backward's (image, group) programs: G groups of whole steps that cover [0, L) exactly once."""
     for L, rows, per_program in [(1, 1, 16), (7, 2, 16), (680, 2, 16), (680, 4, 136), (4097, 4, 30), (21, 8, 8)]:
