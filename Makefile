@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 	# the Triton kernels once more on Triton's CPU interpreter (skipped in the run above without a GPU)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/generator/test_decode_attention.py tests/generator/test_fused_attention.py tests/generator/test_fused_draw.py tests/generator/test_philox_noise.py tests/generator/test_fused_swiglu.py tests/generator/test_fused_adaln.py tests/generator/test_kth_largest.py tests/generator/test_launch.py tests/generator/test_matvec.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/generator/test_decode_attention.py tests/generator/test_fused_attention.py tests/generator/test_fused_draw.py tests/generator/test_philox_noise.py tests/generator/test_fused_swiglu.py tests/generator/test_fused_adaln.py tests/generator/test_fused_qk_rope.py tests/generator/test_kth_largest.py tests/generator/test_launch.py tests/generator/test_matvec.py
 
 bench:
 	@if [ "$(BENCH_PY)" = "$(PY)" ]; then $(MAKE) install; fi

@@ -96,10 +96,11 @@ JOBS = [
     Job("train-var-d16-groupings", "benchmarks.gen_train",
         ["--part", "var-d16", "--var-alone-sweep", "64,169,1024", "--batch", "128"], 280,
         smoke_args=["--part", "var-d16", "--var-alone-sweep", "64,1024"]),
-    # the compiled VAR step with fused_adaln's op and with inductor's kernels (A61), one process
+    # the compiled VAR step with the fused adaLN and qk-norm + RoPE ops, and with inductor's kernels for each
+    # (A61, A63), one process
     Job("train-var-d16-compile", "benchmarks.gen_train",
-        ["--part", "var-d16", "--compile-sweep", "default,adaln-torch", "--batch", "128", "--profile"], 200,
-        smoke_args=["--part", "var-d16", "--compile-sweep", "default,adaln-torch", "--profile"]),
+        ["--part", "var-d16", "--compile-sweep", "default,qk-torch,adaln-torch", "--batch", "128", "--profile"], 330,
+        smoke_args=["--part", "var-d16", "--compile-sweep", "default,qk-torch,adaln-torch", "--profile"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from generator.launch import INTERPRETED, int32_offsets, on_device
+from generator.launch import INTERPRETED, env_launch_config, int32_offsets, on_device
 
 try:
     import triton
@@ -45,25 +45,10 @@ ENABLED = os.environ.get("TESSERA_FUSED_ADALN", "1") != "0"
 MAX_WIDTH = 8192            # one row of x is one block of the kernels (BLOCK_D = D rounded up to a power of two)
 
 
-def _launch_config(variable: str, default: tuple[int, ...]) -> tuple[int, ...]:
-    """A kernel's launch from the environment variable ``variable`` (comma-separated ints, as many as ``default``:
-    the tuning sweep of benchmarks/adaln_norm.py), else ``default``. The first (rows a step) a power of two."""
-    value = os.environ.get(variable)
-    if not value:
-        return default
-    try:
-        config = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        config = ()
-    if len(config) != len(default) or min(config) < 1 or config[0] & (config[0] - 1):
-        raise ValueError(f"{variable}={value!r}: {len(default)} positive integers, the first a power of two")
-    return config
-
-
 # the forward's (rows a program, warps) and the backward's (rows a step, rows a program, warps): the fastest of
 # benchmarks/adaln_norm.py's sweep on an H100 at VAR-d16's batch 128 (run 8cc4d0c7f304; NOTES A61)
-FORWARD = _launch_config("TESSERA_ADALN_FORWARD", (4, 4))
-BACKWARD = _launch_config("TESSERA_ADALN_BACKWARD", (2, 32, 4))
+FORWARD = env_launch_config("TESSERA_ADALN_FORWARD", (4, 4))
+BACKWARD = env_launch_config("TESSERA_ADALN_BACKWARD", (2, 32, 4))
 
 
 def use_kernel(x: torch.Tensor) -> bool:

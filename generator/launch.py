@@ -27,6 +27,21 @@ except ImportError:                     # no Triton (CPU installs), or one witho
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def env_launch_config(variable: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A kernel's launch from the environment variable ``variable`` (comma-separated ints, as many as ``default``:
+    a tuning sweep's override), else ``default``. The first (rows: a block's extent) a power of two."""
+    value = os.environ.get(variable)
+    if not value:
+        return default
+    try:
+        config = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        config = ()
+    if len(config) != len(default) or min(config) < 1 or config[0] & (config[0] - 1):
+        raise ValueError(f"{variable}={value!r}: {len(default)} positive integers, the first a power of two")
+    return config
+
+
 def on_device(t: torch.Tensor):
     """A context in which ``t``'s CUDA device is current (nothing for CPU tensors: the Triton interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

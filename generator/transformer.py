@@ -34,6 +34,8 @@ from generator.decode_attention import attend_new_query, attend_one_query, use_n
 from generator.fused_adaln import adaln_norm
 from generator.fused_adaln import use_kernel as use_fused_adaln
 from generator.fused_attention import fused_attention
+from generator.fused_qk_rope import qk_norm_rope as fused_qk_rope
+from generator.fused_qk_rope import use_kernel as use_fused_qk_rope
 from generator.fused_attention import use_kernel as use_fused_attention
 from generator.fused_swiglu import fused_swiglu
 from generator.fused_swiglu import use_kernel as use_fused_swiglu
@@ -203,8 +205,11 @@ class Attention(nn.Module):
         # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
         # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
         q, k, v = qkv_BL3HK.unbind(2)
-        cos, sin = cos_LF[:, None], sin_LF[:, None]
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        if cache_pos is None and cos_LF.shape[0] == L and use_fused_qk_rope(q, self.q_norm, self.k_norm):  # NOTES A63
+            q, k = fused_qk_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos_LF, sin_LF)
+        else:
+            cos, sin = cos_LF[:, None], sin_LF[:, None]
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(k, v, cache_pos)            # (B, H, S, K), all slots

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from generator import fused_adaln as fa
+from generator.launch import env_launch_config
 from generator.config import GeneratorConfig
 from generator.transformer import Transformer, init_weights, rope_tables
 from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, compile_for_hopper, needs_compiler, needs_kernel
@@ -132,13 +133,13 @@ def test_every_backward_launch_gives_the_same_gradients(config):
 def test_the_launch_can_be_set(monkeypatch):
     """TESSERA_ADALN_BACKWARD="rows,rows,warps" (the tuning sweep's override); a bad value names the variable."""
     monkeypatch.setenv("TESSERA_ADALN_BACKWARD", "4,32,8")
-    assert fa._launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8)) == (4, 32, 8)
+    assert env_launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8)) == (4, 32, 8)
     for bad in ("3,32,8", "4,32", "4,x,8", "4,0,8"):
         monkeypatch.setenv("TESSERA_ADALN_BACKWARD", bad)
         with pytest.raises(ValueError, match="TESSERA_ADALN_BACKWARD"):
-            fa._launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8))
+            env_launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8))
     monkeypatch.delenv("TESSERA_ADALN_BACKWARD")
-    assert fa._launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8)) == (1, 64, 8)
+    assert env_launch_config("TESSERA_ADALN_BACKWARD", (1, 64, 8)) == (1, 64, 8)
 
 
 def tiny_adaln(seed=0):
