@@ -101,6 +101,11 @@ JOBS = [
     Job("train-var-d16-compile", "benchmarks.gen_train",
         ["--part", "var-d16", "--compile-sweep", "default,qk-torch,adaln-torch", "--batch", "128", "--profile"], 330,
         smoke_args=["--part", "var-d16", "--compile-sweep", "default,qk-torch,adaln-torch", "--profile"]),
+    # masked-L and AR-L training with the qk-norm + RoPE op and with inductor's kernels (A63), at the batch that fills
+    # the GPU for their compiled steps, one process
+    Job("train-lm-compile", "benchmarks.gen_train",
+        ["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch", "--batch", "256"], 440,
+        smoke_args=["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -127,7 +132,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-ar-unfused-query", "sample-ar-fused-query",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
-                 "train-var-d16-groupings", "train-var-d16-compile"}
+                 "train-var-d16-groupings", "train-var-d16-compile", "train-lm-compile"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
            "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]

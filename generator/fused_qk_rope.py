@@ -35,8 +35,9 @@ except ImportError:   # CPU-only installs: the torch-ops path
 
 # TESSERA_FUSED_QK_ROPE=0 turns it off (the torch ops, compiled by inductor)
 ENABLED = os.environ.get("TESSERA_FUSED_QK_ROPE", "1") != "0"
-# (head rows a program, warps): a guess until swept (benchmarks/qk_norm_rope.py); TESSERA_QK_ROPE_LAUNCH overrides it
-ROWS, WARPS = env_launch_config("TESSERA_QK_ROPE_LAUNCH", (64, 4))
+# (head rows a program, warps): the fastest of benchmarks/qk_norm_rope.py's sweep on an H100 at VAR-d16's batch 128
+# (run 7312abfc4c69; NOTES A63), ~0.25 ms a layer; TESSERA_QK_ROPE_LAUNCH overrides it
+ROWS, WARPS = env_launch_config("TESSERA_QK_ROPE_LAUNCH", (128, 4))
 
 
 def use_kernel(q: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> bool:

@@ -66,12 +66,15 @@ def test_backward_equals_autograd_through_the_formula(B, L, H, K):
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 8, 64])
 def test_every_launch_gives_the_same_values(rows):
-    """Any rows per program computes the same bits (each row is on its own)."""
+    """Any rows per program computes the same values: each row is on its own, but the launch's layout sets the order
+    of a row's sum of squares (on the GPU the bits of rstd can move, and so the last bit of an output)."""
     qkv, wq, wk, cos, sin = inputs(2, 13, 3, 32, seed=3)
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     want = fq._forward(q, k, wq, wk, cos, sin, EPS)
-    for got, ref in zip(fq._forward(q, k, wq, wk, cos, sin, EPS, config=(rows, 2)), want):
-        assert torch.equal(got, ref)
+    got = fq._forward(q, k, wq, wk, cos, sin, EPS, config=(rows, 2))
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=0)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=torch.finfo(a.dtype).eps, atol=1e-3)
 
 
 @needs_kernel
