@@ -99,12 +99,12 @@ JOBS = [
     # the compiled VAR step with the fused adaLN and qk-norm + RoPE ops, and with inductor's kernels for each
     # (A61, A63), one process
     Job("train-var-d16-compile", "benchmarks.gen_train",
-        ["--part", "var-d16", "--compile-sweep", "default,qk-torch,adaln-torch", "--batch", "128", "--profile"], 330,
+        ["--part", "var-d16", "--compile-sweep", "default,qk-torch,adaln-torch", "--batch", "128", "--profile"], 280,
         smoke_args=["--part", "var-d16", "--compile-sweep", "default,qk-torch,adaln-torch", "--profile"]),
     # masked-L and AR-L training with the qk-norm + RoPE op and with inductor's kernels (A63), at the batch that fills
     # the GPU for their compiled steps, one process
     Job("train-lm-compile", "benchmarks.gen_train",
-        ["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch", "--batch", "256"], 440,
+        ["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch", "--batch", "256"], 240,
         smoke_args=["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
