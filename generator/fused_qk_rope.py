@@ -8,9 +8,10 @@ contiguous (B, L, H, K). The backward is the same formula's, in torch ops (``bac
 it with the gradients' sums over VAR's attention groups and the stack into the qkv gradient as before, which
 an opaque backward would make it store first (no fewer bytes moved).
 
-Why a kernel: compiled, this forward was one inductor kernel per layer taking 0.45 ms at VAR-d16's batch 128 (run
-ec6f6d2c8ea5's qk_norm_rope benchmark, H100) to read q and k and write them back, 0.71 GB: 1.6 TB/s, where the
-kernels around it run at ~3 TB/s. Rows of one token's heads lie side by side, so a program takes whole tokens.
+Why a kernel: compiled, this forward was one inductor kernel per layer taking 0.45 ms at VAR-d16's batch 128
+(benchmarks/qk_norm_rope.py, H100) to read q and k and write them back, 0.71 GB: 1.6 TB/s, where the kernels
+around it run at ~3 TB/s. Here ~0.25 ms; the VAR-d16 step 300.6 -> 298.3 ms and 302.9 -> 298.4 ms in two runs,
+masked-L and AR-L -4 to -6 ms (NOTES A63). A program takes runs of head rows; one token's heads lie side by side.
 Rounding: like the compiled torch path (torch 2.11 drops the bf16 rounding between the norm and RoPE), so it
 matches that within float32 reassociation; the eager torch path rounds n to bf16 first.
 
