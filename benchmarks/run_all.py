@@ -106,6 +106,11 @@ JOBS = [
     Job("train-lm-compile", "benchmarks.gen_train",
         ["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch", "--batch", "256"], 240,
         smoke_args=["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch"]),
+    # masked-L training with its attention's class-token row split off (A64, opt-in until this job measures it),
+    # profiled, one process
+    Job("train-masked-L-split", "benchmarks.gen_train",
+        ["--part", "masked-L", "--compile-sweep", "default,prefix-split", "--batch", "256", "--profile"], 160,
+        smoke_args=["--part", "masked-L", "--compile-sweep", "default,prefix-split", "--profile"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -132,7 +137,8 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "sample-ar-unfused-query", "sample-ar-fused-query",
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
-                 "train-var-d16-groupings", "train-var-d16-compile", "train-lm-compile"}
+                 "train-var-d16-groupings", "train-var-d16-compile", "train-lm-compile",
+                 "train-masked-L-split"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
            "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]

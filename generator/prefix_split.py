@@ -1,0 +1,123 @@
+"""Full attention of L = P + N rows with the N rows through SDPA at whole tiles, for training (NOTES A64).
+
+The masked generator's sequence is 1 class token + 256 grid tokens: 257 rows, so flash / cuDNN attention pays a
+third 128-row query tile and a fifth 64-row key tile for one token (masked-L training: ~105 TFLOP/s in its attention,
+A64). Full attention does not care which rows come first, so the leading P = L mod TILE rows are split off:
+
+- the other N rows attend to the N keys in one SDPA call that also returns its log-sum-exp lse_N (whole tiles);
+- the P keys are merged into those rows exactly: s = q k_P^T scale, lse = log(e^lse_N + sum_P e^s),
+  out = e^(lse_N - lse) o_N + e^(s - lse) v_P;
+- the P rows attend to every key through SDPA (a few rows).
+
+The backward of the N rows: SDPA's backward with the gradient a dO (a = e^(lse_N - lse)) and the merged output in
+place of o_N. Flash / cuDNN read the output only for D = rowsum(dO' * out), and rowsum(a dO * out) is the full
+softmax's D times a, so the dq, dk, dv it returns are the full attention's (every score's gradient is
+P_full (dO v - D), P_full = a P_N). The P keys' parts in torch ops: dS = e^(s - lse) (dO v_P^T - D),
+dq += scale dS k_P, dk_P = scale dS^T q, dv_P = e^(s - lse)^T dO.
+
+Opt-in (``TESSERA_PREFIX_SPLIT=1``, or ``ENABLED``) until measured on the GPU; gen_train's compile variant
+``prefix-split`` and job ``train-lm-compile`` compare it. SDPA's kernels: cuDNN's (``BACKEND`` "cudnn", what SDPA
+picks on an H100 with torch 2.11) or flash's ("flash") on CUDA, the CPU's flash kernel elsewhere (the tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+ENABLED = os.environ.get("TESSERA_PREFIX_SPLIT", "0") == "1"
+BACKEND = os.environ.get("TESSERA_PREFIX_SPLIT_BACKEND", "cudnn")       # on CUDA: "cudnn" or "flash"
+if BACKEND not in ("cudnn", "flash"):
+    raise ValueError(f"TESSERA_PREFIX_SPLIT_BACKEND={BACKEND!r}: expected 'cudnn' or 'flash'")
+TILE = 128              # the query tile the N rows should fill
+MAX_PREFIX = 16         # past this many leading rows the torch-ops merge costs more than the tile it saves
+
+
+def prefix_rows(L: int) -> int:
+    """How many leading rows a sequence of L splits off: L mod TILE, if it has whole tiles after them."""
+    return L % TILE if L > TILE else 0
+
+
+def use_split(q_BHLK: torch.Tensor) -> bool:
+    """``ENABLED``, autograd on (training), 1 to MAX_PREFIX leading rows to split off, and SDPA's kernels with a
+    log-sum-exp for the device and dtype (CUDA half precision, or the CPU)."""
+    P = prefix_rows(q_BHLK.shape[2])
+    device_ok = (q_BHLK.dtype in (torch.float16, torch.bfloat16)) if q_BHLK.is_cuda else q_BHLK.device.type == "cpu"
+    return ENABLED and torch.is_grad_enabled() and 0 < P <= MAX_PREFIX and device_ok
+
+
+def attend(q_BHLK: torch.Tensor, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(K)) v over all L keys, (B, H, L, K), with the leading ``prefix`` rows (default
+    ``prefix_rows(L)``) split off as the module docstring says."""
+    P = prefix_rows(q_BHLK.shape[2]) if prefix is None else prefix
+    q_P, q_N = q_BHLK[:, :, :P], q_BHLK[:, :, P:]
+    k_P, k_N = k_BHLK[:, :, :P], k_BHLK[:, :, P:]
+    v_P, v_N = v_BHLK[:, :, :P], v_BHLK[:, :, P:]
+    out_N = RowsWithPrefixKeys.apply(q_N, k_N, v_N, k_P, v_P)
+    out_P = F.scaled_dot_product_attention(q_P, k_BHLK, v_BHLK)
+    return torch.cat([out_P, out_N.to(out_P.dtype)], dim=2)
+
+
+def _sdpa_forward(q, k, v, scale):
+    """SDPA's kernel with its log-sum-exp -> (out, lse as (B, H, N), what its backward takes back)."""
+    B, H, N, _ = q.shape
+    if not q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse, (lse,)
+    if BACKEND == "flash":
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale)
+        return out, lse.float().view(B, H, N), (lse, cum_q, cum_k, max_q, max_k, seed, offset)
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False, scale=scale)
+    return out, lse.float().reshape(B, H, N), (lse, cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _sdpa_backward(grad, q, k, v, out, saved, scale):
+    """SDPA's backward kernel for ``_sdpa_forward``'s call -> (dq, dk, dv)."""
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, saved[0], 0.0,
+                                                                                   False, scale=scale)
+    lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
+    if BACKEND == "flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(grad, q, k, v, out, lse, cum_q, cum_k,
+                                                                           max_q, max_k, 0.0, False, seed, offset,
+                                                                           scale=scale)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(grad, q, k, v, out, lse, seed, offset, None,
+                                                                       cum_q, cum_k, max_q, max_k, 0.0, False,
+                                                                       scale=scale)
+
+
+class RowsWithPrefixKeys(torch.autograd.Function):
+    """The N rows' attention over the N keys (SDPA) and the P prefix keys (merged through the log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_P, v_P):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        acc = torch.promote_types(q.dtype, torch.float32)        # the merge's arithmetic: float32, or float64
+        out_N, lse_N, saved = _sdpa_forward(q, k, v, scale)
+        s = (q.to(acc) @ k_P.to(acc).transpose(-1, -2)) * scale           # (B, H, N, P)
+        lse_N = lse_N.to(acc)
+        lse = torch.logaddexp(lse_N, s.logsumexp(-1))
+        merged = torch.exp(lse_N - lse)[..., None] * out_N.to(acc) + torch.exp(s - lse[..., None]) @ v_P.to(acc)
+        out = torch.empty_like(out_N).copy_(merged)        # in SDPA's output layout: its backward reads it as out
+        ctx.scale, ctx.acc = scale, acc
+        ctx.save_for_backward(q, k, v, k_P, v_P, out, lse_N, lse, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, k_P, v_P, out, lse_N, lse, *saved = ctx.saved_tensors
+        scale, acc = ctx.scale, ctx.acc
+        g = grad.to(acc)
+        grad_N = torch.empty_like(out).copy_(torch.exp(lse_N - lse)[..., None] * g)
+        dq, dk, dv = _sdpa_backward(grad_N, q, k, v, out, saved, scale)
+        a_P = torch.exp((q.to(acc) @ k_P.to(acc).transpose(-1, -2)) * scale - lse[..., None])   # (B, H, N, P)
+        D = (g * out.to(acc)).sum(-1, keepdim=True)
+        dS = a_P * (g @ v_P.to(acc).transpose(-1, -2) - D)
+        dq = (dq.to(acc) + (dS @ k_P.to(acc)) * scale).to(q.dtype)
+        dk_P = ((dS.transpose(-1, -2) @ q.to(acc)) * scale).to(k_P.dtype)
+        dv_P = (a_P.transpose(-1, -2) @ g).to(v_P.dtype)
+        return dq, dk, dv, dk_P, dv_P
