@@ -61,26 +61,27 @@ def attend(q_BHLK: torch.Tensor, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, pre
 
 
 def _sdpa_forward(q, k, v, scale):
-    """SDPA's kernel with its log-sum-exp -> (out, lse as (B, H, N), what its backward takes back)."""
+    """SDPA's kernel with its log-sum-exp -> (out, lse as (B, H, N), the tensors and the ints its backward takes
+    back: (lse, cum_q, cum_k, seed, offset), (max_q, max_k))."""
     B, H, N, _ = q.shape
     if not q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return out, lse, (lse,)
+        return out, lse, (lse,), ()
     if BACKEND == "flash":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, False, False, scale=scale)
-        return out, lse.float().view(B, H, N), (lse, cum_q, cum_k, max_q, max_k, seed, offset)
-    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, False, False, scale=scale)
-    return out, lse.float().reshape(B, H, N), (lse, cum_q, cum_k, max_q, max_k, seed, offset)
+    else:
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, False, False, scale=scale)
+    return out, lse.reshape(B, H, N), (lse, cum_q, cum_k, seed, offset), (max_q, max_k)
 
 
-def _sdpa_backward(grad, q, k, v, out, saved, scale):
+def _sdpa_backward(grad, q, k, v, out, tensors, ints, scale):
     """SDPA's backward kernel for ``_sdpa_forward``'s call -> (dq, dk, dv)."""
     if not q.is_cuda:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, saved[0], 0.0,
-                                                                                   False, scale=scale)
-    lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, tensors[0],
+                                                                                   0.0, False, scale=scale)
+    (lse, cum_q, cum_k, seed, offset), (max_q, max_k) = tensors, ints
     if BACKEND == "flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(grad, q, k, v, out, lse, cum_q, cum_k,
                                                                            max_q, max_k, 0.0, False, seed, offset,
@@ -97,13 +98,13 @@ class RowsWithPrefixKeys(torch.autograd.Function):
     def forward(ctx, q, k, v, k_P, v_P):
         scale = 1.0 / math.sqrt(q.shape[-1])
         acc = torch.promote_types(q.dtype, torch.float32)        # the merge's arithmetic: float32, or float64
-        out_N, lse_N, saved = _sdpa_forward(q, k, v, scale)
+        out_N, lse_N, saved, ints = _sdpa_forward(q, k, v, scale)
         s = (q.to(acc) @ k_P.to(acc).transpose(-1, -2)) * scale           # (B, H, N, P)
         lse_N = lse_N.to(acc)
         lse = torch.logaddexp(lse_N, s.logsumexp(-1))
         merged = torch.exp(lse_N - lse)[..., None] * out_N.to(acc) + torch.exp(s - lse[..., None]) @ v_P.to(acc)
         out = torch.empty_like(out_N).copy_(merged)        # in SDPA's output layout: its backward reads it as out
-        ctx.scale, ctx.acc = scale, acc
+        ctx.scale, ctx.acc, ctx.ints = scale, acc, ints
         ctx.save_for_backward(q, k, v, k_P, v_P, out, lse_N, lse, *saved)
         return out
 
@@ -113,7 +114,7 @@ class RowsWithPrefixKeys(torch.autograd.Function):
         scale, acc = ctx.scale, ctx.acc
         g = grad.to(acc)
         grad_N = torch.empty_like(out).copy_(torch.exp(lse_N - lse)[..., None] * g)
-        dq, dk, dv = _sdpa_backward(grad_N, q, k, v, out, saved, scale)
+        dq, dk, dv = _sdpa_backward(grad_N, q, k, v, out, saved, ctx.ints, scale)
         a_P = torch.exp((q.to(acc) @ k_P.to(acc).transpose(-1, -2)) * scale - lse[..., None])   # (B, H, N, P)
         D = (g * out.to(acc)).sum(-1, keepdim=True)
         dS = a_P * (g @ v_P.to(acc).transpose(-1, -2) - D)
