@@ -16,7 +16,7 @@ P_full (dO v - D), P_full = a P_N). The P keys' parts in torch ops: dS = e^(s - 
 dq += scale dS k_P, dk_P = scale dS^T q, dv_P = e^(s - lse)^T dO.
 
 Opt-in (``TESSERA_PREFIX_SPLIT=1``, or ``ENABLED``) until measured on the GPU; gen_train's compile variant
-``prefix-split`` and job ``train-lm-compile`` compare it. SDPA's kernels: cuDNN's (``BACKEND`` "cudnn", what SDPA
+``prefix-split`` and job ``train-masked-L-split`` compare it (predicted: ~-8 to -15 ms a masked-L step). SDPA's kernels: cuDNN's (``BACKEND`` "cudnn", what SDPA
 picks on an H100 with torch 2.11) or flash's ("flash") on CUDA, the CPU's flash kernel elsewhere (the tests).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ BACKEND = os.environ.get("TESSERA_PREFIX_SPLIT_BACKEND", "cudnn")       # on CUD
 if BACKEND not in ("cudnn", "flash"):
     raise ValueError(f"TESSERA_PREFIX_SPLIT_BACKEND={BACKEND!r}: expected 'cudnn' or 'flash'")
 TILE = 128              # the query tile the N rows should fill
-MAX_PREFIX = 16         # past this many leading rows the torch-ops merge costs more than the tile it saves
+MAX_PREFIX = 16         # a guess: past this many leading rows the torch-ops merge may cost more than it saves
 
 
 def prefix_rows(L: int) -> int:
