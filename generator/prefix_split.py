@@ -102,20 +102,20 @@ class RowsWithPrefixKeys(torch.autograd.Function):
         s = (q.to(acc) @ k_P.to(acc).transpose(-1, -2)) * scale           # (B, H, N, P)
         lse_N = lse_N.to(acc)
         lse = torch.logaddexp(lse_N, s.logsumexp(-1))
-        merged = torch.exp(lse_N - lse)[..., None] * out_N.to(acc) + torch.exp(s - lse[..., None]) @ v_P.to(acc)
+        a_N, a_P = torch.exp(lse_N - lse)[..., None], torch.exp(s - lse[..., None])   # the N keys' share, each P key's
+        merged = a_N * out_N.to(acc) + a_P @ v_P.to(acc)
         out = torch.empty_like(out_N).copy_(merged)        # in SDPA's output layout: its backward reads it as out
         ctx.scale, ctx.acc, ctx.ints = scale, acc, ints
-        ctx.save_for_backward(q, k, v, k_P, v_P, out, lse_N, lse, *saved)
+        ctx.save_for_backward(q, k, v, k_P, v_P, out, a_N, a_P, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, k_P, v_P, out, lse_N, lse, *saved = ctx.saved_tensors
+        q, k, v, k_P, v_P, out, a_N, a_P, *saved = ctx.saved_tensors
         scale, acc = ctx.scale, ctx.acc
         g = grad.to(acc)
-        grad_N = torch.empty_like(out).copy_(torch.exp(lse_N - lse)[..., None] * g)
+        grad_N = torch.empty_like(out).copy_(a_N * g)
         dq, dk, dv = _sdpa_backward(grad_N, q, k, v, out, saved, ctx.ints, scale)
-        a_P = torch.exp((q.to(acc) @ k_P.to(acc).transpose(-1, -2)) * scale - lse[..., None])   # (B, H, N, P)
         D = (g * out.to(acc)).sum(-1, keepdim=True)
         dS = a_P * (g @ v_P.to(acc).transpose(-1, -2) - D)
         dq = (dq.to(acc) + (dS @ k_P.to(acc)) * scale).to(q.dtype)
