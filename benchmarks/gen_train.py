@@ -3,15 +3,15 @@
     python3 -m benchmarks.gen_train [--part masked-L|ar-L|var-d16 ...] [--profile] [--var-alone-tokens N] [--smoke]
         [--rows-out F]
 
-Each model is built from its real run config (configs/generator/<name>.yaml: model + train
-sections) and trained the way pipelines/train_generator.py trains it: the GeneratorLoss wrapper
-(VAR: with the multi-scale tokenizer set as codec, so the teacher-forcing inputs are built inside
-the step), torch.compile of that wrapper (as the Trainer compiles "model"), bf16 autocast, fused
-AdamW (pipelines.train_utils.adamw), grad-norm clipping, flash / memory-efficient SDPA, and no host
-sync inside the step. Batches: the eager step runs at the largest power of two (32 .. 512) that it
-fits; the compiled step at that batch (the same-batch ratio) and at twice it, or 1.5x where twice runs
-out of memory: it keeps fewer activations (on an H100, session 24: 36.0-37.5 GB where the eager step
-took 62.7-64.5 GB at the same batch), so that is the batch that fills the GPU for it.
+Each model is built from its real run config (configs/generator/<name>.yaml: model + train sections) and
+trained the way pipelines/train_generator.py trains it: the GeneratorLoss wrapper (VAR: with the multi-scale
+tokenizer set as codec, so the teacher-forcing inputs are built inside the step), torch.compile of that
+wrapper (as the Trainer compiles "model"), bf16 autocast, fused AdamW (pipelines.train_utils.adamw) with
+grad-norm clipping inside it (as the Trainer clips), flash / memory-efficient SDPA, and no host sync inside the
+step. Batches: the eager step runs at the largest power of two (32 .. 512) that it fits; the compiled step at
+that batch (the same-batch ratio) and at twice it, or 1.5x where twice runs out of memory: it keeps fewer
+activations (on an H100, session 24: 36.0-37.5 GB where the eager step took 62.7-64.5 GB at the same batch),
+so that is the batch that fills the GPU for it.
 TESSERA_TRAIN_BATCH sets one batch for both (an eager step that does not fit it is an error row; the
 compiled one still runs).
 
@@ -35,11 +35,13 @@ from benchmarks.common import (H100, RowSink, autocast, compiled, cudnn_benchmar
                                free_memory, is_oom, job_args, peak_flops, peak_memory_gb, profile_ops, repo_root,
                                reset_peak_memory, search_max_batch, sync, time_fn)
 from benchmarks.setups import TINY_GENERATOR, build_tokenizer, device
+from pipelines.train_utils import clip_divisor
 
 PARTS = ["masked-L", "ar-L", "var-d16"]
 CONFIGS = {"masked-L": "configs/generator/masked-L.yaml", "ar-L": "configs/generator/ar-L.yaml",
            "var-d16": "configs/generator/var-d16.yaml"}
 DATA_STEPS = 10
+FOLD_CLIP = True     # fused AdamW divides by the clip's divisor in its kernel, as the Trainer does (NOTES A65)
 
 
 def load_config(name: str, smoke: bool) -> dict:
@@ -81,7 +83,10 @@ class Step:
         with autocast(self.dev):
             out = self.fwd(ids_BL, labels_B)
         out.loss.backward()
-        if self.train.grad_clip > 0:
+        self.opt.grad_scale = None
+        if self.train.grad_clip > 0 and FOLD_CLIP and self.opt.defaults.get("fused"):   # as the Trainer clips
+            _, self.opt.grad_scale = clip_divisor([p.grad for p in self.params], self.train.grad_clip)
+        elif self.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip, foreach=True)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -178,12 +183,16 @@ def alone_variants(thresholds: list[int], smoke: bool) -> list[tuple[str, Callab
 # reading more than 2 buffers, not 4 (the fp32 residual stream: NOTES A43); adaLN's residual add + modulated norm
 # as inductor's kernels instead of generator/fused_adaln.py's op (NOTES A61); qk-norm + RoPE likewise instead of
 # generator/fused_qk_rope.py's (NOTES A63); full attention with its leading L mod 128 rows split off
-# (generator/prefix_split.py, opt-in: the masked generator's class token, NOTES A64)
+# (generator/prefix_split.py, opt-in: the masked generator's class token, NOTES A64), its N rows through
+# cuDNN's kernel or flash's; grad clipping as its own pass over the gradients instead of inside fused AdamW (A65)
 COMPILE_VARIANTS = {"default": ({}, {}), "cd": ({"coordinate_descent_tuning": True}, {}),
                     "pointwise": ({"max_autotune_pointwise": True}, {}), "reads2": ({"realize_reads_threshold": 2}, {}),
                     "adaln-torch": ({}, {("generator.fused_adaln", "ENABLED"): False}),
                     "qk-torch": ({}, {("generator.fused_qk_rope", "ENABLED"): False}),
-                    "prefix-split": ({}, {("generator.prefix_split", "ENABLED"): True})}
+                    "clip-pass": ({}, {("benchmarks.gen_train", "FOLD_CLIP"): False}),
+                    "prefix-split": ({}, {("generator.prefix_split", "ENABLED"): True}),
+                    "prefix-split-flash": ({}, {("generator.prefix_split", "ENABLED"): True,
+                                                ("generator.prefix_split", "BACKEND"): "flash"})}
 
 
 def compile_variants(names: list[str], smoke: bool) -> list[tuple[str, Callable[[Step], dict]]]:

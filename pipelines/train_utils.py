@@ -104,6 +104,14 @@ def adamw(params, train: TrainConfig, lr: float | None = None) -> torch.optim.Ad
                              fused=fused or None)
 
 
+def clip_divisor(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients' global L2 norm and what clipping to ``max_norm`` divides them by: max(1, (norm + 1e-6) /
+    max_norm), the reciprocal of ``clip_grad_norm_``'s factor. A fused AdamW takes the divisor as its ``grad_scale``
+    input and divides inside its own kernel, so the clip costs no pass of its own over the gradients (NOTES A65)."""
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm, torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+
+
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer itself: accelerate's ``AcceleratedOptimizer`` wraps it as ``.optimizer``."""
     return getattr(optimizer, "optimizer", optimizer)

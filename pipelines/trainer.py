@@ -36,9 +36,9 @@ from pipelines.checkpoint import CheckpointError, atomic_write_text, latest_chec
     load_checkpoint, save_checkpoint
 from pipelines.config import config_hash, parse_yaml
 from pipelines.sampler import SeededDataset, build_batch_sampler
-from pipelines.train_utils import (EMA, TIME_LIMIT, StopVote, TrainConfig, adamw, code_signum, extra_buffers,
-                                   load_extra_buffers, lr_factor, match_state_layouts, rng_state, signal_code,
-                                   stopped_line, torch_optimizer)
+from pipelines.train_utils import (EMA, TIME_LIMIT, StopVote, TrainConfig, adamw, clip_divisor, code_signum,
+                                   extra_buffers, load_extra_buffers, lr_factor, match_state_layouts, rng_state,
+                                   signal_code, stopped_line, torch_optimizer)
 from pipelines import distributed, fsdp_utils
 
 __all__ = ["TrainConfig", "TrainTask", "Trainer", "adamw", "lr_factor"]
@@ -277,12 +277,15 @@ class Trainer:
                 metrics.setdefault(k, []).append(v.detach().float() if torch.is_tensor(v) else float(v))
         loss_N = torch.stack(losses_micro).mean(0)
         finite = torch.isfinite(loss_N).all().float()
-        norms = {}
+        norms, divisors = {}, {}
         # the gradient norm of every optimizer, clipped or not (grad_clip 0: max norm inf, the gradients are
-        # multiplied by 1): a non-finite gradient behind a finite loss must skip the step too
+        # multiplied by 1): a non-finite gradient behind a finite loss must skip the step too. Fused AdamW
+        # (not under FSDP, whose norm spans the ranks' shards) clips inside its own kernel: its grad_scale input
         for name, opt in self.optimizers.items():
             params = fsdp_utils.clip_params(acc, self.prepared, name, opt)
-            if params:
+            if params and cfg.grad_clip > 0 and self._fused and not fsdp_utils.is_fsdp(acc):
+                norms[name], divisors[name] = clip_divisor([p.grad for p in params], cfg.grad_clip)
+            elif params:
                 norms[name] = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if norms:
             norm_N = torch.stack([n.float().to(finite.device) for n in norms.values()])
@@ -300,10 +303,11 @@ class Trainer:
                     group["lr"] = base * factor
                 inner = torch_optimizer(opt)
                 inner.found_inf = bad if skip_on_device else None
+                inner.grad_scale = divisors.get(name)
                 try:
                     opt.step()
                 finally:
-                    del inner.found_inf
+                    del inner.found_inf, inner.grad_scale
             if self.ema is not None:
                 self.ema.update(self.raw["model"], keep=1.0 - bad if skip_on_device else None)
         for opt in self.optimizers.values():

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from pipelines.checkpoint import CheckpointError, load_checkpoint, load_model_dir, save_model_dir
 from pipelines.sampler import ResumableBatchSampler, SeededDataset
-from pipelines.train_utils import TIME_LIMIT, StopVote, code_signum, exit_status, extra_buffers, signal_code
+from pipelines.train_utils import (TIME_LIMIT, StopVote, clip_divisor, code_signum, exit_status, extra_buffers,
+                                   signal_code)
 from pipelines.trainer import EMA, TrainConfig, Trainer, adamw, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,12 +86,19 @@ class ToyTask:
 
 
 class FusedToyTask(ToyTask):
-    """ToyTask with fused AdamW (what ``adamw`` builds on CUDA): the Trainer's sync-free skip path."""
+    """ToyTask with fused AdamW (what ``adamw`` builds on CUDA): the Trainer's sync-free skip path, and its clip
+    inside the optimizer's kernel."""
+    fused = True
 
     def optimizers(self, train):
-        self.opts = {name: torch.optim.AdamW(m.parameters(), lr=train.lr * scale, fused=True)
+        self.opts = {name: torch.optim.AdamW(m.parameters(), lr=train.lr * scale, fused=self.fused or None)
                      for name, m, scale in (("model", self.model, 1.0), ("aux", self.aux, 0.5))}
         return self.opts
+
+
+class UnfusedToyTask(FusedToyTask):
+    """FusedToyTask's optimizers unfused: the Trainer clips with clip_grad_norm_ and syncs to skip a step."""
+    fused = False
 
 
 class ChannelsLastTask(FusedToyTask):
@@ -278,6 +286,32 @@ def test_fused_optimizers_skip_a_non_finite_step_on_the_device(tmp_path):
         assert_same(skipped.tensors[group], one.tensors[group])
     steps = [s["step"] for s in task.opts["model"].state_dict()["state"].values()]
     assert steps and all(float(s) == 1.0 for s in steps)
+
+
+def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(tmp_path):
+    """The Trainer hands fused AdamW the clip's divisor (its grad_scale input) instead of scaling the gradients
+    itself: the weights equal the unfused optimizer's after clip_grad_norm_, to rounding, and clipping at 0.05
+    (below every step's norm) moved them."""
+    runs = {name: train(tmp_path / name, task, max_steps=6, checkpoint_every=6, log_every=1, grad_clip=clip)
+            for name, task, clip in (("fused", FusedToyTask(), 0.05), ("unfused", UnfusedToyTask(), 0.05),
+                                     ("unclipped", FusedToyTask(), 0.0))}
+    fused, unfused, unclipped = (final_weights(tmp_path / name) for name in runs)
+    for k in fused:
+        torch.testing.assert_close(fused[k], unfused[k], rtol=1e-5, atol=1e-6)
+        assert (fused[k] - unclipped[k]).abs().max() > 1e-3, k
+
+
+def test_clip_divisor_is_clip_grad_norms_factor_inverted():
+    g = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
+    norm, divisor = clip_divisor(g, max_norm=2.0)
+    assert float(norm) == 5.0 and divisor.item() == pytest.approx((5.0 + 1e-6) / 2.0, rel=1e-7)
+    assert clip_divisor(g, max_norm=10.0)[1].item() == 1.0          # under the max norm: left alone
+    p = [t.clone().requires_grad_() for t in g]
+    for t, q in zip(g, p):
+        q.grad = t.clone()
+    torch.nn.utils.clip_grad_norm_(p, 2.0)
+    for t, q in zip(g, p):
+        torch.testing.assert_close(q.grad, t / divisor, rtol=1e-6, atol=0)
 
 
 def test_ema_update_equals_formula():
