@@ -7,8 +7,7 @@ and VAR's grouped block-causal calls, and which kernel a compiled training step 
 bf16, q/k/v as transposed (B, L, H, K) views (transformer.Attention's layout), head dim 64:
 masked-B sampling (128 sequences = batch 64 with CFG, 12 heads, full, forward), masked-L training
 (256 sequences, 16 heads, full, forward + backward), each at 257 and 256 tokens (what the class prefix
-costs in 128-row tiles; masked-L's 257 also with the class row split off, generator/prefix_split.py, eager and
-compiled), AR-L training (256 tokens, causal) and VAR-d16 training (128 sequences, 16
+costs in 128-row tiles), AR-L training (256 tokens, causal) and VAR-d16 training (128 sequences, 16
 heads, 680 tokens, block-causal: the bool mask, a FlexAttention BlockMask, ``BlockCausal`` groups);
 ``fused``: masked-B sampling's qk-norm + RoPE + attention, compiled torch ops vs generator/fused_attention.py;
 ``split``: the split method's passes (A36);
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import profile_ops
-from generator.prefix_split import attend as attend_prefix_split
 from generator.transformer import BlockCausal
 from generator.var import ALONE_TOKENS
 
@@ -88,7 +86,6 @@ def sdpa(backend, q, k, v, **kw):
 
 
 def backend_rows(flex) -> None:
-    split_compiled = torch.compile(attend_prefix_split, dynamic=False)
     for label, B, H, backward, causal in [("masked-B sample", 128, 12, False, False),
                                           ("masked-L train", 256, 16, True, False),
                                           ("AR-L train", 256, 16, True, True)]:
@@ -98,9 +95,6 @@ def backend_rows(flex) -> None:
             cands.update({n: (lambda be=be: sdpa(be, q, k, v, is_causal=causal)) for n, be in BACKENDS.items()})
             if flex is not None and not causal:
                 cands["flex"] = lambda: flex(q, k, v)
-            if backward and L % 128:        # the leading L mod 128 rows split off (generator/prefix_split.py, A64)
-                cands["split"] = lambda: attend_prefix_split(q, k, v)
-                cands["split compiled"] = lambda: split_compiled(q, k, v)
             measure(f"{label:16s} L={L}", cands, L * L // (2 if causal else 1), B, H, backward)
 
 

@@ -182,17 +182,13 @@ def alone_variants(thresholds: list[int], smoke: bool) -> list[tuple[str, Callab
 # autotuning the pointwise / reduction kernels over more configs; a pointwise result stored once it feeds kernels
 # reading more than 2 buffers, not 4 (the fp32 residual stream: NOTES A43); adaLN's residual add + modulated norm
 # as inductor's kernels instead of generator/fused_adaln.py's op (NOTES A61); qk-norm + RoPE likewise instead of
-# generator/fused_qk_rope.py's (NOTES A63); full attention with its leading L mod 128 rows split off
-# (generator/prefix_split.py, opt-in: the masked generator's class token, NOTES A64), its N rows through
-# cuDNN's kernel or flash's; grad clipping as its own pass over the gradients instead of inside fused AdamW (A65)
+# generator/fused_qk_rope.py's (NOTES A63); grad clipping as its own pass over the gradients instead of inside
+# fused AdamW (A65)
 COMPILE_VARIANTS = {"default": ({}, {}), "cd": ({"coordinate_descent_tuning": True}, {}),
                     "pointwise": ({"max_autotune_pointwise": True}, {}), "reads2": ({"realize_reads_threshold": 2}, {}),
                     "adaln-torch": ({}, {("generator.fused_adaln", "ENABLED"): False}),
                     "qk-torch": ({}, {("generator.fused_qk_rope", "ENABLED"): False}),
-                    "clip-pass": ({}, {("benchmarks.gen_train", "FOLD_CLIP"): False}),
-                    "prefix-split": ({}, {("generator.prefix_split", "ENABLED"): True}),
-                    "prefix-split-flash": ({}, {("generator.prefix_split", "ENABLED"): True,
-                                                ("generator.prefix_split", "BACKEND"): "flash"})}
+                    "clip-pass": ({}, {("benchmarks.gen_train", "FOLD_CLIP"): False})}
 
 
 def compile_variants(names: list[str], smoke: bool) -> list[tuple[str, Callable[[Step], dict]]]:

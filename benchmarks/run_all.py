@@ -106,11 +106,6 @@ JOBS = [
     Job("train-lm-compile", "benchmarks.gen_train",
         ["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch", "--batch", "256"], 240,
         smoke_args=["--part", "masked-L", "--part", "ar-L", "--compile-sweep", "default,qk-torch"]),
-    # masked-L training with its attention's class-token row split off (A64, opt-in until this job measures it; the
-    # split profiled), one process
-    Job("train-masked-L-split", "benchmarks.gen_train",
-        ["--part", "masked-L", "--compile-sweep", "prefix-split,default", "--batch", "256", "--profile"], 230,
-        smoke_args=["--part", "masked-L", "--compile-sweep", "prefix-split,default", "--profile"]),
     # VAR-d16 training with grad clipping inside fused AdamW (the Trainer's, A65) and as its own pass, one process
     Job("train-clip", "benchmarks.gen_train",
         ["--part", "var-d16", "--compile-sweep", "default,clip-pass", "--batch", "128"], 200,
@@ -142,7 +137,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
                  "train-var-d16-groupings", "train-var-d16-compile", "train-lm-compile",
-                 "train-masked-L-split", "train-clip"}
+                 "train-clip"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
            "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]

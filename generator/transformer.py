@@ -41,8 +41,6 @@ from generator.fused_swiglu import fused_swiglu
 from generator.fused_swiglu import use_kernel as use_fused_swiglu
 from generator.matvec import linear_few_rows
 from generator.matvec import use_kernel as use_matvec
-from generator.prefix_split import attend as attend_prefix_split
-from generator.prefix_split import use_split as use_prefix_split
 
 
 class RMSNorm(nn.Module):
@@ -224,8 +222,6 @@ class Attention(nn.Module):
             out = mask_LS.attend(q, k, v)
         elif L == 1 and mask_LS is not None:                        # a cached decoding step
             out = attend_one_query(q, k, v, mask_LS)
-        elif mask_LS is None and not is_causal and k.shape[2] == L and use_prefix_split(q):   # opt-in, NOTES A64
-            out = attend_prefix_split(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, is_causal=is_causal and mask_LS is None)
         return linear(self.proj, gather_rows(out.transpose(1, 2).reshape(B, L, D), rows_BM), residual=residual,
