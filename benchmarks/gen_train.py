@@ -223,7 +223,8 @@ def train_model(name: str, args, sink: RowSink) -> None:
     elif args.smoke:
         B = 4
     else:
-        res = search_max_batch(lambda n: step(*step.batch(n)), 32, 512, 6, bisect=False)
+        # two steps a probe: one step of VAR-d16 at 128 fitted where the timed ones then ran out (b129851a3e93)
+        res = search_max_batch(lambda n: [step(*step.batch(n)) for _ in range(2)], 32, 512, 6, bisect=False)
         step.opt.zero_grad(set_to_none=True)
         B = res["max_batch"]
         if B is None:

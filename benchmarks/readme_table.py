@@ -37,8 +37,10 @@ HEADLINES = [   # (row name, or names of the same measurement: the latest of the
     ("f16 train step (GAN on)", 32, "f16 VQ-GAN training step (+ PatchGAN, LPIPS)"),
     ("masked-L train compiled b256", 256, "masked-L (338M) training, 256 tokens"),
     ("ar-L train compiled b256", 256, "AR-L (338M) training, 256 tokens"),
-    # the grouping sweep's default, and the compile sweep's default (the shipped code)
-    (("var-d16 train compiled b128", "var-d16 train compiled [alone>=169]", "var-d16 train compiled [default]"), 128,
+    # the grouping sweep's default, the compile sweep's default (the shipped code), and the job's row when its eager
+    # step fits 128 itself
+    (("var-d16 train compiled b128", "var-d16 train compiled [alone>=169]", "var-d16 train compiled [default]",
+      "var-d16 train compiled"), 128,
      "VAR-d16 (310M) training, 680 tokens"),
 ]
 COLUMNS = ["what", "ours (latest run)", "/ anchor", "ours / peer (latest same run)", "target", "x floor",
