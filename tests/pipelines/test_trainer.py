@@ -290,12 +290,12 @@ def test_fused_optimizers_skip_a_non_finite_step_on_the_device(tmp_path):
 
 def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(tmp_path):
     """The Trainer hands fused AdamW the clip's divisor (its grad_scale input) instead of scaling the gradients
-    itself: the weights equal the unfused optimizer's after clip_grad_norm_, to rounding, and clipping at 0.05
-    (below every step's norm) moved them."""
-    runs = {name: train(tmp_path / name, task, max_steps=6, checkpoint_every=6, log_every=1, grad_clip=clip)
-            for name, task, clip in (("fused", FusedToyTask(), 0.05), ("unfused", UnfusedToyTask(), 0.05),
-                                     ("unclipped", FusedToyTask(), 0.0))}
-    fused, unfused, unclipped = (final_weights(tmp_path / name) for name in runs)
+    itself: the weights equal the unfused optimizer's after clip_grad_norm_, to rounding, and differ from an
+    unclipped run's (clipping at 0.05 took effect)."""
+    runs = (("fused", FusedToyTask(), 0.05), ("unfused", UnfusedToyTask(), 0.05), ("unclipped", FusedToyTask(), 0.0))
+    for name, task, clip in runs:
+        train(tmp_path / name, task, max_steps=6, checkpoint_every=6, log_every=1, grad_clip=clip)
+    fused, unfused, unclipped = (final_weights(tmp_path / name) for name, _, _ in runs)
     for k in fused:
         torch.testing.assert_close(fused[k], unfused[k], rtol=1e-5, atol=1e-6)
         assert (fused[k] - unclipped[k]).abs().max() > 1e-3, k
