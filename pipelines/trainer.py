@@ -281,9 +281,11 @@ class Trainer:
         # the gradient norm of every optimizer, clipped or not (grad_clip 0: max norm inf, the gradients are
         # multiplied by 1): a non-finite gradient behind a finite loss must skip the step too. Fused AdamW
         # (not under FSDP, whose norm spans the ranks' shards) clips inside its own kernel: its grad_scale input
+        fused = self._fused
+        clip_in_step = cfg.grad_clip > 0 and fused and not fsdp_utils.is_fsdp(acc)
         for name, opt in self.optimizers.items():
             params = fsdp_utils.clip_params(acc, self.prepared, name, opt)
-            if params and cfg.grad_clip > 0 and self._fused and not fsdp_utils.is_fsdp(acc):
+            if params and clip_in_step:
                 norms[name], divisors[name] = clip_divisor([p.grad for p in params], cfg.grad_clip)
             elif params:
                 norms[name] = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -295,7 +297,7 @@ class Trainer:
             bad = acc.reduce(bad, "max")
         # fused AdamW skips a non-finite step on the device (its found_inf input, as GradScaler uses it):
         # no host sync, so the host queues the next step while this one runs; else decide here
-        skip_on_device = self._fused
+        skip_on_device = fused
         if skip_on_device or bad.item() == 0:
             factor = lr_factor(step, cfg)
             for name, opt in self.optimizers.items():
