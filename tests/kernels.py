@@ -19,6 +19,20 @@ needs_compiler = pytest.mark.skipif(triton is None or INTERPRETED,
                                     reason="compiles with Triton's real compiler (the interpreter runs Python)")
 
 
+def assert_compiled_grads_match(fn, tensors) -> None:
+    """``fn(*tensors)`` (a scalar) and its gradients through torch.compile with AOT autograd (backend aot_eager,
+    fullgraph) equal the eager call's: an op's fake implementation and autograd formula hold up under tracing."""
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    grads = []
+    for f in (fn, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        with torch.enable_grad():
+            f(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def compile_for_hopper(fn, signature: dict, constexprs: dict, attrs: dict | None = None, **options):
     """``fn`` through Triton's real compiler down to sm_90 PTX and cubin, with no GPU (it rejects what the
     interpreter lets pass); ``attrs``: the JIT's hints (e.g. divisibility) per argument index."""

@@ -8,7 +8,8 @@ from generator import fused_adaln as fa
 from generator.launch import env_launch_config
 from generator.config import GeneratorConfig
 from generator.transformer import Transformer, init_weights, rope_tables
-from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, compile_for_hopper, needs_compiler, needs_kernel
+from tests.kernels import (KERNEL_DEVICE, KERNEL_DTYPE, assert_compiled_grads_match, compile_for_hopper,
+                           needs_compiler, needs_kernel)
 
 EPS = 1e-6
 
@@ -195,15 +196,7 @@ def test_the_ops_trace_under_torch_compile():
         x1, h = fa.adaln_norm(x, w, scale, shift, EPS, out_dtype=torch.float32)
         x2, h2 = fa.adaln_norm(x1 + h, w, scale, shift, EPS, y, gate, out_dtype=torch.float32)
         return (x2 * h2).sum()
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    grads = []
-    for f in (fn, compiled):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, scale, shift, y, gate)]
-        with torch.enable_grad():
-            f(*leaves).backward()
-        grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_grads_match(fn, (x, w, scale, shift, y, gate))
 
 
 def test_no_kernel_without_autograd_or_when_off(monkeypatch):

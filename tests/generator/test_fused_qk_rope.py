@@ -6,7 +6,8 @@ import torch
 
 from generator import fused_qk_rope as fq
 from generator.transformer import Attention, rope_tables
-from tests.kernels import KERNEL_DEVICE, KERNEL_DTYPE, compile_for_hopper, needs_compiler, needs_kernel
+from tests.kernels import (KERNEL_DEVICE, KERNEL_DTYPE, assert_compiled_grads_match, compile_for_hopper,
+                           needs_compiler, needs_kernel)
 
 EPS = 1e-6
 
@@ -119,15 +120,7 @@ def test_the_op_traces_under_torch_compile():
     def fn(qkv, wq, wk):
         q, k = fq.qk_norm_rope(qkv[:, :, 0], qkv[:, :, 1], wq, wk, EPS, cos, sin)
         return (q * k).sum() + (q * qkv[:, :, 2]).sum()
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    grads = []
-    for f in (fn, compiled):
-        leaves = [t.detach().clone().requires_grad_() for t in (qkv, wq, wk)]
-        with torch.enable_grad():
-            f(*leaves).backward()
-        grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_grads_match(fn, (qkv, wq, wk))
 
 
 def test_no_kernel_without_autograd_identity_norms_or_when_off(monkeypatch):
