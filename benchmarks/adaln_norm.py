@@ -63,21 +63,22 @@ def main() -> None:
     best = {}
     # forward: reads x (4 bytes an element) and y (2), writes x_out (4) and h (2)
     best["TESSERA_ADALN_FORWARD"] = sweep("forward", lambda c: fa._forward(*fwd_args, config=c), fa.FORWARD,
-                                          itertools.product((1, 2, 4, 8), (2, 4, 8, 16)), 12 * B * L * D)
+                                          itertools.product((1, 2, 4, 8), (2, 4, 8, 16)), 12 * B * L * D)[0]
     # backward: reads dx_out (4), dh (2), x_out (4), y (2), writes dx (4) and dy (2)
     best["TESSERA_ADALN_BACKWARD"] = sweep("backward", lambda c: fa._backward(*bwd_args, config=c), fa.BACKWARD,
-                                           itertools.product((1, 2), (16, 32, 64, 88), (4, 8, 16)), 18 * B * L * D)
+                                           itertools.product((1, 2), (16, 32, 64, 88), (4, 8, 16)), 18 * B * L * D)[0]
     if args.best_out:
         with open(args.best_out, "w") as f:
             f.write("".join(f"{k}={','.join(map(str, v))}\n" for k, v in best.items()))
 
 
-def sweep(name, run, shipped, configs, moved):
-    """Time ``run(config)`` for each config; print ms and GB/s of ``moved`` bytes; return the fastest."""
+def sweep(name, run, shipped, configs, moved, reps: int = 1):
+    """Time ``run(config)`` for each launch config (``reps`` calls back to back: ``time_ms``'s); print ms and GB/s
+    of ``moved`` bytes; return the fastest config and {config: ms}. Also qk_norm_rope's launch sweep."""
     results = {}
     for config in configs:
         try:
-            ms = time_ms(lambda: run(config))
+            ms = time_ms(lambda: run(config), reps=reps)
         except Exception as e:  # noqa: BLE001 - a launch that does not fit (registers, shared memory) is a row
             print(f"{name} {config}: failed ({str(e).splitlines()[0][:80]})", flush=True)
             continue
@@ -86,7 +87,7 @@ def sweep(name, run, shipped, configs, moved):
     best = min(results, key=results.get)
     print(f"fastest {name}: {best} {results[best]:.3f} ms; shipped {shipped}: "
           f"{results.get(tuple(shipped), float('nan')):.3f} ms", flush=True)
-    return best
+    return best, results
 
 
 if __name__ == "__main__":

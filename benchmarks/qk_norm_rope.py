@@ -23,6 +23,7 @@ import json
 
 import torch
 
+from benchmarks.adaln_norm import sweep
 from benchmarks.attention_backends import time_ms
 
 OPTION_SETS = {"": {}, "reads16": {"realize_reads_threshold": 16}, "cd": {"coordinate_descent_tuning": True}}
@@ -105,17 +106,16 @@ def main() -> None:
     qkv = torch.randn(*x.shape[:2], 3, 16, 64, device="cuda", dtype=torch.bfloat16)
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     moved = 2 * (2 * q.numel() * 2 + q.numel() // 64 * 4)
-    best = (float("inf"), None)
-    for rows_, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
-        ms = time_ms(lambda: fq._forward(q, k, attn.q_norm.weight, attn.k_norm.weight, cos, sin, 1e-6,
-                                         config=(rows_, warps)), reps=10)   # back to back: the host's work overlaps
-        mark = " (shipped)" if (rows_, warps) == (fq.ROWS, fq.WARPS) else ""
-        print(f"op forward ({rows_:3d} rows, {warps} warps) {ms:6.3f} ms  {moved / ms / 1e6:6.0f} GB/s{mark}")
-        rows.append({"variant": f"op forward ({rows_}, {warps})", "ms": ms, "gb_per_s": moved / ms / 1e6})
-        best = min(best, (ms, (rows_, warps)))
+
+    def forward(config):      # (head rows a program, warps)
+        return fq._forward(q, k, attn.q_norm.weight, attn.k_norm.weight, cos, sin, 1e-6, config=config)
+    # 10 calls back to back: the host's work overlaps
+    best, results = sweep("op forward", forward, (fq.ROWS, fq.WARPS), itertools.product((16, 32, 64, 128), (2, 4, 8)),
+                          moved, reps=10)
+    rows += [{"variant": f"op forward {c}", "ms": ms, "gb_per_s": moved / ms / 1e6} for c, ms in results.items()]
     if args.best_out:
         with open(args.best_out, "w") as f:
-            f.write(f"TESSERA_QK_ROPE_LAUNCH={best[1][0]},{best[1][1]}\n")
+            f.write(f"TESSERA_QK_ROPE_LAUNCH={best[0]},{best[1]}\n")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
