@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
+import torch._functorch.config
 
 from benchmarks import roofline
 from benchmarks.common import (H100, RowSink, autocast, compiled, cudnn_benchmark, first_call_or_eager, floors,
@@ -182,18 +183,19 @@ def alone_variants(thresholds: list[int], smoke: bool) -> list[tuple[str, Callab
 # autotuning the pointwise / reduction kernels over more configs; a pointwise result stored once it feeds kernels
 # reading more than 2 buffers, not 4 (the fp32 residual stream: NOTES A43); adaLN's residual add + modulated norm
 # as inductor's kernels instead of generator/fused_adaln.py's op (NOTES A61); qk-norm + RoPE likewise instead of
-# generator/fused_qk_rope.py's (NOTES A63); grad clipping as its own pass over the gradients instead of inside
-# fused AdamW (A65)
+# generator/fused_qk_rope.py's (NOTES A63), or that op with its backward in torch ops (A66); grad clipping as its
+# own pass over the gradients instead of inside fused AdamW (A65)
 COMPILE_VARIANTS = {"default": ({}, {}), "cd": ({"coordinate_descent_tuning": True}, {}),
                     "pointwise": ({"max_autotune_pointwise": True}, {}), "reads2": ({"realize_reads_threshold": 2}, {}),
                     "adaln-torch": ({}, {("generator.fused_adaln", "ENABLED"): False}),
                     "qk-torch": ({}, {("generator.fused_qk_rope", "ENABLED"): False}),
+                    "qk-bwd-torch": ({}, {("generator.fused_qk_rope", "BACKWARD_KERNEL"): False}),
                     "clip-pass": ({}, {("benchmarks.gen_train", "FOLD_CLIP"): False})}
 
 
 def compile_variants(names: list[str], smoke: bool) -> list[tuple[str, Callable[[Step], dict]]]:
     """The step compiled afresh under each of COMPILE_VARIANTS' named variants (each sets its switches and puts the
-    others' back to what they were)."""
+    others' back to what they were), with AOT autograd's cache off."""
     import importlib
     if unknown := set(names) - set(COMPILE_VARIANTS):
         raise SystemExit(f"unknown compile variants {sorted(unknown)}; choose from {list(COMPILE_VARIANTS)}")
@@ -206,6 +208,9 @@ def compile_variants(names: list[str], smoke: bool) -> list[tuple[str, Callable[
             for (mod, attr), value in {**initial, **sw}.items():
                 setattr(importlib.import_module(mod), attr, value)
             torch._dynamo.reset()
+            # AOT autograd's cache keys a compiled forward + backward on the forward graph: a switch that changes only
+            # the backward (qk-bwd-torch) would get the first variant's backward back from it (A66)
+            torch._functorch.config.enable_autograd_cache = False
             step.fwd = compiled(step.wrapper, "default", smoke, options=options)
             return {"inductor_options": options, **({"switches": {f"{m}.{a}": v for (m, a), v in sw.items()}}
                                                     if sw else {})}

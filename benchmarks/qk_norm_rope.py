@@ -1,16 +1,18 @@
 """Micro-benchmark (GPU): the attention sublayer of VAR-d16's training step, forward + backward compiled, with
-qk-norm + RoPE as generator/fused_qk_rope.py's op or as inductor's kernels, and the op's launches.
+qk-norm + RoPE as generator/fused_qk_rope.py's op (its backward as a kernel or as torch ops) or as inductor's
+kernels, and the op's launches.
 
-    python3 -m benchmarks.qk_norm_rope [--batch 128] [--variants op,torch,op+cd,...] [--out F] [--best-out F]
+    python3 -m benchmarks.qk_norm_rope [--batch 128] [--variants op,op-torch-bwd,torch,op+cd,...] [--out F]
+                                       [--best-out F]
 
 The sublayer as the step runs it: x (B, 680, 1024) bf16 -> qkv projection, qk-norm, RoPE, the block-causal SDPA
 calls of generator.var.ALONE_TOKENS's groups, output projection, under bf16 autocast; the backward from a fixed
-output gradient. A variant is ``<op|torch>[+<inductor option set>]``: option sets ``reads16`` (a pointwise result
+output gradient. A variant is ``<op|op-torch-bwd|torch>[+<inductor option set>]``: option sets ``reads16`` (a pointwise result
 stored only once it feeds kernels reading more than 16 buffers, not 4) and ``cd`` (coordinate-descent tuning of
 each kernel's launch). Per variant: ms per forward + backward (CUDA events, median of 20), and from one profiled
 call the ms of the Triton kernels (inductor's and the op's: the part the variants change; the matmuls and cuDNN's
-attention stay) with the largest few. Then the op's forward alone under each (head rows a program, warps), ms and
-GB/s of the bytes it must move. Prints a table; ``--out`` writes the rows as JSON. Not in run_all: it picks the
+attention stay) with the largest few. Then the op's forward and its backward kernel alone under each (head rows a
+program, warps), ms and GB/s of the bytes each must move. Prints a table; ``--out`` writes the rows as JSON. Not in run_all: it picks the
 op's launch, and gen_train's ``--compile-sweep`` (variant ``qk-torch``) measures the step.
 
 Session 32 (H100, batch 128, before the op existed): RoPE's backward written as one map over each head (a roll of
@@ -22,6 +24,7 @@ import itertools
 import json
 
 import torch
+import torch._functorch.config
 
 from benchmarks.adaln_norm import sweep
 from benchmarks.attention_backends import time_ms
@@ -49,7 +52,7 @@ def sublayer(batch: int):
 
 
 def triton_kernels_ms(fn) -> tuple[float, list[tuple[str, float]]]:
-    """GPU ms of the Triton kernels (inductor's ``triton_*``, the op's ``_forward_kernel``) in one ``fn()``, and the
+    """GPU ms of the Triton kernels (inductor's ``triton_*``, the op's ``_qkv_*_kernel``) in one ``fn()``, and the
     largest five."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
@@ -57,7 +60,7 @@ def triton_kernels_ms(fn) -> tuple[float, list[tuple[str, float]]]:
         fn()
         torch.cuda.synchronize()
     kernels = [(e.key, e.self_device_time_total / 1e3) for e in prof.key_averages()
-               if (e.key.startswith("triton_") or e.key == "_forward_kernel") and e.self_device_time_total > 0]
+               if (e.key.startswith("triton_") or e.key.startswith("_qkv_")) and e.self_device_time_total > 0]
     kernels.sort(key=lambda k: -k[1])
     return sum(ms for _, ms in kernels), kernels[:5]
 
@@ -66,9 +69,10 @@ def main() -> None:
     from generator import fused_qk_rope as fq
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--variants", default="op,torch,op+cd,torch+cd")
+    p.add_argument("--variants", default="op,op-torch-bwd,torch")
     p.add_argument("--out")
-    p.add_argument("--best-out", help="write the op's fastest launch here, as a TESSERA_QK_ROPE_LAUNCH=... line")
+    p.add_argument("--best-out", help="write the op's fastest launches here, as TESSERA_QK_ROPE_LAUNCH=... and "
+                                      "TESSERA_QK_ROPE_BACKWARD_LAUNCH=... lines")
     args = p.parse_args()
     attn, x, grad, (cos, sin, mask) = sublayer(args.batch)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, batch {args.batch}, "
@@ -84,10 +88,13 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         path, _, options = variant.partition("+")
-        if path not in ("op", "torch") or options not in OPTION_SETS:
-            raise SystemExit(f"unknown variant {variant!r}: <op|torch>[+{'|'.join(o for o in OPTION_SETS if o)}]")
-        fq.ENABLED = path == "op"
+        if path not in ("op", "op-torch-bwd", "torch") or options not in OPTION_SETS:
+            raise SystemExit(f"unknown variant {variant!r}: <op|op-torch-bwd|torch>"
+                             f"[+{'|'.join(o for o in OPTION_SETS if o)}]")
+        fq.ENABLED, fq.BACKWARD_KERNEL = path != "torch", path == "op"
         torch._dynamo.reset()
+        # AOT autograd's cache keys on the forward graph: op-torch-bwd would get op's backward back from it
+        torch._functorch.config.enable_autograd_cache = False
         fn = torch.compile(step, options=OPTION_SETS[options] or None)
         try:
             ms = time_ms(fn)
@@ -101,21 +108,28 @@ def main() -> None:
             print(f"    {k_ms:6.3f} ms  {name[:110]}")
         rows.append({"variant": variant, "ms": ms, "triton_kernels_ms": triton_ms,
                      "top_kernels": [{"kernel": n, "ms": m} for n, m in top]})
-    fq.ENABLED = True
-    # the op's forward alone: reads q and k, writes q', k' (2 bytes an element each) and rstd (4 bytes a row)
+    fq.ENABLED, fq.BACKWARD_KERNEL = True, True
+    # the op's forward alone: reads q, k and v, writes q', k', v' (2 bytes an element each) and rstd (4 bytes a row);
+    # its backward: reads the three gradients, q and k (and rstd), writes the qkv gradient
     qkv = torch.randn(*x.shape[:2], 3, 16, 64, device="cuda", dtype=torch.bfloat16)
-    q, k = qkv[:, :, 0], qkv[:, :, 1]
-    moved = 2 * (2 * q.numel() * 2 + q.numel() // 64 * 4)
-
-    def forward(config):      # (head rows a program, warps)
-        return fq._forward(q, k, attn.q_norm.weight, attn.k_norm.weight, cos, sin, 1e-6, config=config)
-    # 10 calls back to back: the host's work overlaps
-    best, results = sweep("op forward", forward, (fq.ROWS, fq.WARPS), itertools.product((16, 32, 64, 128), (2, 4, 8)),
-                          moved, reps=10)
-    rows += [{"variant": f"op forward {c}", "ms": ms, "gb_per_s": moved / ms / 1e6} for c, ms in results.items()]
+    per = qkv.numel() // 3
+    weights = (attn.q_norm.weight, attn.k_norm.weight)
+    rstd = fq._forward(qkv, *weights, cos, sin, 1e-6)[3]
+    grads = torch.randn_like(qkv).unbind(2)
+    launches = list(itertools.product((16, 32, 64, 128), (2, 4, 8)))
+    passes = {"forward": (lambda config: fq._forward(qkv, *weights, cos, sin, 1e-6, config=config),
+                          (fq.ROWS, fq.WARPS), 2 * 6 * per + 2 * per // 64 * 4),
+              "backward": (lambda config: fq._backward(*grads, qkv, *weights, cos, sin, rstd, config=config),
+                           (fq.BACKWARD_ROWS, fq.BACKWARD_WARPS), 2 * 8 * per + 2 * per // 64 * 4)}
+    best = {}
+    for which, (fn, default, moved) in passes.items():
+        # 10 calls back to back: the host's work overlaps
+        best[which], results = sweep(f"op {which}", fn, default, launches, moved, reps=10)
+        rows += [{"variant": f"op {which} {c}", "ms": ms, "gb_per_s": moved / ms / 1e6} for c, ms in results.items()]
     if args.best_out:
         with open(args.best_out, "w") as f:
-            f.write(f"TESSERA_QK_ROPE_LAUNCH={best[0]},{best[1]}\n")
+            f.write(f"TESSERA_QK_ROPE_LAUNCH={best['forward'][0]},{best['forward'][1]}\n"
+                    f"TESSERA_QK_ROPE_BACKWARD_LAUNCH={best['backward'][0]},{best['backward'][1]}\n")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,

@@ -110,6 +110,13 @@ JOBS = [
     Job("train-clip", "benchmarks.gen_train",
         ["--part", "var-d16", "--compile-sweep", "default,clip-pass", "--batch", "128"], 200,
         smoke_args=["--part", "var-d16", "--compile-sweep", "default,clip-pass"]),
+    # the qk-norm + RoPE op's backward as a kernel and as torch ops (A66): masked-L, then VAR-d16
+    Job("train-qk-bwd", "benchmarks.gen_train",
+        ["--part", "masked-L", "--compile-sweep", "default,qk-bwd-torch", "--batch", "256"], 150,
+        smoke_args=["--part", "masked-L", "--compile-sweep", "default,qk-bwd-torch"]),
+    Job("train-qk-bwd-var", "benchmarks.gen_train",
+        ["--part", "var-d16", "--compile-sweep", "default,qk-bwd-torch", "--batch", "128"], 160,
+        smoke_args=["--part", "var-d16", "--compile-sweep", "default,qk-bwd-torch"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
@@ -137,7 +144,7 @@ EXPLICIT_ONLY = {"sample-masked-fused", "sample-masked-torch-attn", "sample-mask
                  "profile-masked", "profile-ar", "profile-var",
                  "profile-train-ar", "profile-train-masked", "profile-train-var", "train-var-d16-one-call",
                  "train-var-d16-groupings", "train-var-d16-compile", "train-lm-compile",
-                 "train-clip"}
+                 "train-clip", "train-qk-bwd", "train-qk-bwd-var"}
 SMOKE_EST_S = 30             # budget accounting in smoke runs (CPU): per job
 COLUMNS = ["job", "name", "device", "dtype", "batch", "compile", "median_s", "images_per_s", "tokens_per_s", "mfu",
            "compute_floor_s", "memory_floor_s", "gap", "peak_mem_gb", "note"]

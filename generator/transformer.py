@@ -35,7 +35,7 @@ from generator.fused_adaln import adaln_norm
 from generator.fused_adaln import use_kernel as use_fused_adaln
 from generator.fused_attention import fused_attention
 from generator.fused_attention import use_kernel as use_fused_attention
-from generator.fused_qk_rope import qk_norm_rope as fused_qk_rope
+from generator.fused_qk_rope import qkv_norm_rope as fused_qkv_norm_rope
 from generator.fused_qk_rope import use_kernel as use_fused_qk_rope
 from generator.fused_swiglu import fused_swiglu
 from generator.fused_swiglu import use_kernel as use_fused_swiglu
@@ -204,10 +204,11 @@ class Attention(nn.Module):
         # qk-norm and RoPE in the projection's own (B, L, H, K) order (the tables broadcast over heads), then
         # SDPA on (B, H, L, K) transposed views: flash attention's native layout, so no kernel moves q, k or
         # the qkv gradient across the head axis (NOTES A22: AR-L training 50.1% -> 54.3% MFU on an H200)
-        q, k, v = qkv_BL3HK.unbind(2)
-        if cache_pos is None and cos_LF.shape[0] == L and use_fused_qk_rope(q, self.q_norm, self.k_norm):  # NOTES A63
-            q, k = fused_qk_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos_LF, sin_LF)
+        if cache_pos is None and cos_LF.shape[0] == L and use_fused_qk_rope(qkv_BL3HK, self.q_norm, self.k_norm):
+            q, k, v = fused_qkv_norm_rope(qkv_BL3HK, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                          cos_LF, sin_LF)                             # NOTES A63, A66
         else:
+            q, k, v = qkv_BL3HK.unbind(2)
             cos, sin = cos_LF[:, None], sin_LF[:, None]
             q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
