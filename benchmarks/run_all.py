@@ -86,7 +86,7 @@ JOBS = [
     # 84-111 s (session 24, H100) before the compiled step also ran at 2x (or 1.5x) the eager batch: 1-2 compiles more
     Job("train-masked-L", "benchmarks.gen_train", ["--part", "masked-L"], 200),
     Job("train-ar-L", "benchmarks.gen_train", ["--part", "ar-L"], 200),
-    Job("train-var-d16", "benchmarks.gen_train", ["--part", "var-d16"], 360),   # + the codec inputs' compile
+    Job("train-var-d16", "benchmarks.gen_train", ["--part", "var-d16"], 260),   # + the codec inputs' compile
     Job("profile-train-ar", "benchmarks.gen_train", ["--part", "ar-L", "--profile"], 185),
     Job("profile-train-masked", "benchmarks.gen_train", ["--part", "masked-L", "--profile"], 190),
     Job("profile-train-var", "benchmarks.gen_train", ["--part", "var-d16", "--profile"], 310),   # 299 s (s. 26)
@@ -112,10 +112,10 @@ JOBS = [
         smoke_args=["--part", "var-d16", "--compile-sweep", "default,clip-pass"]),
     # the qk-norm + RoPE op's backward as a kernel and as torch ops (A66): masked-L, then VAR-d16
     Job("train-qk-bwd", "benchmarks.gen_train",
-        ["--part", "masked-L", "--compile-sweep", "default,qk-bwd-torch", "--batch", "256"], 150,
+        ["--part", "masked-L", "--compile-sweep", "default,qk-bwd-torch", "--batch", "256"], 170,
         smoke_args=["--part", "masked-L", "--compile-sweep", "default,qk-bwd-torch"]),
     Job("train-qk-bwd-var", "benchmarks.gen_train",
-        ["--part", "var-d16", "--compile-sweep", "default,qk-bwd-torch", "--batch", "128"], 160,
+        ["--part", "var-d16", "--compile-sweep", "default,qk-bwd-torch", "--batch", "128"], 230,
         smoke_args=["--part", "var-d16", "--compile-sweep", "default,qk-bwd-torch"]),
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
