@@ -7,14 +7,17 @@ kernels, and the op's launches.
 
 The sublayer as the step runs it: x (B, 680, 1024) bf16 -> qkv projection, qk-norm, RoPE, the block-causal SDPA
 calls of generator.var.ALONE_TOKENS's groups, output projection, under bf16 autocast; the backward from a fixed
-output gradient. A variant is ``<op|op-torch-bwd|torch>[+<inductor option set>]``: option sets ``reads16`` (a pointwise result
-stored only once it feeds kernels reading more than 16 buffers, not 4) and ``cd`` (coordinate-descent tuning of
-each kernel's launch). Per variant: ms per forward + backward (CUDA events, median of 20), and from one profiled
-call the ms of the Triton kernels (inductor's and the op's: the part the variants change; the matmuls and cuDNN's
-attention stay) with the largest few. Then the op's forward and its backward kernel alone under each (head rows a
-program, warps), ms and GB/s of the bytes each must move. Prints a table; ``--out`` writes the rows as JSON. Not in run_all: it picks the
-op's launch, and gen_train's ``--compile-sweep`` (variant ``qk-torch``) measures the step.
+output gradient. A variant is ``<op|op-torch-bwd|torch>[+<inductor option set>]``: option sets ``reads16`` (a
+pointwise result stored only once it feeds kernels reading more than 16 buffers, not 4) and ``cd``
+(coordinate-descent tuning of each kernel's launch). Per variant: ms per forward + backward (CUDA events, median
+of 20), and from one profiled call the ms of the Triton kernels (inductor's and the op's: the part the variants
+change; the matmuls and cuDNN's attention stay) with the largest few. Then the op's forward and its backward
+kernel alone under each (head rows a program, warps), ms and GB/s of the bytes each must move. Prints a table;
+``--out`` writes the rows as JSON. Not in run_all: it picks the op's launches, and gen_train's ``--compile-sweep``
+(variants ``qk-torch``, ``qk-bwd-torch``) measures the step.
 
+Session 34 (H100, batch 128): op 1.472 ms of Triton kernels, op-torch-bwd 1.585, torch 1.664; the backward kernel
+0.50 ms at (64 rows, 4 warps), the fastest of the 12 launches (NOTES A66).
 Session 32 (H100, batch 128, before the op existed): RoPE's backward written as one map over each head (a roll of
 the halves, not a split and a cat) was slower, 1.758 vs 1.669 ms of inductor kernels, and 2.370 with
 realize_reads_threshold 16 (NOTES A63).

@@ -45,8 +45,8 @@ BACKWARD_KERNEL = os.environ.get("TESSERA_QK_ROPE_BACKWARD", "1") != "0"
 # (head rows a program, warps): the fastest of benchmarks/qk_norm_rope.py's sweep on an H100 at VAR-d16's batch 128
 # (run 7312abfc4c69; NOTES A63), ~0.25 ms a layer; TESSERA_QK_ROPE_LAUNCH overrides it
 ROWS, WARPS = env_launch_config("TESSERA_QK_ROPE_LAUNCH", (128, 4))
-# the backward's (head rows a program, warps): a first guess, not yet swept on a GPU (benchmarks/qk_norm_rope.py
-# sweeps it); TESSERA_QK_ROPE_BACKWARD_LAUNCH overrides it
+# the backward's (head rows a program, warps): the fastest of benchmarks/qk_norm_rope.py's 12 launches in two H100 runs
+# of session 34 (0.54 ms at VAR-d16's batch 128, 2.7 TB/s; NOTES A66); TESSERA_QK_ROPE_BACKWARD_LAUNCH overrides it
 BACKWARD_ROWS, BACKWARD_WARPS = env_launch_config("TESSERA_QK_ROPE_BACKWARD_LAUNCH", (64, 4))
 
 

@@ -102,10 +102,11 @@ def test_the_compile_sweep_compiles_each_variant_afresh(monkeypatch):
         return torch.compile(fn, backend="eager")
     monkeypatch.setattr(gen_train, "compiled", recording)
     monkeypatch.setattr(fused_adaln, "ENABLED", True)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
     sink = RowSink(None, "train ar-L", smoke=True)
-    gen_train.variant_sweep("ar-L", SimpleNamespace(smoke=True, profile=True), sink,
-                            gen_train.compile_variants(["reads2", "adaln-torch"], smoke=True))
+    with torch._functorch.config.patch(enable_autograd_cache=True):   # restored after: the sweep turns it off
+        gen_train.variant_sweep("ar-L", SimpleNamespace(smoke=True, profile=True), sink,
+                                gen_train.compile_variants(["reads2", "adaln-torch"], smoke=True))
+        assert not torch._functorch.config.enable_autograd_cache   # its key misses a switch that changes the backward
     assert compiles == [({"realize_reads_threshold": 2}, True), ({}, False), ({"realize_reads_threshold": 2}, True)]
     assert [r["name"] for r in sink.rows] == [
         "ar-L train profile compiled [reads2]", "ar-L train compiled [reads2]",
@@ -114,6 +115,5 @@ def test_the_compile_sweep_compiles_each_variant_afresh(monkeypatch):
         "realize_reads_threshold": 2}]
     assert sink.rows[2]["switches"] == {"generator.fused_adaln.ENABLED": False} and "switches" not in sink.rows[1]
     assert all(r["median_s"] > 0 and "error" not in r for r in sink.rows)
-    assert not torch._functorch.config.enable_autograd_cache   # its key misses a switch that changes the backward
     with pytest.raises(SystemExit, match="unknown compile variants"):
         gen_train.compile_variants(["default", "fast"], smoke=True)
