@@ -40,7 +40,9 @@ except ImportError:   # CPU-only installs: the torch-ops path
 
 # TESSERA_FUSED_QK_ROPE=0 turns it off (the torch ops, compiled by inductor)
 ENABLED = os.environ.get("TESSERA_FUSED_QK_ROPE", "1") != "0"
-# TESSERA_QK_ROPE_BACKWARD=0: the op's backward in torch ops (inductor's kernels) instead of the backward kernel
+# TESSERA_QK_ROPE_BACKWARD=0: the op's backward in torch ops (inductor's kernels) instead of the backward kernel. AOT
+# autograd's cache keys a compiled step on its forward graph, which this switch leaves alone: with that cache on, a
+# compile may get the other backward from disk (the same values to rounding); benchmarks turn the cache off
 BACKWARD_KERNEL = os.environ.get("TESSERA_QK_ROPE_BACKWARD", "1") != "0"
 # (head rows a program, warps): the fastest of benchmarks/qk_norm_rope.py's sweep on an H100 at VAR-d16's batch 128
 # (run 7312abfc4c69; NOTES A63), ~0.25 ms a layer; TESSERA_QK_ROPE_LAUNCH overrides it
