@@ -103,16 +103,20 @@ def backward_torch(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, rstd):
 
 if triton is not None:
     @triton.jit
+    def _head_rows(n_rows, L, H, F_: tl.constexpr, ROWS_: tl.constexpr):
+        """Program i's head rows r in [i ROWS, (i + 1) ROWS), r = (b L + l) H + h = t H + h: (rows, which lie
+        inside n_rows as a column, b, l, t, h, the column offsets of a half row (1, F))."""
+        rows = tl.program_id(0) * ROWS_ + tl.arange(0, ROWS_)
+        h = rows % H
+        t = rows // H
+        return rows, (rows < n_rows)[:, None], t // L, t % L, t, h, tl.arange(0, F_)[None, :]
+
+    @triton.jit
     def _qkv_forward_kernel(X, W0, W1, COS, SIN, O0, O1, O2, RSTD, n_rows, L, H, s_b, s_l, s_3, s_h, eps,
                             F_: tl.constexpr, ROWS_: tl.constexpr):
         """Program (i, j): head rows [i ROWS, (i + 1) ROWS) of q (j = 0), k (1) or v (2); a row r = (b L + l) H + h."""
         which = tl.program_id(1)
-        rows = tl.program_id(0) * ROWS_ + tl.arange(0, ROWS_)
-        inside = (rows < n_rows)[:, None]
-        h = rows % H
-        t = rows // H
-        b, l = t // L, t % L
-        f = tl.arange(0, F_)[None, :]
+        rows, inside, b, l, t, h, f = _head_rows(n_rows, L, H, F_, ROWS_)
         src = X + (b * s_b + l * s_l + which * s_3 + h * s_h)[:, None] + f
         out = rows[:, None] * (2 * F_) + f
         if which == 2:                                   # v: a copy
@@ -142,12 +146,7 @@ if triton is not None:
         """Program (i, j): head rows [i ROWS, (i + 1) ROWS) of q's (j = 0), k's (1) or v's (2) gradient into the
         qkv gradient DX (B, L, 3, H, K), contiguous; q and k also write their rows' sums of dn n into PART[j, i]."""
         which = tl.program_id(1)
-        rows = tl.program_id(0) * ROWS_ + tl.arange(0, ROWS_)
-        inside = (rows < n_rows)[:, None]
-        h = rows % H
-        t = rows // H
-        b, l = t // L, t % L
-        f = tl.arange(0, F_)[None, :]
+        rows, inside, b, l, t, h, f = _head_rows(n_rows, L, H, F_, ROWS_)
         dst = DX + (t * (3 * H) + which * H + h)[:, None] * (2 * F_) + f
         if which == 2:                                   # v: its gradient as it came
             dv = G2 + (b * g2_b + l * g2_l + h * g2_h)[:, None] + f
