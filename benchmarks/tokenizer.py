@@ -138,26 +138,42 @@ def train_step(args, sink: RowSink) -> None:
                 return
             B //= 2
     pf = peak_flops()
-    # also with cuDNN timing its conv algorithms per shape (cudnn.benchmark; the Trainer leaves PyTorch's default,
-    # off): the rows named "[cudnn.benchmark]" pair with the others of the same run
-    for label, gan_step, pick in (("GAN on", disc_start, False), ("GAN off", 0, False), ("GAN on", disc_start, True)):
-        name = f"f16 train step ({label})" + (" [cudnn.benchmark]" if pick else "")
+    n_params = sum(p.numel() for ps in params.values() for p in ps)
+    step_flops = {}                                  # per GAN step: counted once, eagerly (fwd + bwd + extra grads)
+
+    def timed_row(name, gan_step, compile_label, pick=False):
         try:
             with cudnn_benchmark(pick):
-                with FlopCounterMode(display=False) as fc:   # one real step, counted (fwd + bwd + extra grads)
-                    step(images, gan_step)
-                flops = float(fc.get_total_flops())
+                if gan_step not in step_flops:
+                    with FlopCounterMode(display=False) as fc:
+                        step(images, gan_step)
+                    step_flops[gan_step] = float(fc.get_total_flops())
+                else:
+                    step(images, gan_step)           # warm (the compiled rows: compiles here)
+                flops = step_flops[gan_step]
                 reset_peak_memory()
                 t = time_fn(lambda: step(images, gan_step), **timing(args.smoke))
-            n_params = sum(p.numel() for ps in params.values() for p in ps)
             sink.add(name=name, bench="train", model="imagenet-f16", config=F16_CONFIG,
-                     batch=B, compile="eager",
+                     batch=B, compile=compile_label,
                      dtype="bf16 autocast" if dev.type == "cuda" else "fp32 (cpu smoke)", **t,
                      images_per_s=B / t["median_s"], mfu=flops / t["median_s"] / pf if pf else None,
                      peak_mem_gb=peak_memory_gb(), note=lpips_note,
                      **floors(flops, n_params * 42 + images.numel() * 2 * 4, H100 if args.smoke else None))
         except Exception as e:  # noqa: BLE001
             sink.error(name, e, batch=B)
+
+    # also with cuDNN timing its conv algorithms per shape (cudnn.benchmark; the Trainer leaves PyTorch's default,
+    # off): the rows named "[cudnn.benchmark]" pair with the others of the same run
+    for label, gan_step, pick in (("GAN on", disc_start, False), ("GAN off", 0, False), ("GAN on", disc_start, True)):
+        timed_row(f"f16 train step ({label})" + (" [cudnn.benchmark]" if pick else ""), gan_step, "eager", pick)
+    # then what train.compile does (TokenizerTask.compile_modules: NHWC, the VQGAN's conv stacks and LPIPS compiled,
+    # in place), on the same batch: rows named "[compiled]" pair with the eager ones above (NOTES A68)
+    if args.compile_mode == "none":
+        return
+    task.compile_modules(backend="eager" if args.smoke else "inductor")   # smoke: dynamo traces, no codegen
+    compile_label = "conv stacks + LPIPS compiled, channels_last"
+    for label, gan_step in (("GAN on", disc_start), ("GAN off", 0)):
+        timed_row(f"f16 train step ({label}) [compiled]", gan_step, compile_label)
 
 
 # ---- emoji training run -------------------------------------------------------------------------

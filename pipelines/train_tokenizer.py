@@ -67,9 +67,11 @@ class TokenizerTask:
         self.metrics: dict[str, torch.Tensor] = {}
         self.memory_format = torch.contiguous_format
 
-    def compile_modules(self) -> None:
-        """``train.compile``: NHWC layout and compiled conv stacks (``VQGAN.compile_conv_stacks``)."""
-        self.model.compile_conv_stacks(channels_last=True)
+    def compile_modules(self, backend: str = "inductor") -> None:
+        """``train.compile``: NHWC layout and compiled conv stacks (``VQGAN.compile_conv_stacks``), and the
+        LPIPS network likewise (``VQGANLoss.compile_perceptual``). ``backend``: torch.compile's."""
+        self.model.compile_conv_stacks(channels_last=True, backend=backend)
+        self.loss.compile_perceptual(channels_last=True, backend=backend)
         self.loss.discriminator.to(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last
 

@@ -137,6 +137,32 @@ def test_lpips_random_backbone_distance(random_lpips):
     assert not any(k.startswith("_lpips") or "lin0" in k for k in random_lpips.state_dict())   # not checkpointed
 
 
+def test_compiled_perceptual_loss_equals_eager():
+    """compile_perceptual (train.compile): NHWC VGG weights and a compiled LPIPS forward give the eager loss and
+    the same gradient w.r.t. the reconstruction; nothing happens when the perceptual loss is off."""
+    config = LossConfig(perceptual_weight=1.0, lpips_random_backbone=True, disc_channels=8, disc_layers=2)
+    torch.manual_seed(0)
+    eager, compiled = VQGANLoss(config), VQGANLoss(config)
+    compiled._lpips[0].load_state_dict(eager._lpips[0].state_dict())
+    compiled.compile_perceptual(channels_last=True, backend="aot_eager")
+    conv = next(m for m in compiled._lpips[0].modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = []
+    for crit, fmt in ((eager, torch.contiguous_format), (compiled, torch.channels_last)):
+        r = recon.clone(memory_format=fmt).requires_grad_()
+        loss = crit.perceptual_loss(images.contiguous(memory_format=fmt), r)
+        loss.backward()
+        out.append((loss.detach(), r.grad))
+    assert out[0][0] > 0
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-7)
+    off = tiny_loss()
+    off.compile_perceptual(backend="aot_eager")
+    assert off._lpips == []
+
+
 def test_vgg_weights_file_matches_lpips_own_construction(tmp_path):
     """Parity: our meta-device build + strict load equals lpips.LPIPS with the same VGG trunk."""
     import warnings
