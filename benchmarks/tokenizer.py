@@ -97,6 +97,7 @@ def train_step(args, sink: RowSink) -> None:
     """One training step of the real TokenizerTask (both optimizers), GAN on (the steady state after
     loss.disc_start) and off; batch 64, halved until it fits (the config's per-GPU batch is 32)."""
     from pipelines.train_tokenizer import TokenizerTask
+    from pipelines.train_utils import match_state_layouts
     from tokenizer import VQGAN, VQGANLoss
     from torch.utils.flop_counter import FlopCounterMode
     dev = device(args.smoke)
@@ -171,6 +172,8 @@ def train_step(args, sink: RowSink) -> None:
     if args.compile_mode == "none":
         return
     task.compile_modules(backend="eager" if args.smoke else "inductor")   # smoke: dynamo traces, no codegen
+    for o in opts.values():         # Adam's moments from the eager steps into the params' new layout, as a resume does
+        match_state_layouts(o)
     compile_label = "conv stacks + LPIPS compiled, channels_last"
     for label, gan_step in (("GAN on", disc_start), ("GAN off", 0)):
         timed_row(f"f16 train step ({label}) [compiled]", gan_step, compile_label)
