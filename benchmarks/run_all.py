@@ -120,7 +120,7 @@ JOBS = [
     Job("peers-dec", "benchmarks.peers", ["--batch", "64", "--peer-jobs", "lg-B"], 50,
         ["--batch", "2", "--peer-jobs", "lg-B"]),
     Job("tok-decode", "benchmarks.tokenizer", ["--part", "decode"], 50),
-    Job("tok-train", "benchmarks.tokenizer", ["--part", "train"], 45),   # + the cudnn.benchmark row (A51)
+    Job("tok-train", "benchmarks.tokenizer", ["--part", "train"], 140),  # + cudnn.benchmark (A51), compiled (A68)
     Job("maxbatch", "benchmarks.generators", ["--part", "maxbatch"], 75),
     Job("tok-encode", "benchmarks.tokenizer", ["--part", "encode"], 40),
     Job("tok-emoji", "benchmarks.tokenizer", ["--emoji-train", str(EMOJI_SECONDS)], EMOJI_SECONDS + 60,
