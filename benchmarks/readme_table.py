@@ -34,7 +34,8 @@ HEADLINES = [   # (row name, or names of the same measurement: the latest of the
     ("var-d16 compiled b1 +decode", 1, "VAR-d16, one image, incl. decoding"),
     ("f16 decode channels_last compiled", 64, "f16 VQ-GAN decode, 256 px"),
     ("f16 encode channels_last compiled", 64, "f16 VQ-GAN encode, 256 px"),
-    ("f16 train step (GAN on)", 32, "f16 VQ-GAN training step (+ PatchGAN, LPIPS)"),
+    # what imagenet-f16.yaml trains with (train.compile: conv stacks and LPIPS compiled, NHWC; A68)
+    ("f16 train step (GAN on) [compiled]", 32, "f16 VQ-GAN training step (+ PatchGAN, LPIPS)"),
     ("masked-L train compiled b256", 256, "masked-L (338M) training, 256 tokens"),
     ("ar-L train compiled b256", 256, "AR-L (338M) training, 256 tokens"),
     # the grouping sweep's default, the compile sweep's default (the shipped code), and the job's row when its eager
