@@ -10,9 +10,10 @@ CUDA graph (the sampler replays graphs), TFLOP/s on 2 M K N, the cuBLAS kernel t
 whether the output equals the default's bit for bit (a choice the sampler could take without changing ids).
 Choices: ``cublas`` (F.linear as the sampler calls it), ``cublaslt`` (``preferred_blas_library("cublaslt")``),
 ``transposed`` (the product formed as (W x^T)^T, so cuBLAS sees the problem with M and N swapped), and
-``tunableop`` (PyTorch's TunableOp timing cuBLASLt's heuristic candidates, where this torch has them), and for the
-down projection ``split tail`` (the rows that fill whole waves of 192 x 192 tiles, then the rest as a second matmul:
-the 192 x 192 kernel leaves most multiprocessors idle in its last wave at N = 768).
+``tunableop`` (PyTorch's TunableOp timing cuBLASLt's heuristic candidates, where this torch has them: torch 2.11 has
+only its Default on CUDA), and for the down projection ``split tail`` (the rows that fill whole waves of 192 x 192
+tiles, then the rest as a second matmul: written for the 192 x 192 kernel that A67 first took for down's, whose last
+wave would leave most multiprocessors idle at N = 768; cuBLAS runs a 128 x 256 kernel there).
 ``--workspace none`` first sets what the masked sampling commands set (``launch.prefer_static_matmul_schedules``:
 no cuBLAS workspace, NOTES A45); ``default`` keeps PyTorch's. A process setting, so one per run.
 """
@@ -34,7 +35,7 @@ SHAPES = [("qkv", ROWS, D, 3 * D, False), ("proj", ROWS, D, D, False), ("gate_up
           ("down", ROWS, HD, D, False), ("down first step", FIRST_ROWS, HD, D, False),
           ("head", 128 * 128, D, VOCAB, True)]
 CHOICES = ("cublas", "cublaslt", "transposed", "tunableop", "split tail")
-WAVE_ROWS = 192 * (132 // 4)     # rows of 192 x 192 tiles that fill 132 multiprocessors once at N = 768 (4 tile columns)
+WAVE_ROWS = 192 * (132 // 4)     # rows of 192 x 192 tiles filling 132 multiprocessors once at N = 768 (4 tile columns)
 
 
 def graph_ms(fn, calls: int = 10, replays: int = 20) -> float:
@@ -133,7 +134,8 @@ def main() -> None:
                     print(f"{name:16s} {choice:10s} n/a ({row['error']})", flush=True)
                 else:
                     print(f"{name:16s} {choice:10s} {row['ms']:7.3f} ms {row['tflops']:5.0f} TF/s "
-                          f"equal {row['bitwise_equal']!s:5s} {row['kernel']} {row.get('tunableop_results', '')}", flush=True)
+                          f"equal {row['bitwise_equal']!s:5s} {row['kernel']} {row.get('tunableop_results', '')}",
+                          flush=True)
     if args.json:
         write_json(args.json, dict(facts=facts, rows=rows))
 
