@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import device_facts, write_json
+from benchmarks.decode_attention import graph_time_us
 from generator.launch import prefer_static_matmul_schedules
 
 D, HD, VOCAB, ROWS, FIRST_ROWS = 768, 2048, 16384, 128 * 257, 65 * 257
@@ -35,11 +36,10 @@ SHAPES = [("qkv", ROWS, D, 3 * D, False), ("proj", ROWS, D, D, False), ("gate_up
           ("down", ROWS, HD, D, False), ("down first step", FIRST_ROWS, HD, D, False),
           ("head", 128 * 128, D, VOCAB, True)]
 CHOICES = ("cublas", "cublaslt", "transposed", "tunableop", "split tail")
-WAVE_ROWS = 192 * (132 // 4)     # rows of 192 x 192 tiles filling 132 multiprocessors once at N = 768 (4 tile columns)
+TILE = 192                       # the split tail's tile rows and columns (N = 768: 4 tile columns)
 
 
 def graph_ms(fn, calls: int = 10, replays: int = 20) -> float:
-    from benchmarks.decode_attention import graph_time_us
     return graph_time_us(fn, replays=replays, calls=calls) / 1e3
 
 
@@ -59,9 +59,11 @@ def kernel_name(fn) -> str:
 
 def make_call(choice: str, x, w, b):
     if choice == "split tail":      # whole waves of 192 x 192 tiles, then the remaining rows as a matmul of their own
-        if b is not None or w.shape[0] != 4 * 192 or x.shape[0] <= WAVE_ROWS:
+        # rows of TILE x TILE tiles that fill every multiprocessor once
+        wave_rows = TILE * (torch.cuda.get_device_properties(x.device).multi_processor_count // 4)
+        if b is not None or w.shape[0] != 4 * TILE or x.shape[0] <= wave_rows:
             raise ValueError("only for N = 768 without a bias, past one wave")
-        head_rows = x.shape[0] // WAVE_ROWS * WAVE_ROWS
+        head_rows = x.shape[0] // wave_rows * wave_rows
         out = x.new_empty(x.shape[0], w.shape[0])
 
         def split():
